@@ -1,0 +1,50 @@
+"""Entry point: `gunicorn _wsgi:app` (REDIS_URL set, workers separate) or `python _wsgi.py` (all in one)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from backend.app import create_app
+from backend.settings import Settings
+from backend.versions import describe_model
+
+logger = logging.getLogger("diffews")
+
+
+def _log_model(settings: Settings) -> None:
+    info = describe_model(settings)
+    if info.get("warning"):
+        logger.warning(info["warning"])
+    else:
+        logger.info("model %s (version %s)", info["spec"], info["version"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
+    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
+    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    _log_model(settings)
+    app = create_app(settings)
+    if not settings.redis_url and settings.embedded_worker:
+        from backend.store import SupportStore
+        from backend.worker import WorkerContext, start_embedded_worker
+
+        backend = app.config["BACKEND"]
+        start_embedded_worker(WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir)))
+        logger.info("no REDIS_URL: embedded Redis under %s and an in-process worker", settings.model_dir)
+    app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+
+
+if __name__ == "__main__":
+    main()
+else:  # imported by gunicorn: workers run separately (`python -m backend worker`)
+    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper())
+    _log_model(Settings.from_env())
+    app = create_app()

@@ -1,0 +1,84 @@
+"""Command line: `python -m backend worker | prelabel --project N | status --project N`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from tqdm import tqdm
+
+from .bulk import Progress
+from .queues import ALL_QUEUES, QUEUE_HIGH, connect, enqueue
+from .settings import Settings
+from .store import SupportStore
+
+
+def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
+    redis = connect(settings)
+    store = SupportStore(redis, settings.model_dir)
+    store.require_project(args.project)
+    job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(args.project, args.tasks or None),
+                  timeout_s=settings.job_timeout_s, meta={"project": args.project})
+    print(f"queued job {job.id} to pre-label project {args.project}", flush=True)
+    if args.no_wait:
+        return 0
+    while job.get_status() not in ("finished", "failed"):
+        time.sleep(0.5)
+    if job.get_status() == "failed":
+        result = job.latest_result()
+        print(f"listing tasks failed: {(result.exc_string if result else '').strip().splitlines()[-1:]}", file=sys.stderr)
+        return 1
+    queued = job.return_value()
+    print(f"{queued['queued_tasks']} tasks queued in {len(queued['jobs'])} batches, {queued['skipped']} already done")
+    progress = Progress(redis, args.project)
+    with tqdm(total=queued["queued_tasks"], unit="task", desc=f"project {args.project}") as bar:
+        state = progress.read()
+        start_done, start_failed = state.get("done", 0), state.get("failed", 0)
+        while True:
+            state = progress.read()
+            finished = state.get("done", 0) - start_done + state.get("failed", 0) - start_failed
+            bar.n = min(finished, queued["queued_tasks"])
+            bar.set_postfix(failed=state.get("failed", 0) - start_failed)
+            bar.refresh()
+            if finished >= queued["queued_tasks"]:
+                break
+            time.sleep(1.0)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    sub = parser.add_subparsers(dest="command", required=True)
+    worker = sub.add_parser("worker", help="run an RQ worker (model loaded once, no fork per job)")
+    worker.add_argument("--queues", nargs="+", default=list(ALL_QUEUES), choices=list(ALL_QUEUES))
+    worker.add_argument("--burst", action="store_true", help="exit when the queues are empty")
+    pre = sub.add_parser("prelabel", help="pre-annotate a project's unlabeled tasks")
+    pre.add_argument("--project", type=int, required=True)
+    pre.add_argument("--tasks", type=int, nargs="*", help="only these task ids")
+    pre.add_argument("--no-wait", action="store_true", help="queue and exit instead of showing progress")
+    stat = sub.add_parser("status", help="print a project's support examples and progress as JSON")
+    stat.add_argument("--project", type=int, required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.from_env()
+    if args.command == "worker":
+        from .worker import run_worker
+
+        run_worker(tuple(args.queues), burst=args.burst)
+        return 0
+    if args.command == "prelabel":
+        return _prelabel(args, settings)
+    redis = connect(settings)
+    store = SupportStore(redis, settings.model_dir)
+    store.require_project(args.project)
+    print(json.dumps({"examples": store.label_counts(args.project), "revision": store.revision(args.project),
+                      "progress": Progress(redis, args.project).read()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

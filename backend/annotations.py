@@ -1,0 +1,122 @@
+"""Label Studio annotation results -> per-label masks (brush RLE, polygons, rectangles)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import BadRequest
+from .label_config import LabelConfig
+from .rle import RLEError, declared_length, rle_to_mask
+
+
+def _size(region: dict, where: str) -> tuple[int, int]:
+    try:
+        width, height = int(region["original_width"]), int(region["original_height"])
+    except (KeyError, TypeError, ValueError):
+        raise BadRequest(f"{where}: needs integer original_width and original_height") from None
+    if width <= 0 or height <= 0:
+        raise BadRequest(f"{where}: original size {width}x{height} is empty")
+    return width, height
+
+
+def mask_regions(result: Iterable[dict], config: LabelConfig) -> list[dict]:
+    """The mask-able regions of an annotation result, checked and reduced to what rasterising needs.
+
+    Keeps brush, polygon and rectangle regions on the brush's image whose label is a brush label.
+    Cheap (no decoding): an RLE's declared length is checked against W*H*4 from its header.
+    """
+    if not isinstance(result, list):
+        raise BadRequest("annotation result must be a list of regions")
+    controls = {c.name: c for c in config.mask_controls}
+    regions = []
+    for i, region in enumerate(result):
+        if not isinstance(region, dict):
+            raise BadRequest(f"result[{i}] must be an object")
+        control = controls.get(region.get("from_name"))
+        if control is None or not isinstance(region.get("value"), dict):
+            continue
+        value = region["value"]
+        where = f"result[{i}] ({control.name})"
+        labels = [lb for lb in value.get(region.get("type", ""), value.get(f"{control.kind}labels", [])) or []
+                  if lb in config.labels]
+        if not labels:
+            continue
+        width, height = _size(region, where)
+        kept = {"kind": control.kind, "labels": labels, "width": width, "height": height}
+        if control.kind == "brush":
+            rle = value.get("rle")
+            if value.get("format", "rle") != "rle" or not isinstance(rle, list):
+                raise BadRequest(f"{where}: brush value needs format 'rle' and an 'rle' list")
+            try:
+                n = declared_length(rle)
+            except RLEError as exc:
+                raise BadRequest(f"{where}: {exc}") from None
+            if n != width * height * 4:
+                raise BadRequest(
+                    f"{where}: RLE declares {n} values but a {width}x{height} image needs {width * height * 4} (W*H*4)"
+                )
+            kept["rle"] = rle
+        elif control.kind == "polygon":
+            points = value.get("points")
+            if not isinstance(points, list) or len(points) < 3 or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(c, (int, float)) for c in p) for p in points
+            ):
+                raise BadRequest(f"{where}: polygon needs at least 3 [x, y] points in percent")
+            kept["points"] = [[float(x), float(y)] for x, y in points]
+        else:
+            try:
+                kept["rect"] = [float(value[k]) for k in ("x", "y", "width", "height")]
+                kept["rotation"] = float(value.get("rotation", 0) or 0)
+            except (KeyError, TypeError, ValueError):
+                raise BadRequest(f"{where}: rectangle needs numeric x, y, width, height in percent") from None
+        regions.append(kept)
+    return regions
+
+
+def _polygon(points: list[list[float]], width: int, height: int) -> np.ndarray:
+    canvas = Image.new("1", (width, height), 0)
+    xy = [(x / 100.0 * width, y / 100.0 * height) for x, y in points]
+    ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def _rectangle(rect: list[float], rotation: float, width: int, height: int) -> np.ndarray:
+    x, y, w, h = rect[0] / 100 * width, rect[1] / 100 * height, rect[2] / 100 * width, rect[3] / 100 * height
+    # Label Studio rotates rectangles about their top-left corner, clockwise in degrees.
+    c, s = math.cos(math.radians(rotation)), math.sin(math.radians(rotation))
+    corners = [(x + dx * c - dy * s, y + dx * s + dy * c) for dx, dy in ((0, 0), (w, 0), (w, h), (0, h))]
+    canvas = Image.new("1", (width, height), 0)
+    ImageDraw.Draw(canvas).polygon(corners, fill=1, outline=1)
+    return np.asarray(canvas, dtype=bool)
+
+
+def region_mask(region: dict) -> np.ndarray:
+    """One checked region (from mask_regions) -> HxW bool mask at its original size."""
+    width, height = region["width"], region["height"]
+    if region["kind"] == "brush":
+        try:
+            return rle_to_mask(region["rle"], width, height)
+        except RLEError as exc:
+            raise BadRequest(f"brush region: {exc}") from None
+    if region["kind"] == "polygon":
+        return _polygon(region["points"], width, height)
+    return _rectangle(region["rect"], region["rotation"], width, height)
+
+
+def label_masks(regions: Iterable[dict]) -> dict[str, np.ndarray]:
+    """Union of the regions' masks per label; BadRequest if regions of one annotation disagree on size."""
+    masks: dict[str, np.ndarray] = {}
+    for region in regions:
+        mask = region_mask(region)
+        for label in region["labels"]:
+            if label in masks:
+                if masks[label].shape != mask.shape:
+                    raise BadRequest(f"regions of label {label!r} have different image sizes {masks[label].shape} and {mask.shape}")
+                masks[label] |= mask
+            else:
+                masks[label] = mask.copy()
+    return masks

@@ -1,0 +1,43 @@
+"""Backend errors, each with the HTTP status the web layer answers with."""
+
+from __future__ import annotations
+
+
+class BackendError(Exception):
+    """Base class: a message for the user and an HTTP status."""
+
+    status = 500
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(BackendError):
+    """The request or its payload is malformed or does not fit this backend."""
+
+    status = 400
+
+
+class NotFound(BackendError):
+    """The project, job or model version named does not exist here."""
+
+    status = 404
+
+
+class MediaError(BackendError):
+    """A task's image cannot be fetched, is refused by policy, or does not decode."""
+
+    status = 422
+
+
+class ServiceUnavailable(BackendError):
+    """Redis or the workers are not there; the message says which and what to start."""
+
+    status = 503
+
+
+class PredictionTimeout(BackendError):
+    """A job did not finish within the wait; it goes on and posts its predictions through the API."""
+
+    status = 504

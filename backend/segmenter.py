@@ -1,0 +1,146 @@
+"""The Label Studio model interface (setup / predict / fit / model_version) over DiffewS, run in workers."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from model import DiffewS, InvalidInputError, SupportMemory
+from model.images import to_rgb
+
+from .annotations import label_masks
+from .errors import MediaError
+from .label_config import LabelConfig
+from .media import MediaFetcher
+from .rle import mask_to_rle
+from .settings import Settings
+from .store import Example, SupportStore, write_atomic
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskFailure:
+    """Why one task could not be predicted (bulk jobs record it and go on)."""
+
+    task_id: int
+    message: str
+
+
+def brush_region(config: LabelConfig, label: str, mask: np.ndarray, score: float) -> dict:
+    """A Label Studio brushlabels region for one predicted mask at the image's natural size."""
+    height, width = mask.shape
+    return {
+        "id": uuid.uuid4().hex[:10],
+        "from_name": config.brush.name,
+        "to_name": config.image_name,
+        "type": "brushlabels",
+        "original_width": width,
+        "original_height": height,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
+        "score": round(float(score), 4),
+        "readonly": False,
+    }
+
+
+def summarise(regions: list[dict], model_version: str) -> dict:
+    """A prediction: its regions, a task score (the weakest region's; 0 when nothing was found) and version."""
+    score = min((r["score"] for r in regions), default=0.0)
+    return {"result": regions, "score": round(float(score), 4), "model_version": model_version}
+
+
+class FewShotSegmenter:
+    """Predict brush masks for tasks from a project's support examples (LabelStudioMLBase-like)."""
+
+    def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, fetcher: MediaFetcher):
+        self.settings = settings
+        self.store = store
+        self.model = model
+        self.model_version = model_version
+        self.fetcher = fetcher
+
+    # ---- support ----------------------------------------------------------------------------
+
+    def image_bytes(self, pid: int, task_id: int, url: str) -> bytes:
+        """A task's image, from the disk cache or fetched (and then cached)."""
+        path = self.store.image_path(pid, task_id)
+        if path.is_file():
+            return path.read_bytes()
+        data = self.fetcher.fetch(url, task_id)
+        write_atomic(path, data)
+        return data
+
+    def example_mask(self, pid: int, example: Example, label: str) -> np.ndarray:
+        """One label's mask of an example, from the disk cache or rasterised from its regions."""
+        path = self.store.mask_path(pid, example, label)
+        if path.is_file():
+            return np.asarray(Image.open(path).convert("L")) > 0
+        mask = label_masks(example.regions)[label]
+        self.store.save_mask(pid, example, label, mask)
+        return mask
+
+    def prepare_example(self, pid: int, example: Example) -> None:
+        """Cache an example's image and masks on disk (ingestion after a webhook)."""
+        self.image_bytes(pid, example.task_id, example.image_url)
+        for label in example.labels:
+            self.example_mask(pid, example, label)
+
+    def supports(self, pid: int, config: LabelConfig) -> dict[str, SupportMemory]:
+        """Encoded support memory per label that has usable examples (policy: SUPPORT_POLICY, at most MAX_SHOTS)."""
+        memories = {}
+        for label in config.labels:
+            images, masks = [], []
+            for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
+                try:
+                    rgb = to_rgb(self.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
+                    mask = self.example_mask(pid, example, label)
+                except (MediaError, InvalidInputError) as exc:
+                    logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, exc)
+                    continue
+                if mask.shape != rgb.shape[:2] or not mask.any():
+                    logger.warning(
+                        "project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
+                        pid, example.annotation_id, label, mask.shape, rgb.shape[:2],
+                    )
+                    continue
+                images.append(rgb)
+                masks.append(mask)
+            if images:
+                memories[label] = self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
+        return memories
+
+    # ---- prediction -------------------------------------------------------------------------
+
+    def load_queries(self, pid: int, tasks: list[dict], config: LabelConfig) -> tuple[list[dict], list[np.ndarray], list[TaskFailure]]:
+        """Fetch and decode each task's image; failures are returned, not raised."""
+        ok_tasks, images, failures = [], [], []
+        for task in tasks:
+            task_id = int(task.get("id", 0))
+            url = (task.get("data") or {}).get(config.image_key)
+            try:
+                images.append(to_rgb(self.fetcher.fetch(url, task_id), f"task {task_id} image"))
+                ok_tasks.append(task)
+            except (MediaError, InvalidInputError) as exc:
+                failures.append(TaskFailure(task_id, str(exc)))
+        return ok_tasks, images, failures
+
+    def predict(self, pid: int, tasks: list[dict], config: LabelConfig) -> tuple[dict[int, dict], list[TaskFailure]]:
+        """Predictions keyed by task id for every task whose image loaded, and the failures."""
+        memories = self.supports(pid, config)
+        ok_tasks, images, failures = self.load_queries(pid, tasks, config)
+        predictions: dict[int, dict] = {}
+        if not ok_tasks:
+            return predictions, failures
+        if not memories:  # no prediction at all rather than an empty one that would block a later retrieval
+            failures += [TaskFailure(int(t["id"]), "no support examples yet: label a few images first") for t in ok_tasks]
+            return predictions, failures
+        outputs = self.model.segment_many(images, memories, batch_size=self.settings.model_batch_size)
+        for task, per_label in zip(ok_tasks, outputs):
+            regions = [brush_region(config, label, out.mask, out.score) for label, out in per_label.items() if out.mask.any()]
+            predictions[int(task["id"])] = summarise(regions, self.model_version)
+        return predictions, failures

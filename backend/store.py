@@ -1,0 +1,231 @@
+"""Support store: projects, their accepted annotations (Redis) and cached images and masks (disk)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from redis import Redis
+
+from .annotations import mask_regions
+from .errors import BadRequest, NotFound
+from .label_config import LabelConfig
+
+PREFIX = "dws"
+
+
+@dataclass
+class Example:
+    """One accepted annotation with mask regions: the support examples it gives, one per label."""
+
+    annotation_id: int
+    task_id: int
+    image_url: str
+    regions: list[dict]
+    labels: list[str]
+    ground_truth: bool = False
+    updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_annotation(cls, annotation: dict, task: dict, config: LabelConfig) -> Example | None:
+        """The example an accepted annotation gives, or None (cancelled, or no mask regions of brush labels)."""
+        if annotation.get("was_cancelled"):
+            return None
+        regions = mask_regions(annotation.get("result") or [], config)
+        if not regions:
+            return None
+        try:
+            annotation_id, task_id = int(annotation["id"]), int(task["id"])
+        except (KeyError, TypeError, ValueError):
+            raise BadRequest("annotation and task need integer ids") from None
+        url = (task.get("data") or {}).get(config.image_key)
+        if not isinstance(url, str) or not url:
+            raise BadRequest(f"task {task_id} has no image URL under data.{config.image_key}")
+        return cls(
+            annotation_id=annotation_id, task_id=task_id, image_url=url, regions=regions,
+            labels=sorted({label for r in regions for label in r["labels"]}),
+            ground_truth=bool(annotation.get("ground_truth")),
+        )
+
+    @property
+    def stamp(self) -> str:
+        """Short content hash of the regions: mask files are named by it, so an update never reads a stale mask."""
+        return hashlib.sha256(json.dumps(self.regions, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename (readers never see half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_project_id(value: object) -> int:
+    """Project id from Label Studio's "<id>.<created_unix>" string, an int, or a project object."""
+    if isinstance(value, dict):
+        value = value.get("id")
+    if isinstance(value, bool):
+        raise BadRequest(f"project must be an id or '<id>.<timestamp>', got {value!r}")
+    if isinstance(value, int):
+        pid = value
+    elif isinstance(value, str) and value.split(".", 1)[0].isdigit():
+        pid = int(value.split(".", 1)[0])
+    else:
+        raise BadRequest(f"project must be an id or '<id>.<timestamp>', got {value!r}")
+    if pid <= 0:
+        raise BadRequest(f"project id must be positive, got {pid}")
+    return pid
+
+
+class SupportStore:
+    """Per-project metadata and support examples in Redis; image and mask files under MODEL_DIR."""
+
+    def __init__(self, redis: Redis, model_dir: Path):
+        self.redis = redis
+        self.model_dir = Path(model_dir)
+
+    # ---- keys and paths ---------------------------------------------------------------------
+
+    @staticmethod
+    def _project_key(pid: int) -> str:
+        return f"{PREFIX}:project:{pid}"
+
+    @staticmethod
+    def _examples_key(pid: int) -> str:
+        return f"{PREFIX}:examples:{pid}"
+
+    def project_dir(self, pid: int) -> Path:
+        """Folder of a project's cached images and masks."""
+        return self.model_dir / "projects" / str(pid)
+
+    def image_path(self, pid: int, task_id: int) -> Path:
+        """Where a task's image bytes are cached."""
+        return self.project_dir(pid) / "images" / f"{task_id}.bin"
+
+    def mask_path(self, pid: int, example: Example, label: str) -> Path:
+        """Where one label's mask of an example is cached (PNG, named by the regions' content hash)."""
+        tag = hashlib.sha256(label.encode()).hexdigest()[:8]
+        return self.project_dir(pid) / "masks" / f"{example.annotation_id}-{tag}-{example.stamp}.png"
+
+    # ---- projects ---------------------------------------------------------------------------
+
+    def register_project(self, pid: int, label_config: str, *, hostname: str = "", access_token: str = "") -> None:
+        """Record (or refresh) a project's labeling config and the Label Studio it lives in."""
+        fields = {"label_config": label_config, "updated_at": time.time()}
+        if hostname:
+            fields["hostname"] = hostname
+        if access_token:
+            fields["access_token"] = access_token
+        pipe = self.redis.pipeline()
+        pipe.hset(self._project_key(pid), mapping=fields)
+        pipe.hsetnx(self._project_key(pid), "created_at", time.time())
+        pipe.sadd(f"{PREFIX}:projects", pid)
+        pipe.execute()
+
+    def project(self, pid: int) -> dict[str, str] | None:
+        """A project's stored fields, or None if this backend has never seen it."""
+        data = self.redis.hgetall(self._project_key(pid))
+        return {k.decode(): v.decode() for k, v in data.items()} or None
+
+    def require_project(self, pid: int) -> dict[str, str]:
+        """A project's stored fields; NotFound naming the fix if it was never connected."""
+        project = self.project(pid)
+        if project is None:
+            raise NotFound(f"unknown project {pid}: connect this backend to it in Label Studio first (it calls /setup)")
+        return project
+
+    def set_project_field(self, pid: int, name: str, value: str | float | int) -> None:
+        """Set one field of a project's record."""
+        self.redis.hset(self._project_key(pid), name, value)
+
+    def claim_flag(self, pid: int, name: str) -> bool:
+        """Set a project flag if unset; True for the one caller that set it (a once-only trigger)."""
+        return bool(self.redis.hsetnx(self._project_key(pid), name, time.time()))
+
+    def projects(self) -> list[int]:
+        """Ids of every project this backend knows."""
+        return sorted(int(p) for p in self.redis.smembers(f"{PREFIX}:projects"))
+
+    def revision(self, pid: int) -> int:
+        """Support-set revision: bumped by every change to a project's examples."""
+        return int(self.redis.hget(self._project_key(pid), "revision") or 0)
+
+    # ---- examples ---------------------------------------------------------------------------
+
+    def upsert(self, pid: int, example: Example) -> int:
+        """Add or replace the example of an annotation; returns the new revision."""
+        pipe = self.redis.pipeline()
+        pipe.hset(self._examples_key(pid), str(example.annotation_id), json.dumps(asdict(example)))
+        pipe.hincrby(self._project_key(pid), "revision", 1)
+        return int(pipe.execute()[1])
+
+    def remove(self, pid: int, annotation_ids: list[int]) -> int:
+        """Remove the examples of these annotations (and their mask files); returns how many were removed."""
+        if not annotation_ids:
+            return 0
+        existing = [self.get(pid, a) for a in annotation_ids]
+        removed = self.redis.hdel(self._examples_key(pid), *[str(a) for a in annotation_ids])
+        if removed:
+            self.redis.hincrby(self._project_key(pid), "revision", 1)
+        for example in filter(None, existing):
+            for label in example.labels:
+                self.mask_path(pid, example, label).unlink(missing_ok=True)
+        return int(removed)
+
+    def get(self, pid: int, annotation_id: int) -> Example | None:
+        """The example of one annotation, or None."""
+        raw = self.redis.hget(self._examples_key(pid), str(annotation_id))
+        return Example(**json.loads(raw)) if raw else None
+
+    def examples(self, pid: int) -> list[Example]:
+        """Every example of a project, oldest first."""
+        raw = self.redis.hvals(self._examples_key(pid))
+        return sorted((Example(**json.loads(r)) for r in raw), key=lambda e: (e.updated_at, e.annotation_id))
+
+    def label_counts(self, pid: int) -> dict[str, int]:
+        """Number of examples per label."""
+        counts: dict[str, int] = {}
+        for example in self.examples(pid):
+            for label in example.labels:
+                counts[label] = counts.get(label, 0) + 1
+        return counts
+
+    def select(self, pid: int, label: str, k: int, policy: str) -> list[Example]:
+        """At most k examples of `label` by policy.
+
+        ground_truth_first: ground-truth annotations first, then the newest; newest: most recently
+        updated first; oldest: the first labeled first. Ties break on annotation id.
+        """
+        pool = [e for e in self.examples(pid) if label in e.labels]
+        if policy == "oldest":
+            chosen = pool
+        elif policy == "newest":
+            chosen = pool[::-1]
+        else:
+            chosen = sorted(pool[::-1], key=lambda e: not e.ground_truth)
+        return chosen[:k]
+
+    # ---- files ------------------------------------------------------------------------------
+
+    def save_mask(self, pid: int, example: Example, label: str, mask: np.ndarray) -> Path:
+        """Write one label's mask of an example as a 1-bit PNG, atomically."""
+        import io
+
+        buf = io.BytesIO()
+        Image.fromarray(mask).convert("1").save(buf, format="PNG")
+        path = self.mask_path(pid, example, label)
+        write_atomic(path, buf.getvalue())
+        return path

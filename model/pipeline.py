@@ -1,0 +1,351 @@
+"""DiffewS one-step few-shot segmentation (OI2M) with reusable support memory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+
+from .attention import FusionMode, KVBank, install_kv_fusion
+from .checkpoint import load_components, quiet_diffusers
+from .config import EMBEDS_NAME, DiffewSConfig
+from .errors import InvalidInputError
+from .images import ImageInput, MaskInput, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_mask, to_rgb
+from .support import SupportCache, SupportMemory
+from .unet_ref import reference_input
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SUPPORT_CACHE_BYTES = 2 << 30
+"""Bytes of support K/V kept in the cache (SD 2.1 at 512: about 46 MB per shot in bf16, 92 MB in fp32)."""
+TIMESTEP = 1
+"""The release always runs the UNet at t = 1 (alpha_bar = 0, so the prediction is -UNet(z))."""
+
+
+@dataclass
+class SegmentationOutput:
+    """One predicted mask.
+
+    mask: [H, W] bool at the query's original size (after EXIF orientation).
+    score: confidence in [0, 1]: mean decoded foreground probability inside the mask minus that outside
+        it; 0 for an empty or full mask. Low scores are the predictions most worth a reviewer's look.
+    probability: [R, R] float32 in [0, 1], the decoded map at the working resolution R.
+    threshold: the absolute threshold applied to `probability` (threshold_ratio * its peak).
+    """
+
+    mask: np.ndarray
+    score: float
+    probability: np.ndarray
+    threshold: float
+
+
+@dataclass
+class QueryBatch:
+    """Encoded query images: latents [B, 4, R/8, R/8] on the model's device and original (H, W) sizes."""
+
+    latents: torch.Tensor
+    sizes: list[tuple[int, int]]
+
+
+def default_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (SD 2.1 attention overflows in plain fp16), float32 elsewhere."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _content_key(parts: Sequence[np.ndarray], extra: str) -> str:
+    digest = hashlib.sha256(extra.encode())
+    for part in parts:
+        digest.update(str(part.shape).encode())
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()
+
+
+class DiffewS:
+    """A DiffewS few-shot segmenter: encode a support set once, then segment any number of queries."""
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        unet: UNet2DConditionModel,
+        prompt_embeds: torch.Tensor,
+        config: DiffewSConfig | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        support_cache_bytes: int = DEFAULT_SUPPORT_CACHE_BYTES,
+        source: str = "",
+    ):
+        self.config = config or DiffewSConfig()
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype or default_dtype(self.device)
+        self.source = source
+        with quiet_diffusers():
+            self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
+            self.unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
+        self.prompt_embeds = prompt_embeds.to(self.device, self.dtype)
+        self.fusion = install_kv_fusion(self.unet)
+        self.support_cache = SupportCache(support_cache_bytes)
+        self._lock = threading.RLock()
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        spec: str | os.PathLike,
+        *,
+        unet: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        support_cache_bytes: int = DEFAULT_SUPPORT_CACHE_BYTES,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> DiffewS:
+        """Load from "tiny", a DiffewS/SD 2.x/ModelScope folder or a hub id; `unet` overrides the UNet folder."""
+        parts = load_components(spec, unet)
+        model = cls(
+            parts.vae, parts.unet, parts.prompt_embeds, parts.config, device=device, dtype=dtype,
+            support_cache_bytes=support_cache_bytes, source=parts.source,
+        )
+        if not parts.config.trained:
+            logger.warning("model %r has random weights: its masks are meaningless until it is fine-tuned", str(spec))
+        if channels_last:
+            model.enable_channels_last()
+        if compile:
+            model.compile()
+        return model
+
+    @classmethod
+    def tiny(cls, *, resolution: int = 512, device: torch.device | str | None = "cpu", **kwargs) -> DiffewS:
+        """The tiny random-weight model (untrained) at the given working resolution."""
+        parts = load_components("tiny")
+        config = replace(parts.config, resolution=resolution)
+        return cls(parts.vae, parts.unet, parts.prompt_embeds, config, device=device, source="tiny", **kwargs)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """Write vae/, unet/ (with conv_in_ref, safetensors), the empty-prompt embedding and diffews_config.json."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        with self._lock:
+            self.vae.save_pretrained(folder / "vae", safe_serialization=True)
+            self.unet.save_pretrained(folder / "unet", safe_serialization=True)
+        save_file({"prompt_embeds": self.prompt_embeds.detach().float().cpu().contiguous()}, folder / EMBEDS_NAME)
+        self.config.save(folder)
+
+    def enable_channels_last(self) -> None:
+        """Store conv weights channels-last (faster convolutions on recent GPUs)."""
+        self.unet.to(memory_format=torch.channels_last)
+        self.vae.to(memory_format=torch.channels_last)
+
+    def compile(self, mode: str | None = None) -> None:
+        """Compile the UNet and VAE forwards in place with torch.compile (first calls are slow)."""
+        self.unet.compile(mode=mode)
+        self.vae.decoder.compile(mode=mode)
+        self.vae.encoder.compile(mode=mode)
+
+    def describe(self) -> dict:
+        """A JSON-ready summary: name, source, trained or not, resolution, device, dtype."""
+        return {
+            "name": self.config.name,
+            "source": self.source,
+            "trained": self.config.trained,
+            "resolution": self.config.resolution,
+            "threshold_ratio": self.config.threshold_ratio,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "unet_parameters": sum(p.numel() for p in self.unet.parameters()),
+        }
+
+    # ---- tensor-level API (working resolution) --------------------------------------------
+
+    def encode_latents_torch(self, pixels: torch.Tensor) -> torch.Tensor:
+        """[B, 3, R, R] in [-1, 1] -> VAE posterior mean x scaling_factor, [B, 4, R/8, R/8]."""
+        pixels = pixels.to(self.device, self.dtype)
+        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+
+    def _unet(self, sample: torch.Tensor) -> torch.Tensor:
+        embeds = self.prompt_embeds.expand(sample.shape[0], -1, -1)
+        return self.unet(sample, TIMESTEP, encoder_hidden_states=embeds, return_dict=False)[0]
+
+    def support_kv_torch(self, image_latents: torch.Tensor, mask_latents: torch.Tensor) -> KVBank:
+        """Support pass: cat([z_s, z_ms]) through conv_in_ref and the UNet, recording every attn1's K/V."""
+        if image_latents.shape != mask_latents.shape:
+            raise InvalidInputError(
+                f"support image latents {tuple(image_latents.shape)} and mask latents {tuple(mask_latents.shape)} differ"
+            )
+        with self._lock:
+            self.fusion.bank = {}
+            self.fusion.mode = FusionMode.RECORD
+            try:
+                with reference_input(self.unet):
+                    self._unet(torch.cat([image_latents, mask_latents], dim=1))  # [N, 8, h, w]
+                return self.fusion.bank
+            finally:
+                self.fusion.mode = FusionMode.OFF
+                self.fusion.bank = {}
+
+    def predict_mask_latents_torch(self, query_latents: torch.Tensor, bank: KVBank) -> torch.Tensor:
+        """Query pass with KV fusion: z_mq_hat = -UNet(z_q), [B, 4, h, w]."""
+        with self._lock:
+            self.fusion.bank = bank
+            self.fusion.mode = FusionMode.FUSE
+            try:
+                return -self._unet(query_latents)
+            finally:
+                self.fusion.mode = FusionMode.OFF
+                self.fusion.bank = {}
+
+    def decode_probability_torch(self, mask_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask latents -> (probability [B, R, R] in [0, 1], peak [B]) exactly as the release quantises them."""
+        decoded = self.vae.decode(mask_latents / self.vae.config.scaling_factor).sample.float()
+        # clip -> [0, 1] -> x255 -> uint8 by truncation -> [0, 1], as the release's image saving does
+        image = ((decoded.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).float() / 255
+        return image.mean(dim=1), image.amax(dim=(1, 2, 3))
+
+    # ---- support memory ---------------------------------------------------------------------
+
+    def _prepare_support(self, images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+            raise InvalidInputError("support images must be a sequence (list or tuple) of images")
+        if isinstance(masks, (str, bytes)) or not isinstance(masks, Sequence):
+            raise InvalidInputError("support masks must be a sequence (list or tuple) of masks")
+        if len(images) == 0:
+            raise InvalidInputError("a support set needs at least one image and mask (got N = 0)")
+        if len(images) != len(masks):
+            raise InvalidInputError(f"got {len(images)} support images but {len(masks)} masks")
+        size = self.config.resolution
+        rgbs, bins = [], []
+        for i, (image, mask) in enumerate(zip(images, masks)):
+            rgb = to_rgb(image, f"support image {i}")
+            binary = to_mask(mask, f"support mask {i}")
+            if binary.shape != rgb.shape[:2]:
+                raise InvalidInputError(
+                    f"support mask {i} is {binary.shape[1]}x{binary.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
+                )
+            if not binary.any():
+                raise InvalidInputError(f"support mask {i} is empty: a support example needs at least one foreground pixel")
+            rgbs.append(resize_rgb(rgb, size))
+            bins.append(resize_mask(binary, size))
+        return np.stack(rgbs), np.stack(bins)
+
+    @torch.inference_mode()
+    def encode_support(
+        self, images: Sequence[ImageInput], masks: Sequence[MaskInput], *, use_cache: bool = True, batch_size: int = 8
+    ) -> SupportMemory:
+        """Encode N support images with their masks into a reusable SupportMemory (cached by content)."""
+        rgbs, bins = self._prepare_support(images, masks)
+        key = _content_key([rgbs, bins], f"{self.config.resolution}:{self.dtype}")
+        if use_cache and (cached := self.support_cache.get(key)) is not None:
+            return cached
+        pixels = torch.stack([rgb_to_tensor(r) for r in rgbs])  # [N, 3, R, R]
+        mask_pixels = torch.stack([mask_to_tensor(m) for m in bins])  # [N, 3, R, R]
+        both = torch.cat([pixels, mask_pixels])  # [2N, 3, R, R]: one VAE pass for images and masks
+        latents = torch.cat([self.encode_latents_torch(chunk) for chunk in both.split(batch_size)])
+        n = len(rgbs)
+        bank = self.support_kv_torch(latents[:n], latents[n:])
+        memory = SupportMemory(kv=bank, num_shots=n, key=key)
+        if use_cache:
+            self.support_cache.put(key, memory)
+        return memory
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def encode_queries(self, images: Sequence[ImageInput], *, batch_size: int = 8) -> QueryBatch:
+        """Encode query images once (reusable across several support memories)."""
+        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+            raise InvalidInputError("queries must be a non-empty sequence (list or tuple) of images")
+        rgbs = [to_rgb(image, f"query image {i}") for i, image in enumerate(images)]
+        sizes = [(r.shape[0], r.shape[1]) for r in rgbs]
+        pixels = torch.stack([rgb_to_tensor(resize_rgb(r, self.config.resolution)) for r in rgbs])
+        latents = torch.cat([self.encode_latents_torch(chunk) for chunk in pixels.split(batch_size)])
+        return QueryBatch(latents=latents, sizes=sizes)
+
+    @torch.inference_mode()
+    def segment_encoded(
+        self,
+        queries: QueryBatch,
+        support: SupportMemory,
+        *,
+        threshold_ratio: float | None = None,
+        batch_size: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> list[SegmentationOutput]:
+        """Segment already-encoded queries with one support memory."""
+        ratio = self.config.threshold_ratio if threshold_ratio is None else threshold_ratio
+        if not 0.0 < ratio < 1.0:
+            raise InvalidInputError(f"threshold_ratio must be in (0, 1), got {ratio}")
+        support.check()
+        if self.config.support_token_shots is not None:
+            support = support.subsample(self.config.support_token_shots, generator)
+        bank = support.to(self.device, self.dtype).kv
+        outputs: list[SegmentationOutput] = []
+        for start in range(0, queries.latents.shape[0], batch_size):
+            z_q = queries.latents[start : start + batch_size]  # [b, 4, h, w]
+            prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
+            sizes = queries.sizes[start : start + batch_size]
+            outputs.extend(_postprocess(p, k, ratio, size) for p, k, size in zip(prob, peak, sizes))
+        return outputs
+
+    def segment(
+        self,
+        images: Sequence[ImageInput],
+        support: SupportMemory,
+        *,
+        threshold_ratio: float | None = None,
+        batch_size: int = 8,
+        generator: torch.Generator | None = None,
+    ) -> list[SegmentationOutput]:
+        """Segment query images with one support memory: one mask per image, at its original size."""
+        queries = self.encode_queries(images, batch_size=batch_size)
+        return self.segment_encoded(
+            queries, support, threshold_ratio=threshold_ratio, batch_size=batch_size, generator=generator
+        )
+
+    def segment_many(
+        self,
+        images: Sequence[ImageInput],
+        supports: Mapping[str, SupportMemory],
+        *,
+        threshold_ratio: float | None = None,
+        batch_size: int = 8,
+    ) -> list[dict[str, SegmentationOutput]]:
+        """Segment query images against several labelled support memories, encoding each query once."""
+        queries = self.encode_queries(images, batch_size=batch_size)
+        per_label = {
+            label: self.segment_encoded(queries, memory, threshold_ratio=threshold_ratio, batch_size=batch_size)
+            for label, memory in supports.items()
+        }
+        return [{label: outs[i] for label, outs in per_label.items()} for i in range(len(queries.sizes))]
+
+
+def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:
+    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it."""
+    threshold = float(ratio * peak)
+    small = prob > threshold  # [R, R] bool
+    # Nearest resizing commutes with a pointwise threshold, so resizing the bool mask is the same as
+    # resizing the map first (the release's order) and cheaper for large originals.
+    full = F.interpolate(small[None, None].to(torch.uint8), size=size, mode="nearest-exact")[0, 0].bool()
+    inside = int(small.sum())
+    if inside == 0 or inside == small.numel():
+        score = 0.0
+    else:
+        score = float((prob[small].mean() - prob[~small].mean()).clamp(0.0, 1.0))
+    return SegmentationOutput(
+        mask=full.cpu().numpy(), score=score, probability=prob.float().cpu().numpy(), threshold=threshold
+    )

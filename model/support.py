@@ -1,0 +1,129 @@
+"""Support memory (the per-layer K/V of an encoded support set) and its bounded cache."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .attention import KVBank
+from .errors import InvalidInputError, SupportNotSetError
+
+
+@dataclass
+class SupportMemory:
+    """The stored self-attention K/V of N support shots, reusable for any number of queries.
+
+    `kv[layer] = (K, V)`, each [1, N*L_layer, C_layer]: the N shots laid end to end on the token axis.
+    """
+
+    kv: KVBank
+    num_shots: int
+    key: str = ""
+    _released: bool = field(default=False, repr=False)
+
+    @property
+    def is_released(self) -> bool:
+        """True once `release()` dropped the tensors."""
+        return self._released
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the stored tensors."""
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.kv.values())
+
+    @property
+    def device(self) -> torch.device:
+        """Device the tensors live on."""
+        self.check()
+        return next(iter(self.kv.values()))[0].device
+
+    def check(self) -> None:
+        """Raise SupportNotSetError if this memory was released or is empty."""
+        if self._released or not self.kv:
+            raise SupportNotSetError("support memory was released; encode the support set again")
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SupportMemory:
+        """A copy on another device and/or dtype (the same object when nothing changes)."""
+        self.check()
+        kv = {name: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for name, (k, v) in self.kv.items()}
+        if all(kv[n][0] is self.kv[n][0] for n in kv):
+            return self
+        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key)
+
+    def release(self) -> None:
+        """Drop the tensors now; later use raises SupportNotSetError."""
+        self.kv = {}
+        self._released = True
+
+    def subsample(self, shots: int, generator: torch.Generator | None = None) -> SupportMemory:
+        """Randomly keep `shots` shots' worth of tokens per layer (paper Tab. 6); self if N <= shots."""
+        self.check()
+        if shots < 1:
+            raise InvalidInputError(f"support token subsampling needs shots >= 1, got {shots}")
+        if self.num_shots <= shots:
+            return self
+        kv = {}
+        for name, (k, v) in self.kv.items():
+            total = k.shape[1]
+            keep = total * shots // self.num_shots
+            idx = torch.randperm(total, generator=generator, device="cpu")[:keep].sort().values.to(k.device)
+            kv[name] = (k.index_select(1, idx), v.index_select(1, idx))
+        return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}")
+
+
+class SupportCache:
+    """Least-recently-used cache of support memories keyed by content, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, SupportMemory] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all cached memories."""
+        with self._lock:
+            return sum(m.nbytes for m in self._items.values())
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: str) -> SupportMemory | None:
+        """The cached memory for `key`, or None; a hit makes it the most recent."""
+        with self._lock:
+            memory = self._items.get(key)
+            if memory is None or memory.is_released:
+                self._items.pop(key, None)
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return memory
+
+    def put(self, key: str, memory: SupportMemory) -> None:
+        """Store `memory`, evicting the least recently used until the byte bound holds.
+
+        A memory larger than the whole bound is not stored (the caller still has it).
+        """
+        size = memory.nbytes
+        with self._lock:
+            self._items.pop(key, None)
+            if size > self.max_bytes:
+                return
+            self._items[key] = memory
+            total = sum(m.nbytes for m in self._items.values())
+            while total > self.max_bytes:
+                _, evicted = self._items.popitem(last=False)
+                total -= evicted.nbytes
+
+    def clear(self) -> None:
+        """Forget every cached memory (callers holding one keep theirs)."""
+        with self._lock:
+            self._items.clear()

