@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
@@ -39,11 +41,76 @@ TINY_VAE_CONFIG = dict(
 
 
 def build_tiny_components(seed: int = 0) -> tuple[AutoencoderKL, UNet2DConditionModel, torch.Tensor]:
-    """Random-weight VAE, UNet (with conv_in_ref) and empty-prompt embedding [1, 2, 32], from `seed`."""
+    """Tiny VAE (fitted, see TINY_VAE_WEIGHTS), random UNet with conv_in_ref, random embedding [1, 2, 32]."""
     with torch.random.fork_rng(devices=[]):  # seeds the CPU generator only, restored afterwards
         torch.manual_seed(seed)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
+        if TINY_VAE_WEIGHTS.is_file():
+            from safetensors.torch import load_file
+
+            vae.load_state_dict(load_file(TINY_VAE_WEIGHTS))
         unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
         add_conv_in_ref_by_surgery(unet)
         embeds = torch.randn(1, 2, TINY_CROSS_DIM)
     return vae, unet, embeds
+
+
+TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
+"""The tiny VAE fit as an autoencoder on synthetic shapes (regenerate: `python -m model.tiny`).
+
+A random frozen VAE cannot decode what the UNet predicts (D(E(mask)) is noise), so the tiny model
+ships a small fitted VAE; its UNet stays random until fine-tuned.
+"""
+
+
+def synthetic_batch(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """n synthetic pictures [n, 3, size, size] in [-1, 1]: half textured scenes with shapes, half binary masks."""
+    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    out = torch.empty(n, 3, size, size)
+    for i in range(n):
+        r = torch.rand(12, generator=generator)
+        shapes = torch.zeros(size, size, dtype=torch.bool)
+        for _ in range(1 + int(r[0] * 3)):
+            c = torch.rand(5, generator=generator)
+            if c[0] < 0.5:  # ellipse
+                shapes |= ((xx - c[1]) / (0.05 + 0.3 * c[3])) ** 2 + ((yy - c[2]) / (0.05 + 0.3 * c[4])) ** 2 < 1
+            else:  # rectangle
+                shapes |= ((xx - c[1]).abs() < 0.05 + 0.3 * c[3]) & ((yy - c[2]).abs() < 0.05 + 0.3 * c[4])
+        if i % 2:  # a mask: white foreground on black, as DiffewS feeds masks
+            out[i] = shapes.float().mul(2).sub(1).expand(3, -1, -1)
+        else:  # a scene: gradient background, coloured shapes, noise
+            bg = (r[1:4, None, None] * (1 - yy) + r[4:7, None, None] * xx) * 2 - 1
+            fg = r[7:10, None, None] * 2 - 1
+            img = torch.where(shapes, fg.expand(3, size, size), bg)
+            out[i] = (img + 0.1 * torch.randn(3, size, size, generator=generator)).clamp(-1, 1)
+    return out
+
+
+def fit_tiny_vae(steps: int = 1500, batch: int = 16, size: int = 64, seed: int = 0) -> AutoencoderKL:
+    """Fit the tiny VAE to reconstruct synthetic scenes and masks (posterior mean, small KL weight)."""
+    from tqdm import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(**TINY_VAE_CONFIG)
+    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
+    bar = tqdm(range(steps), desc="fit tiny VAE")
+    for _ in bar:
+        x = synthetic_batch(batch, size, gen)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.mean).sample
+        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return vae.eval()
+
+
+if __name__ == "__main__":
+    from safetensors.torch import save_file
+
+    fitted = fit_tiny_vae()
+    save_file({k: v.contiguous() for k, v in fitted.state_dict().items()}, TINY_VAE_WEIGHTS)
+    print(f"wrote {TINY_VAE_WEIGHTS}")

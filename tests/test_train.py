@@ -1,0 +1,162 @@
+"""Fine-tuning: it learns, it is deterministic and resumable, LoRA and checkpointing work, versions are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from model import DiffewS, InvalidInputError
+from model.data import Sample, make_sample
+from model.evaluate import evaluate
+from model.train import TrainConfig, finetune
+from model.versions import load_version, save_version
+
+
+def shape_task(n: int, seed: int, size: int = 64) -> list[Sample]:
+    """Images with a red disc (label "disc") at a random place on textured noise; masks at `size`."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    samples = []
+    for i in range(n):
+        image = rng.integers(0, 90, (size, size, 3), dtype=np.uint8)
+        cy, cx, r = rng.integers(14, size - 14), rng.integers(14, size - 14), rng.integers(7, 13)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+        image[disc] = (220, 40, 40)
+        samples.append(Sample(image, {"disc": disc}, name=f"s{i}"))
+    return samples
+
+
+def iou(model: DiffewS, samples: list[Sample]) -> float:
+    return evaluate(model, samples, ["disc"], shots=1, episode_count=12, seed=3).miou
+
+
+def test_training_lowers_loss_and_raises_iou():
+    """A few hundred episodes on a synthetic task: loss falls and 1-shot IoU rises well above the untrained model's."""
+    model = DiffewS.tiny(resolution=64)
+    train, held_out = shape_task(12, 0), shape_task(8, 1)
+    before = iou(model, held_out)
+    result = finetune(model, train, TrainConfig(steps=300, max_shots=2, seed=0))
+    after = iou(model, held_out)
+    first, last = np.mean(result.losses[:30]), np.mean(result.losses[-30:])
+    assert last < 0.7 * first, (first, last)
+    chance = 100 * np.mean([s.masks["disc"].mean() for s in held_out])  # IoU of guessing "all foreground"
+    assert after > max(2 * chance, before + 20), (before, after, chance)
+
+
+def test_deterministic_with_seed():
+    """Two runs with one seed give identical losses."""
+    runs = []
+    for _ in range(2):
+        model = DiffewS.tiny(resolution=64)
+        runs.append(finetune(model, shape_task(4, 0), TrainConfig(steps=6, seed=7)).losses)
+    assert runs[0] == runs[1]
+
+
+def test_resume_continues_the_same_run(tmp_path):
+    """A 6-step run killed after step 3 and resumed gives the losses of an unbroken 6-step run."""
+    config = TrainConfig(steps=6, seed=1, checkpoint_every=3)
+    full = finetune(DiffewS.tiny(resolution=64), shape_task(4, 0), config).losses
+
+    def killed_at_3(step, loss):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        finetune(DiffewS.tiny(resolution=64), shape_task(4, 0), config, state_dir=tmp_path / "state", on_step=killed_at_3)
+    resumed = finetune(DiffewS.tiny(resolution=64), shape_task(4, 0), config, state_dir=tmp_path / "state")
+    np.testing.assert_allclose(resumed.losses, full, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    """With checkpointing (recomputation sees the KV-fusion state of its pass) the gradients are unchanged."""
+    grads = []
+    for checkpointing in (False, True):
+        model = DiffewS.tiny(resolution=64)
+        captured = {}
+
+        def grab(step, loss, model=model, captured=captured):
+            if step == 1:  # gradients of the first episode, before any optimizer step (grad_accum=4)
+                captured.update({n: p.grad.clone() for n, p in model.unet.named_parameters() if p.grad is not None})
+
+        finetune(model, shape_task(4, 0), TrainConfig(steps=2, seed=2, gradient_checkpointing=checkpointing,
+                                                      grad_accum=4), on_step=grab)
+        grads.append(captured)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
+
+
+def test_lora_trains_adapters_only_and_round_trips(tmp_path):
+    """LoRA mode changes only adapter weights; a saved LoRA version reloads to the same outputs."""
+    model = DiffewS.tiny(resolution=64)
+    base = {k: v.clone() for k, v in model.unet.state_dict().items()}
+    finetune(model, shape_task(6, 0), TrainConfig(steps=20, mode="lora", lora_rank=4, seed=0))
+    for name, value in model.unet.state_dict().items():
+        if "lora_" not in name:
+            torch.testing.assert_close(value, base[name.replace(".base_layer", "")])
+    folder = save_version(model, tmp_path, "v1", base={"spec": "tiny"}, parent=None, mode="lora", summary={})
+    assert sum(f.stat().st_size for f in folder.iterdir()) < 200_000  # adapters, not the UNet
+    loaded = load_version(folder)
+    samples = shape_task(3, 5)
+    a = model.segment([samples[0].image], model.encode_support([samples[1].image], [samples[1].masks["disc"]]))[0]
+    b = loaded.segment([samples[0].image], loaded.encode_support([samples[1].image], [samples[1].masks["disc"]]))[0]
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-5)
+    assert loaded.config.trained and loaded.config.name == "v1"
+
+
+def test_full_version_round_trip_and_never_overwritten(tmp_path):
+    """A full version reloads exactly; saving the same name again is refused."""
+    model = DiffewS.tiny(resolution=64)
+    finetune(model, shape_task(4, 0), TrainConfig(steps=3, seed=0))
+    folder = save_version(model, tmp_path, "v1", base={"spec": "tiny"}, parent=None, mode="full", summary={"steps": 3})
+    loaded = load_version(folder)
+    for name, value in model.unet.state_dict().items():
+        torch.testing.assert_close(loaded.unet.state_dict()[name], value)
+    from model import InvalidCheckpointError
+
+    with pytest.raises(InvalidCheckpointError, match="never overwritten"):
+        save_version(model, tmp_path, "v1", base={"spec": "tiny"}, parent=None, mode="full", summary={})
+
+
+def test_crash_mid_save_leaves_previous_version_usable(tmp_path, monkeypatch):
+    """A failure while writing a version leaves no partial folder, and the previous version still loads."""
+    model = DiffewS.tiny(resolution=64)
+    save_version(model, tmp_path, "v1", base={"spec": "tiny"}, parent=None, mode="full", summary={})
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_version(model, tmp_path, "v2", base={"spec": "tiny"}, parent="v1", mode="full", summary={})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v1"]
+    load_version(tmp_path / "v1")
+
+
+@pytest.mark.parametrize(
+    "samples,message",
+    [
+        ([], "empty"),
+        ([Sample(np.zeros((64, 64, 3), np.uint8), {})], "without any mask"),
+        ([Sample(np.zeros((64, 64, 3), np.uint8), {"a": np.ones((32, 32), bool)})], "mask 'a' is"),
+        ([Sample(np.zeros((64, 64, 3), np.uint8), {"a": np.ones((64, 64), bool)})], "two or more images"),
+    ],
+    ids=["empty", "no-mask", "mask-size", "one-image-per-label"],
+)
+def test_bad_training_data(samples, message):
+    """Unusable training sets raise InvalidInputError saying why."""
+    with pytest.raises(InvalidInputError, match=message):
+        finetune(DiffewS.tiny(resolution=64), samples, TrainConfig(steps=1))
+
+
+def test_make_sample_errors():
+    """make_sample refuses an image without masks and a mask of another size."""
+    with pytest.raises(InvalidInputError, match="without any mask"):
+        make_sample(np.zeros((8, 8, 3), np.uint8), {}, 64)
+    with pytest.raises(InvalidInputError, match="is 9x8 but the image is 8x8"):
+        make_sample(np.zeros((8, 8, 3), np.uint8), {"a": np.ones((8, 9), bool)}, 64)
+    with pytest.raises(InvalidInputError, match="mode"):
+        TrainConfig(mode="half")
