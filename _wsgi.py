@@ -46,5 +46,11 @@ if __name__ == "__main__":
     main()
 else:  # imported by gunicorn: workers run separately (`python -m backend worker`)
     logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper())
-    _log_model(Settings.from_env())
-    app = create_app()
+    _settings = Settings.from_env()
+    if not _settings.redis_url:
+        raise RuntimeError(
+            "gunicorn needs REDIS_URL: its processes and the workers must share one Redis. "
+            "For one-process local use, run `python _wsgi.py` (embedded Redis and worker)."
+        )
+    _log_model(_settings)
+    app = create_app(_settings)

@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -60,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     pre.add_argument("--project", type=int, required=True)
     pre.add_argument("--tasks", type=int, nargs="*", help="only these task ids")
     pre.add_argument("--no-wait", action="store_true", help="queue and exit instead of showing progress")
+    conv = sub.add_parser("labelmap", help="convert a Label Studio JSON export (brush labels) to the label-map layout")
+    conv.add_argument("--export", required=True, type=Path)
+    conv.add_argument("--images", required=True, type=Path, help="folder holding the exported tasks' image files")
+    conv.add_argument("--out", required=True, type=Path)
+    conv.add_argument("--split", default="val")
+    pin = sub.add_parser("pin", help="pin a project to a model version (roll back), or unpin with --version none")
+    pin.add_argument("--project", type=int, required=True)
+    pin.add_argument("--version", required=True)
     stat = sub.add_parser("status", help="print a project's support examples and progress as JSON")
     stat.add_argument("--project", type=int, required=True)
     args = parser.parse_args(argv)
@@ -72,9 +81,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "prelabel":
         return _prelabel(args, settings)
+    if args.command == "labelmap":
+        from .export import export_to_label_map
+
+        print(json.dumps(export_to_label_map(args.export, args.images, args.out, args.split)))
+        return 0
     redis = connect(settings)
     store = SupportStore(redis, settings.model_dir)
     store.require_project(args.project)
+    if args.command == "pin":
+        from .registry import VersionRegistry
+        from .versions import base_version, current_version
+
+        version = None if args.version.lower() == "none" else args.version
+        VersionRegistry(redis, store).pin(args.project, version, base_version(settings))
+        print(f"project {args.project} now predicts with {current_version(settings, store.project(args.project))}")
+        return 0
     print(json.dumps({"examples": store.label_counts(args.project), "revision": store.revision(args.project),
                       "progress": Progress(redis, args.project).read()}, indent=2))
     return 0

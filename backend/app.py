@@ -18,6 +18,7 @@ from .bulk import Progress, enqueue_batches
 from .errors import BackendError, BadRequest, MediaError, NotFound, PredictionTimeout, ServiceUnavailable
 from .label_config import parse_label_config
 from .queues import QUEUE_HIGH, enqueue, live_workers, ping, queue_lengths, require_redis
+from .registry import VersionRegistry
 from .settings import Settings
 from .store import Example, SupportStore, parse_project_id
 from .versions import base_version, current_version, describe_model
@@ -112,11 +113,26 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
     @app.get("/versions")
     def versions():
-        found = {base_version(settings)}
-        for pid in backend.store.projects():
-            project = backend.store.project(pid) or {}
-            found.update(v for v in (project.get("active_version"), project.get("pinned_version")) if v)
-        return jsonify(versions=sorted(found))
+        names = [base_version(settings)] + [v["name"] for v in VersionRegistry(redis, backend.store).list()]
+        return jsonify(versions=names)
+
+    @app.get("/projects/<int:pid>/versions")
+    def project_versions(pid: int):
+        project = backend.store.require_project(pid)
+        return jsonify(
+            base=base_version(settings), current=current_version(settings, project),
+            active=project.get("active_version"), pinned=project.get("pinned_version"),
+            versions=VersionRegistry(redis, backend.store).list(pid),
+        )
+
+    @app.post("/projects/<int:pid>/pin")
+    def pin_version(pid: int):
+        backend.store.require_project(pid)
+        body = _json_body()
+        if "version" not in body or not (body["version"] is None or isinstance(body["version"], str)):
+            raise BadRequest('body must be {"version": "<name>"} to pin (or roll back), or {"version": null} to unpin')
+        VersionRegistry(redis, backend.store).pin(pid, body["version"], base_version(settings))
+        return jsonify(project=pid, pinned=body["version"], current=current_version(settings, backend.store.project(pid)))
 
     @app.post("/predict")
     def predict():
@@ -176,7 +192,9 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             parse_label_config(config_xml)
             backend.store.register_project(pid, config_xml)
         if action == "START_TRAINING":
-            raise ServiceUnavailable("training is not available in this version of the backend")
+            from .training import enqueue_training
+
+            return jsonify(action=action, **enqueue_training(redis, settings, pid, "START_TRAINING"))
         if action == "ANNOTATIONS_DELETED":
             ids = [int(a["id"]) for a in body.get("annotations") or [] if isinstance(a, dict) and "id" in a]
             removed = backend.store.remove(pid, ids)
@@ -308,7 +326,22 @@ def _record_annotations(backend: Backend, pid: int, action: str, body: dict, con
     out = {"status": "ok", "action": action, "stored": len(examples), "removed": removed,
            "revision": backend.store.revision(pid), "job": job_id}
     out.update(_maybe_prelabel(backend, pid, config.labels))
+    out.update(_maybe_train(backend, pid, len(examples)))
     return out
+
+
+def _maybe_train(backend: Backend, pid: int, new_examples: int) -> dict:
+    """With TRAIN_EVERY=m, queue fine-tuning once m new examples arrived since the last trigger."""
+    every = backend.settings.train_every
+    if every <= 0 or not new_examples:
+        return {}
+    count = backend.store.incr_project_field(pid, "new_since_train", new_examples)
+    if count < every:
+        return {}
+    backend.store.set_project_field(pid, "new_since_train", 0)
+    from .training import enqueue_training
+
+    return {"training": enqueue_training(backend.redis, backend.settings, pid, f"{count} new annotations")}
 
 
 def _maybe_prelabel(backend: Backend, pid: int, labels: tuple[str, ...]) -> dict:

@@ -63,6 +63,16 @@ class Settings:
     """EMBEDDED_WORKER: with no REDIS_URL, run a worker thread inside the web process."""
     train_every: int = 0
     """TRAIN_EVERY: start fine-tuning after this many new accepted annotations (0 = only on request)."""
+    train_steps: int = 300
+    """TRAIN_STEPS: episodes per fine-tuning run."""
+    train_mode: str = "full"
+    """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
+    train_lr: float | None = None
+    """TRAIN_LR: learning rate; empty = 1e-5 for trained weights, 1e-3 for the random tiny UNet."""
+    train_timeout_s: int = 4 * 3600
+    """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
+    held_out_every: int = 5
+    """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -85,7 +95,9 @@ class Settings:
             "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
             "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
-            "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY",
+            "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
+            "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
+            "held_out_every": "HELD_OUT_EVERY",
         }
         kwargs = {}
         types = {f.name: f.type for f in fields(cls)}
@@ -97,7 +109,7 @@ class Settings:
             try:
                 if kind == "int":
                     kwargs[name] = int(raw)
-                elif kind == "float":
+                elif kind in ("float", "float | None"):
                     kwargs[name] = float(raw)
                 elif kind == "bool":
                     kwargs[name] = _env_bool(raw)
@@ -123,5 +135,9 @@ class Settings:
             raise ValueError(f"MAX_SHOTS must be >= 1, got {self.max_shots}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
+        if self.train_mode not in ("full", "lora"):
+            raise ValueError(f"TRAIN_MODE must be full or lora, got {self.train_mode!r}")
+        if self.held_out_every < 2:
+            raise ValueError(f"HELD_OUT_EVERY must be >= 2, got {self.held_out_every}")
         if self.job_timeout_s <= 0:
             raise ValueError("JOB_TIMEOUT_S must be a positive number of seconds")

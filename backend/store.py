@@ -151,6 +151,10 @@ class SupportStore:
         """Set one field of a project's record."""
         self.redis.hset(self._project_key(pid), name, value)
 
+    def incr_project_field(self, pid: int, name: str, by: int) -> int:
+        """Add `by` to a numeric project field; returns the new value."""
+        return int(self.redis.hincrby(self._project_key(pid), name, by))
+
     def claim_flag(self, pid: int, name: str) -> bool:
         """Set a project flag if unset; True for the one caller that set it (a once-only trigger)."""
         return bool(self.redis.hsetnx(self._project_key(pid), name, time.time()))

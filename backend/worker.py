@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from redis import Redis
@@ -15,7 +16,10 @@ from .media import MediaFetcher
 from .queues import ALL_QUEUES, connect
 from .settings import Settings
 from .store import SupportStore
-from .versions import base_version
+from .versions import base_version, current_version
+
+MAX_LOADED_VERSIONS = 2
+"""Fine-tuned versions a worker keeps loaded besides the base model."""
 
 logger = logging.getLogger(__name__)
 
@@ -28,15 +32,42 @@ class WorkerContext:
     redis: Redis
     store: SupportStore
     _model: object = None
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _versions: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def model(self):
-        """The DiffewS model, loaded on first use and kept for the life of the process."""
+        """The base DiffewS model, loaded on first use and kept for the life of the process."""
         with self._lock:
             if self._model is None:
                 self._model = load_model(self.settings)
             return self._model
+
+    def fresh_base_model(self):
+        """A new copy of the base model (training must not change the one serving predictions)."""
+        return load_model(self.settings)
+
+    def model_for(self, version: str):
+        """The model of a version: the base, or a fine-tuned version loaded once (hot swap, no restart)."""
+        if version == base_version(self.settings):
+            return self.model
+        with self._lock:
+            if version in self._versions:
+                self._versions.move_to_end(version)
+                return self._versions[version]
+            from model.versions import load_version
+
+            from .registry import VersionRegistry
+
+            info = VersionRegistry(self.redis, self.store).get(version)
+            if info is None:
+                logger.warning("version %s is not registered; predicting with the base model", version)
+                return self.model
+            loaded = load_version(info["path"], device=self.settings.device or None)
+            self._versions[version] = loaded
+            while len(self._versions) > MAX_LOADED_VERSIONS:
+                self._versions.popitem(last=False)
+            return loaded
 
     def api(self, pid: int | None = None) -> LabelStudioAPI:
         """Label Studio API client from settings, else from what the project's /setup sent."""
@@ -51,11 +82,12 @@ class WorkerContext:
             return None
 
     def segmenter(self, pid: int):
-        """A FewShotSegmenter for one project, with media access through its Label Studio."""
+        """A FewShotSegmenter for one project, with its current model version and its Label Studio's media."""
         from .segmenter import FewShotSegmenter
 
+        version = current_version(self.settings, self.store.project(pid))
         fetcher = MediaFetcher(self.settings, self.api_or_none(pid))
-        return FewShotSegmenter(self.settings, self.store, self.model, base_version(self.settings), fetcher)
+        return FewShotSegmenter(self.settings, self.store, self.model_for(version), version, fetcher)
 
 
 def load_model(settings: Settings):

@@ -32,35 +32,53 @@ class EvalResult:
     seed: int = 0
 
 
-def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, count: int, seed: int) -> list[tuple[str, int, list[int]]]:
+def _having(samples: Sequence[Sample], c: str) -> list[int]:
+    return [i for i, s in enumerate(samples) if c in s.masks and s.masks[c].any()]
+
+
+def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, count: int, seed: int,
+             support_pool: Sequence[Sample] | None = None) -> list[tuple[str, int, list[int]]]:
     """`count` episodes (class, query, supports), classes taken in turn, images drawn with a fixed seed.
 
-    A class is eligible when at least shots + 1 images contain it.
+    Supports come from the same images (a class needs shots + 1 of them) or, if given, from
+    `support_pool` (indices then refer to it; a class needs one query image and `shots` pool images).
     """
     rng = random.Random(seed)
-    having = {c: [i for i, s in enumerate(samples) if c in s.masks and s.masks[c].any()] for c in classes}
-    eligible = [c for c in classes if len(having[c]) >= shots + 1]
+    queries = {c: _having(samples, c) for c in classes}
+    pool = {c: _having(support_pool, c) for c in classes} if support_pool is not None else None
+    if pool is None:
+        eligible = [c for c in classes if len(queries[c]) >= shots + 1]
+    else:
+        eligible = [c for c in classes if queries[c] and len(pool[c]) >= shots]
     if not eligible:
-        raise InvalidInputError(f"no class appears in {shots + 1} or more images: cannot build {shots}-shot episodes")
+        raise InvalidInputError(f"no class has a query and {shots} support images: cannot build {shots}-shot episodes")
     out = []
     for n in range(count):
         c = eligible[n % len(eligible)]
-        query, *supports = rng.sample(having[c], shots + 1)
+        if pool is None:
+            query, *supports = rng.sample(queries[c], shots + 1)
+        else:
+            query, supports = rng.choice(queries[c]), rng.sample(pool[c], shots)
         out.append((c, query, supports))
     return out
 
 
 def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], *, shots: int = 1,
-             episode_count: int = 1000, seed: int = 0, progress: bool = False) -> EvalResult:
-    """Run few-shot episodes and score masks at the working resolution against the (nearest-resized) truth."""
-    if any(s.image.shape[0] != model.config.resolution for s in samples):
+             episode_count: int = 1000, seed: int = 0, progress: bool = False,
+             support_pool: Sequence[Sample] | None = None) -> EvalResult:
+    """Run few-shot episodes and score masks at the working resolution against the (nearest-resized) truth.
+
+    With `support_pool`, queries come from `samples` and supports from the pool (held-out scoring).
+    """
+    if any(s.image.shape[0] != model.config.resolution for s in [*samples, *(support_pool or [])]):
         raise InvalidInputError(f"samples must be at the model's working resolution {model.config.resolution}")
-    plan = episodes(samples, classes, shots, episode_count, seed)
+    plan = episodes(samples, classes, shots, episode_count, seed, support_pool)
+    pool = support_pool if support_pool is not None else samples
     inter: dict[str, int] = {}
     union: dict[str, int] = {}
     fb_i, fb_u = np.zeros(2), np.zeros(2)
     for c, query, supports in tqdm(plan, desc=f"{shots}-shot", disable=not progress):
-        memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[c] for i in supports])
+        memory = model.encode_support([pool[i].image for i in supports], [pool[i].masks[c] for i in supports])
         out = model.segment([samples[query].image], memory)[0]
         pred = out.probability > out.threshold
         truth = samples[query].masks[c]

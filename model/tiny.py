@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -105,7 +106,21 @@ def fit_tiny_vae(steps: int = 1500, batch: int = 16, size: int = 64, seed: int =
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
+    fix_posterior_std(vae)
     return vae.eval()
+
+
+TINY_POSTERIOR_STD = 0.01
+"""Posterior std of the tiny VAE (unscaled latents), small as in SD's VAE."""
+
+
+def fix_posterior_std(vae: AutoencoderKL, std: float = TINY_POSTERIOR_STD) -> None:
+    """Make the posterior std a small constant: fitting on the posterior mean never trains the logvar head,
+    which would otherwise leave std near 1 and drown training targets (sampled latents) in noise."""
+    latent = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[latent:] = 0
+        vae.quant_conv.bias[latent:] = 2 * math.log(std)
 
 
 if __name__ == "__main__":

@@ -147,12 +147,16 @@ class _LatentCache:
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        means, stds = [], []
-        for chunk in pixels.split(batch):
-            dist = self.model.vae.encode(chunk.to(self.model.device, self.model.dtype)).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
-        return torch.cat(means), torch.cat(stds)
+        parts = [posterior(self.model, chunk) for chunk in pixels.split(batch)]
+        return torch.cat([m for m, _ in parts]), torch.cat([s for _, s in parts])
+
+
+@torch.no_grad()
+def posterior(model: DiffewS, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """VAE posterior (mean, std) in the scaled latent space inference uses (x scaling_factor)."""
+    dist = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    scale = model.vae.config.scaling_factor
+    return dist.mean * scale, dist.std * scale
 
 
 def _sample_latent(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -298,11 +302,8 @@ def _episode_latents(model, samples, cache, label, query, supports, gen, config,
         image, m = _augment(samples[i].image, {label: samples[i].masks[label]}, aug_rng)
         images.append(rgb_to_tensor(np.ascontiguousarray(image)))
         masks.append(mask_to_tensor(np.ascontiguousarray(m[label])))
-    with torch.no_grad():
-        img = model.vae.encode(torch.stack(images).to(model.device, model.dtype)).latent_dist
-        msk = model.vae.encode(torch.stack(masks).to(model.device, model.dtype)).latent_dist
-    zi = _sample_latent(img.mean, img.std, gen)
-    zm = _sample_latent(msk.mean, msk.std, gen)
+    zi = _sample_latent(*posterior(model, torch.stack(images)), gen)
+    zm = _sample_latent(*posterior(model, torch.stack(masks)), gen)
     return zi[:-1], zm[:-1], zi[-1:], zm[-1:]
 
 

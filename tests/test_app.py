@@ -215,3 +215,25 @@ def test_unknown_route_and_method(client):
     """Unknown routes and methods answer JSON errors."""
     assert client.get("/nope").json["error"].startswith("no route")
     assert client.get("/predict").status_code == 405
+
+
+def test_web_process_never_imports_torch():
+    """Importing the web app (and what its routes import) loads no torch: the model stays in workers."""
+    import subprocess
+    import sys
+
+    code = ("import sys, backend.app, backend.training, backend.jobs, backend.bulk; "
+            "backend.app.create_app; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_gunicorn_entry_requires_redis_url():
+    """`gunicorn _wsgi:app` without REDIS_URL refuses to start, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    out = subprocess.run([sys.executable, "-c", "import _wsgi"], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "gunicorn needs REDIS_URL" in out.stderr

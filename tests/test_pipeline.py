@@ -235,3 +235,14 @@ def test_tiny_mask_survives_resize(tiny_model):
     mask = np.zeros((1000, 1000), bool)
     mask[500, 500] = True
     assert resize_mask(mask, 64).sum() >= 1
+
+
+def test_channels_last_gives_same_masks(scenes):
+    """The channels_last option changes memory layout only: same maps within float tolerance."""
+    a, b = DiffewS.tiny(resolution=64), DiffewS.tiny(resolution=64)
+    b.enable_channels_last()
+    images, masks = map(list, zip(*scenes[:2]))
+    out_a = a.segment([scenes[3][0]], a.encode_support(images, masks))[0]
+    out_b = b.segment([scenes[3][0]], b.encode_support(images, masks))[0]
+    np.testing.assert_allclose(out_a.probability, out_b.probability, atol=2 / 255)
+    assert b.describe()["unet_parameters"] == a.describe()["unet_parameters"] > 0

@@ -1,0 +1,117 @@
+"""Learning curve on CamVid: fine-tune the tiny model on the first n labeled frames, evaluate few-shot on val.
+
+    python -m bench.bench_learning_curve                     # n = 5 10 25 50, 1- and 5-shot, CPU
+    python -m bench.bench_learning_curve --n 5 25 --steps 200 --episodes 100
+
+Compares against (a) the untrained model and (b) a supervised baseline of about the same size (a
+diffusers UNet2DModel trained with cross-entropy on the same frames for the same number of steps;
+it predicts a class map, so its score is the same for 1 and 5 shots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+
+from model import DiffewS
+from model.data import Sample, load_label_map
+from model.evaluate import episodes, evaluate
+from model.train import TrainConfig, finetune
+
+from .scenarios import SHARED, Row, print_table, write_csv
+
+
+def supervised_baseline(train: list[Sample], classes: list[str], steps: int, seed: int) -> UNet2DModel:
+    """A per-pixel classifier (UNet2DModel, ~DiffewS-tiny UNet size) trained with cross-entropy on the frames."""
+    torch.manual_seed(seed)
+    net = UNet2DModel(in_channels=3, out_channels=len(classes) + 1, block_out_channels=(32, 64, 64), layers_per_block=1,
+                      down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    images = torch.stack([torch.tensor(s.image).permute(2, 0, 1).float() / 127.5 - 1 for s in train])
+    target = torch.full((len(train), *train[0].image.shape[:2]), -100, dtype=torch.long)  # -100: void, ignored
+    for i, s in enumerate(train):
+        covered = np.zeros(s.image.shape[:2], bool)
+        for k, c in enumerate(classes):
+            if c in s.masks:
+                target[i][torch.tensor(s.masks[c])] = k
+                covered |= s.masks[c]
+        other = ~covered & (~s.ignore if s.ignore is not None else True)
+        target[i][torch.tensor(other)] = len(classes)  # pixels of no listed class
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (1,), generator=gen)  # one image per step, like one episode per step
+        logits = net(images[idx], 0).sample
+        loss = F.cross_entropy(logits, target[idx], ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def evaluate_supervised(net: UNet2DModel, samples: list[Sample], classes: list[str], shots: int, count: int, seed: int) -> float:
+    """mIoU (HSNet sums) of the baseline on the same episodes the few-shot model sees (supports unused)."""
+    inter: dict[str, int] = {}
+    union: dict[str, int] = {}
+    cache: dict[int, np.ndarray] = {}
+    for c, query, _ in episodes(samples, classes, shots, count, seed):
+        if query not in cache:
+            x = torch.tensor(samples[query].image).permute(2, 0, 1).float()[None] / 127.5 - 1
+            cache[query] = net(x, 0).sample.argmax(1)[0].numpy()
+        pred = cache[query] == classes.index(c)
+        truth = samples[query].masks[c]
+        valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
+        inter[c] = inter.get(c, 0) + int((pred & truth & valid).sum())
+        union[c] = union.get(c, 0) + int(((pred | truth) & valid).sum())
+    return float(np.mean([100.0 * inter[c] / union[c] for c in inter if union[c]]))
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
+    parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 25, 50])
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--csv", default="bench/results/learning_curve.csv")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    classes, train_all = load_label_map(args.data, "train", args.resolution, limit=max(args.n))
+    _, val = load_label_map(args.data, "val", args.resolution)
+    print(f"# learning curve: CamVid, tiny DiffewS at {args.resolution}px on CPU, {args.steps} steps per n, "
+          f"{args.episodes} val episodes per setting, seed {args.seed}", flush=True)
+
+    def few_shot(model: DiffewS) -> dict:
+        return {f"{k}-shot mIoU": evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed).miou
+                for k in (1, 5)}
+
+    rows = []
+    untrained = DiffewS.tiny(resolution=args.resolution)
+    rows.append(Row("untrained", {"n": 0, "method": "DiffewS tiny, no fine-tuning"}, few_shot(untrained)))
+    print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
+    for n in args.n:
+        start = time.perf_counter()
+        model = DiffewS.tiny(resolution=args.resolution)
+        result = finetune(model, train_all[:n], TrainConfig(steps=args.steps, max_shots=5, seed=args.seed))
+        figures = {**few_shot(model), "final_loss": result.final_loss, "train_s": time.perf_counter() - start}
+        rows.append(Row(f"fine-tuned n={n}", {"n": n, "method": "DiffewS tiny, episodic fine-tuning"}, figures))
+        print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU", "final_loss", "train_s"])
+        net = supervised_baseline(train_all[:n], classes, args.steps, args.seed)
+        score = {f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)}
+        rows.append(Row(f"supervised n={n}", {"n": n, "method": "UNet2DModel, cross-entropy"}, score))
+        print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
+    print()
+    print_table(rows, ["1-shot mIoU", "5-shot mIoU", "final_loss", "train_s"])
+    write_csv(rows, __import__("pathlib").Path(args.csv))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

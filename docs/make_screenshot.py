@@ -1,0 +1,90 @@
+"""Make docs/prelabeled-task.png: a real Label Studio labeling view with this backend's brush predictions.
+
+Needs .ls-venv, Debian's chromium + chromium-driver, and a Python with selenium named by SELENIUM_PYTHON
+(e.g. a throwaway venv: `python3 -m venv /tmp/sel && /tmp/sel/bin/pip install selenium==4.27.1`); none of
+these are project dependencies.
+Flow: 6 CamVid frames annotated (Road, Car) -> Start Training (tiny model, 128 px) -> Retrieve Predictions
+-> screenshot of an unlabeled frame with its predicted masks.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.bench_backend import CONFIG, camvid_frames  # noqa: E402
+from backend.rle import mask_to_rle  # noqa: E402
+from tests.ls_server import TOKEN, start_backend, start_label_studio, stop  # noqa: E402
+
+OUT = Path(__file__).with_name("prelabeled-task.png")
+BROWSER = """
+import sys, time
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+ls, page, out = sys.argv[1:4]
+options = webdriver.ChromeOptions()
+for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync"):
+    options.add_argument(flag)
+driver = webdriver.Chrome(options=options)
+try:
+    driver.get(ls + "/user/login/")
+    driver.find_element(By.NAME, "email").send_keys("admin@example.com")
+    driver.find_element(By.NAME, "password").send_keys("e2e-password-123")
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit], input[type=submit]").click()
+    time.sleep(3)
+    driver.get(ls + page)
+    time.sleep(12)
+    driver.save_screenshot(out)
+finally:
+    driver.quit()
+"""
+
+
+def main() -> None:
+    frames = camvid_frames(9)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "ls").mkdir()
+        (tmp / "be").mkdir()
+        ls_proc, ls = start_label_studio(tmp / "ls")
+        be_proc, be = start_backend(tmp / "be", ls, {"DIFFEWS_TINY_RESOLUTION": "128", "TRAIN_STEPS": "400"})
+        try:
+            h = {"Authorization": f"Token {TOKEN}"}
+            pid = requests.post(f"{ls}/api/projects", headers=h, json={"title": "CamVid", "label_config": CONFIG}).json()["id"]
+            files = [(f"f{i}", (f"frame{i}.jpg", data, "image/jpeg")) for i, (data, _) in enumerate(frames)]
+            requests.post(f"{ls}/api/projects/{pid}/import", headers=h, files=files).raise_for_status()
+            tasks = sorted(requests.get(f"{ls}/api/tasks?project={pid}", headers=h).json()["tasks"], key=lambda t: t["id"])
+            requests.post(f"{ls}/api/ml", headers=h, json={"url": be, "project": pid, "title": "DiffewS"}).raise_for_status()
+            for task, (_, masks) in zip(tasks[:6], frames[:6]):
+                result = [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 480,
+                           "original_height": 360, "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": [k]}}
+                          for k, m in masks.items() if m.any()]
+                requests.post(f"{ls}/api/tasks/{task['id']}/annotations", headers=h, json={"result": result}).raise_for_status()
+            time.sleep(3)
+            job = requests.post(f"{be}/webhook", json={"action": "START_TRAINING", "project": {"id": pid}}).json()["job"]
+            while requests.get(f"{be}/jobs/{job}").json()["status"] not in ("finished", "failed"):
+                time.sleep(2)
+            print(requests.get(f"{be}/projects/{pid}/versions").json())
+            version = requests.get(f"{be}/projects/{pid}/versions").json()["current"]
+            requests.patch(f"{ls}/api/projects/{pid}", headers=h, json={"model_version": version, "show_collab_predictions": True})
+            requests.post(f"{ls}/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", headers=h,
+                          json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+            python = os.environ.get("SELENIUM_PYTHON", "/tmp/sel/bin/python")
+            subprocess.run([python, "-c", BROWSER, ls, f"/projects/{pid}/data?task={tasks[7]['id']}", str(OUT)], check=True)
+            print(f"wrote {OUT}")
+        finally:
+            stop(be_proc)
+            stop(ls_proc)
+
+
+if __name__ == "__main__":
+    main()

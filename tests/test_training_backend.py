@@ -1,0 +1,130 @@
+"""Training from the backend: START_TRAINING queues one job, a version is scored, promoted and hot-swapped."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from backend.queues import QUEUE_HIGH, QUEUE_TRAIN, live_workers
+from backend.store import SupportStore
+from backend.training import split_held_out
+from backend.worker import InProcessWorker, WorkerContext, set_context
+
+from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+
+SETUP = {"project": "1.1", "schema": CONFIG_XML}
+
+
+@pytest.fixture
+def two_workers(settings, redis, tiny_model):
+    """A training worker and a prediction worker in threads, sharing one worker context (like one GPU box)."""
+    from dataclasses import replace
+
+    settings = replace(settings, train_steps=40)
+    context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
+    context._model = tiny_model
+    set_context(context)
+    workers = [InProcessWorker([QUEUE_TRAIN], connection=redis), InProcessWorker([QUEUE_HIGH, "predict-bulk"], connection=redis)]
+    threads = [threading.Thread(target=w.work, kwargs={"burst": False}, daemon=True) for w in workers]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while (live_workers(redis)[QUEUE_TRAIN] == 0 or live_workers(redis)[QUEUE_HIGH] == 0) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield workers
+    for w, t in zip(workers, threads):
+        w.stop()
+        t.join(20)
+    set_context(None)
+
+
+def _predict(client, i: int) -> dict:
+    query, _ = square_scene(40 + i)
+    r = client.post("/predict", json={"tasks": [{"id": 500 + i, "data": {"image": png_data_uri(query)}}],
+                                      "project": "1.1", "label_config": CONFIG_XML})
+    assert r.status_code == 200, r.json
+    return r.json["results"][0]
+
+
+def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
+    """START_TRAINING -> one job (a second is refused), a scored version, promotion, predictions switch version."""
+    assert client.post("/setup", json=SETUP).status_code == 200
+    for i in range(6):
+        assert client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i))).status_code == 200
+    base = "diffews-tiny-r64-untrained"
+    assert _predict(client, 0)["model_version"] == base
+
+    first = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json
+    second = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json
+    assert first["status"] == "queued" and second == {"action": "START_TRAINING", "status": "already queued or running",
+                                                       "job": first["job"]}
+    versions_seen, errors = [], []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # predictions keep working while the training job runs
+        try:
+            versions_seen.append(_predict(client, len(versions_seen))["model_version"])
+        except AssertionError as exc:
+            errors.append(str(exc))
+        job = client.get(f"/jobs/{first['job']}").json
+        if job["status"] in ("finished", "failed"):
+            break
+    assert job["status"] == "finished", job
+    assert not errors
+    info = client.get("/projects/1/versions").json
+    [version] = info["versions"]
+    assert version["name"] == f"{base}-p1-v1" and version["parent"] == base
+    assert set(version["scores"]) == {"parent", "new"}
+    if version["promoted"]:
+        assert info["current"] == version["name"]
+        assert _predict(client, 99)["model_version"] == version["name"]  # hot swap, no restart
+    else:
+        assert version["scores"]["new"] < version["scores"]["parent"] and info["current"] == base
+    assert version["name"] in client.get("/versions").json["versions"]
+    assert job["meta"]["stage"] == "done" and "loss" in job["meta"]
+
+    # Pin back to the base (roll back), then unpin.
+    assert client.post("/projects/1/pin", json={"version": base}).json["current"] == base
+    assert _predict(client, 100)["model_version"] == base
+    assert client.post("/projects/1/pin", json={"version": None}).status_code == 200
+    r = client.post("/projects/1/pin", json={"version": "nope"})
+    assert r.status_code == 404 and "no version 'nope'" in r.json["error"]
+    assert client.post("/projects/1/pin", json={}).status_code == 400
+
+
+def test_train_every_triggers_once(client, redis, settings):
+    """With TRAIN_EVERY=3, the third new annotation queues one training job."""
+    from dataclasses import replace
+
+    from backend.app import create_app
+
+    client = create_app(replace(settings, train_every=3), redis).test_client()
+    client.post("/setup", json=SETUP)
+    replies = [client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i))).json for i in range(4)]
+    assert [("training" in r) for r in replies] == [False, False, True, False]
+    assert replies[2]["training"]["status"] == "queued"
+
+
+def test_held_out_split_is_stable():
+    """Every 5th example by annotation id is held out, whatever the order they arrive in."""
+    from backend.store import Example
+
+    examples = [Example(annotation_id=i, task_id=i, image_url="x", regions=[], labels=["a"]) for i in (9, 3, 1, 7, 5, 2, 8, 4, 6, 10)]
+    train, held = split_held_out(examples, 5)
+    assert [e.annotation_id for e in held] == [5, 10] and len(train) == 8
+
+
+def test_training_with_too_few_labels_fails_visibly(client, two_workers, redis):
+    """A project with one labeled image: the training job fails with a message saying to label more."""
+    client.post("/setup", json=SETUP)
+    client.post("/webhook", json=annotation_event(10, 100, *square_scene(0)))
+    job = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json["job"]
+    deadline = time.monotonic() + 30
+    while client.get(f"/jobs/{job}").json["status"] not in ("failed", "finished") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    info = client.get(f"/jobs/{job}").json
+    assert info["status"] == "failed" and "label at least 2" in info["error"][0]
+    # the lock is released: a new request queues again
+    assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json["status"] == "queued"
