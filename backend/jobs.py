@@ -7,21 +7,14 @@ import time
 
 from rq import get_current_job
 
+from .bulk import Progress, enqueue_batches
 from .errors import BackendError
 from .label_config import parse_label_config
-from .bulk import Progress, enqueue_batches
 from .store import Example
-from .worker import WorkerContext, get_context
+from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
-
-def _report(**meta) -> None:
-    """Merge `meta` into the current job's meta (visible in /jobs/<id> and rq-dashboard)."""
-    job = get_current_job()
-    if job is not None:
-        job.meta.update(meta)
-        job.save_meta()
 
 
 def _config(ctx: WorkerContext, pid: int, label_config: str | None = None):
@@ -39,7 +32,7 @@ def ensure_backfilled(ctx: WorkerContext, pid: int) -> int:
         return backfill_project(pid)
     except Exception as exc:  # Label Studio unreachable or refusing: predict from what is stored, retry next time
         logger.warning("project %s: backfill from Label Studio failed (%s: %s)", pid, type(exc).__name__, exc)
-        _report(backfill_error=f"{type(exc).__name__}: {exc}")
+        report_progress(backfill_error=f"{type(exc).__name__}: {exc}")
         return 0
 
 
@@ -60,7 +53,7 @@ def backfill_project(project_id: int) -> int:
             if example is not None:
                 ctx.store.upsert(project_id, example)
                 added += 1
-        _report(examples_added=added)
+        report_progress(examples_added=added)
     ctx.store.set_project_field(project_id, "backfilled", time.time())
     logger.info("project %s: backfilled %d examples from Label Studio", project_id, added)
     return added
@@ -80,7 +73,7 @@ def ingest_examples(project_id: int, annotation_ids: list[int]) -> dict:
             done += 1
         except BackendError as exc:
             failed[annotation_id] = exc.message
-    _report(done=done, failed=failed)
+    report_progress(done=done, failed=failed)
     return {"done": done, "failed": failed}
 
 
@@ -134,7 +127,7 @@ def prelabel_batch(project_id: int, tasks: list[dict], version: str, revision: i
     ctx = get_context()
     progress = Progress(ctx.redis, project_id)
     todo = [t for t in tasks if not progress.is_done(version, revision, int(t["id"]))]
-    _report(total=len(tasks), skipped=len(tasks) - len(todo), done=0)
+    report_progress(total=len(tasks), skipped=len(tasks) - len(todo), done=0)
     if not todo:
         return {"posted": 0, "skipped": len(tasks), "failed": {}}
     config = _config(ctx, project_id)
@@ -148,7 +141,7 @@ def prelabel_batch(project_id: int, tasks: list[dict], version: str, revision: i
         api.create_prediction(task_id, prediction["result"], prediction["score"], prediction["model_version"])
         progress.mark_done(version, revision, task_id)
         posted += 1
-        _report(done=posted)
+        report_progress(done=posted)
     for failure in failures:
         progress.mark_failed(failure.task_id, failure.message)
     return {"posted": posted, "skipped": len(tasks) - len(todo), "failed": {f.task_id: f.message for f in failures}}

@@ -1,4 +1,8 @@
-"""The Label Studio model interface (setup / predict / fit / model_version) over DiffewS, run in workers."""
+"""Predictions for Label Studio tasks from a project's support examples, run in workers.
+
+This is the predict() and model_version half of a LabelStudioMLBase-like interface; setup() is the /setup
+route and fit() is backend.training.train_project.
+"""
 
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ def summarise(regions: list[dict], model_version: str) -> dict:
 
 
 class FewShotSegmenter:
-    """Predict brush masks for tasks from a project's support examples (LabelStudioMLBase-like)."""
+    """Predict brush masks for tasks from a project's support examples with one model version."""
 
     def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, fetcher: MediaFetcher):
         self.settings = settings

@@ -16,7 +16,7 @@ from .registry import TRAIN_LOCK_KEY, VersionRegistry
 from .settings import Settings
 from .store import Example
 from .versions import base_version, current_version
-from .worker import WorkerContext, get_context
+from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +35,6 @@ def enqueue_training(redis: Redis, settings: Settings, pid: int, reason: str) ->
             job_id=job_id, meta={"project": pid, "reason": reason})
     return {"status": "queued", "job": job_id}
 
-
-def _report(**meta) -> None:
-    job = get_current_job()
-    if job is not None:
-        job.meta.update(meta)
-        job.save_meta()
 
 
 def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:
@@ -99,14 +93,14 @@ def train_project(project_id: int, reason: str = "") -> dict:
         train, held = _samples(ctx, project_id, train_ex, resolution), _samples(ctx, project_id, held_ex, resolution)
         if len(train) < 2:
             raise BadRequest(f"project {project_id} has {len(train)} usable training images; label at least 2 (plus held-out)")
-        _report(stage="scoring parent", train_images=len(train), held_out_images=len(held))
+        report_progress(stage="scoring parent", train_images=len(train), held_out_images=len(held))
         parent_score = _score(model, held, train, labels)
         config = TrainConfig(steps=settings.train_steps, max_shots=settings.max_shots, lr=settings.train_lr,
                              mode=settings.train_mode, seed=int(time.time()) % 100000)
         every = max(1, settings.train_steps // 100)
-        result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and _report(
+        result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))
-        _report(stage="scoring new version")
+        report_progress(stage="scoring new version")
         new_score = _score(model, held, train, labels)
         n = len(registry.list(project_id)) + 1
         name = f"{base}-p{project_id}-v{n}"
@@ -126,7 +120,7 @@ def train_project(project_id: int, reason: str = "") -> dict:
             registry.promote(project_id, name)
         logger.info("project %s: version %s (held-out mIoU parent %s, new %s) %s", project_id, name, parent_score,
                     new_score, "promoted" if promoted else "kept back")
-        _report(stage="done", version=name, promoted=promoted)
+        report_progress(stage="done", version=name, promoted=promoted)
         return {"version": name, "promoted": promoted, "scores": summary["held_out_miou"], "steps": result.steps}
     finally:
         lock = TRAIN_LOCK_KEY.format(pid=project_id)

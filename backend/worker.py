@@ -8,7 +8,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from redis import Redis
-from rq import SimpleWorker
+from rq import SimpleWorker, get_current_job
 from rq.timeouts import TimerDeathPenalty
 
 from .ls_client import LabelStudioAPI
@@ -88,6 +88,14 @@ class WorkerContext:
         version = current_version(self.settings, self.store.project(pid))
         fetcher = MediaFetcher(self.settings, self.api_or_none(pid))
         return FewShotSegmenter(self.settings, self.store, self.model_for(version), version, fetcher)
+
+
+def report_progress(**meta) -> None:
+    """Merge `meta` into the running job's meta (visible in /jobs/<id> and rq-dashboard); no-op outside a job."""
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(meta)
+        job.save_meta()
 
 
 def load_model(settings: Settings):

@@ -358,3 +358,51 @@ def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path
     aug_rng.setstate((version, tuple(internal), gauss))
     result.steps = state["steps"]
     result.losses = list(state["losses"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m model.train`: fine-tune on a label-map dataset split and write a version folder."""
+    import argparse
+
+    from tqdm import tqdm
+
+    from .data import load_label_map
+    from .versions import load_model_or_version, save_version
+
+    parser = argparse.ArgumentParser(description="Episodic fine-tuning of DiffewS on a label-map dataset")
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--out", required=True, help="folder of versions; the new one is written inside it")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--mode", choices=["full", "lora"], default="full")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--state-dir", default=None, help="resumable training state (continues a killed run)")
+    args = parser.parse_args(argv)
+    model = load_model_or_version(args.model, resolution=args.resolution)
+    _, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
+    config = TrainConfig(steps=args.steps, mode=args.mode, lr=args.lr, seed=args.seed, augment=args.augment,
+                         checkpoint_every=100 if args.state_dir else 0)
+    print(f"seed {args.seed}; {len(samples)} images", flush=True)
+    with tqdm(total=config.steps, desc="fine-tune") as bar:
+        def on_step(step: int, loss: float) -> None:
+            bar.n = step
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.refresh()
+
+        result = finetune(model, samples, config, state_dir=args.state_dir, on_step=on_step)
+    base = {"version": args.model} if (Path(args.model) / "version.json").is_file() else {"spec": args.model}
+    path = save_version(model, args.out, args.name, base=base, parent=args.model, mode=args.mode,
+                        summary={"steps": result.steps, "final_loss": result.final_loss, "images": result.images,
+                                 "labels": result.labels})
+    print(f"wrote {path} (final loss {result.final_loss:.4f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -160,3 +160,36 @@ def test_make_sample_errors():
         make_sample(np.zeros((8, 8, 3), np.uint8), {"a": np.ones((8, 9), bool)}, 64)
     with pytest.raises(InvalidInputError, match="mode"):
         TrainConfig(mode="half")
+
+
+def test_augmentation_keeps_masks_aligned():
+    """Flips and scale-crops move image and mask together: the painted pixels stay under the mask."""
+    import random
+
+    from model.train import _augment
+
+    [sample] = shape_task(1, 4)
+    rng = random.Random(0)
+    for _ in range(10):
+        image, masks = _augment(sample.image, sample.masks, rng)
+        red = (image[..., 0] > 180) & (image[..., 1] < 90)
+        assert image.shape == sample.image.shape and masks["disc"].shape == sample.masks["disc"].shape
+        assert (red & masks["disc"]).sum() / max(1, (red | masks["disc"]).sum()) > 0.8
+
+
+def test_train_cli_writes_a_loadable_version(tmp_path, capsys):
+    """`python -m model.train` on a label-map folder writes a version that loads."""
+    from PIL import Image
+
+    from model.train import main
+
+    (tmp_path / "ds" / "train" / "images").mkdir(parents=True)
+    (tmp_path / "ds" / "train" / "labels").mkdir(parents=True)
+    (tmp_path / "ds" / "classes.txt").write_text("background\ndisc\n")
+    for i, s in enumerate(shape_task(4, 9)):
+        Image.fromarray(s.image).save(tmp_path / "ds" / "train" / "images" / f"{i}.png")
+        Image.fromarray(s.masks["disc"].astype(np.uint8)).save(tmp_path / "ds" / "train" / "labels" / f"{i}.png")
+    assert main(["--data", str(tmp_path / "ds"), "--resolution", "64", "--out", str(tmp_path / "v"), "--name", "cli1",
+                 "--steps", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert load_version(tmp_path / "v" / "cli1").config.name == "cli1"
