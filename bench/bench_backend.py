@@ -11,7 +11,6 @@ API), next to the naive way: one synchronous /predict per task.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import statistics
 import subprocess

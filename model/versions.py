@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .config import CONFIG_NAME, DiffewSConfig
+from .config import DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .pipeline import DiffewS
 
