@@ -11,10 +11,10 @@ from .bulk import Progress, enqueue_batches
 from .errors import BackendError
 from .label_config import parse_label_config
 from .store import Example
+from .versions import current_version
 from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
-
 
 
 def _config(ctx: WorkerContext, pid: int, label_config: str | None = None):
@@ -62,14 +62,14 @@ def backfill_project(project_id: int) -> int:
 def ingest_examples(project_id: int, annotation_ids: list[int]) -> dict:
     """Cache the images and masks of freshly stored examples on disk, so predictions need no download."""
     ctx = get_context()
-    segmenter = ctx.segmenter(project_id)
+    files = ctx.example_files(project_id)
     done, failed = 0, {}
     for annotation_id in annotation_ids:
         example = ctx.store.get(project_id, annotation_id)
         if example is None:
             continue
         try:
-            segmenter.prepare_example(project_id, example)
+            files.prepare(project_id, example)
             done += 1
         except BackendError as exc:
             failed[annotation_id] = exc.message
@@ -109,7 +109,7 @@ def prelabel_project(project_id: int, task_ids: list[int] | None = None) -> dict
     ctx = get_context()
     ensure_backfilled(ctx, project_id)
     config = _config(ctx, project_id)
-    version = ctx.segmenter(project_id).model_version
+    version = current_version(ctx.settings, ctx.store.project(project_id))  # no model needed to list tasks
     revision = ctx.store.revision(project_id)
     wanted = set(task_ids or [])
     tasks = []

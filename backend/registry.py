@@ -44,7 +44,7 @@ class VersionRegistry:
     def pin(self, pid: int, name: str | None, base: str) -> None:
         """Pin a project to a version (the base, or one of its own), or unpin with None."""
         if name is None:
-            self.redis.hdel(f"{PREFIX}:project:{pid}", "pinned_version")
+            self.store.delete_project_field(pid, "pinned_version")
             return
         info = self.get(name)
         if name != base and (info is None or info.get("project") != pid):

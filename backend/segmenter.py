@@ -11,18 +11,16 @@ import uuid
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from model import DiffewS, InvalidInputError, SupportMemory
 from model.images import to_rgb
 
-from .annotations import label_masks
 from .errors import MediaError
+from .example_files import ExampleFiles
 from .label_config import LabelConfig
-from .media import MediaFetcher
 from .rle import mask_to_rle
 from .settings import Settings
-from .store import Example, SupportStore, write_atomic
+from .store import SupportStore
 
 logger = logging.getLogger(__name__)
 
@@ -61,38 +59,14 @@ def summarise(regions: list[dict], model_version: str) -> dict:
 class FewShotSegmenter:
     """Predict brush masks for tasks from a project's support examples with one model version."""
 
-    def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, fetcher: MediaFetcher):
+    def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, files: ExampleFiles):
         self.settings = settings
         self.store = store
         self.model = model
         self.model_version = model_version
-        self.fetcher = fetcher
+        self.files = files
 
     # ---- support ----------------------------------------------------------------------------
-
-    def image_bytes(self, pid: int, task_id: int, url: str) -> bytes:
-        """A task's image, from the disk cache or fetched (and then cached)."""
-        path = self.store.image_path(pid, task_id)
-        if path.is_file():
-            return path.read_bytes()
-        data = self.fetcher.fetch(url, task_id)
-        write_atomic(path, data)
-        return data
-
-    def example_mask(self, pid: int, example: Example, label: str) -> np.ndarray:
-        """One label's mask of an example, from the disk cache or rasterised from its regions."""
-        path = self.store.mask_path(pid, example, label)
-        if path.is_file():
-            return np.asarray(Image.open(path).convert("L")) > 0
-        mask = label_masks(example.regions)[label]
-        self.store.save_mask(pid, example, label, mask)
-        return mask
-
-    def prepare_example(self, pid: int, example: Example) -> None:
-        """Cache an example's image and masks on disk (ingestion after a webhook)."""
-        self.image_bytes(pid, example.task_id, example.image_url)
-        for label in example.labels:
-            self.example_mask(pid, example, label)
 
     def supports(self, pid: int, config: LabelConfig) -> dict[str, SupportMemory]:
         """Encoded support memory per label that has usable examples (policy: SUPPORT_POLICY, at most MAX_SHOTS)."""
@@ -101,8 +75,8 @@ class FewShotSegmenter:
             images, masks = [], []
             for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
                 try:
-                    rgb = to_rgb(self.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
-                    mask = self.example_mask(pid, example, label)
+                    rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
+                    mask = self.files.example_mask(pid, example, label)
                 except (MediaError, InvalidInputError) as exc:
                     logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, exc)
                     continue
@@ -127,7 +101,7 @@ class FewShotSegmenter:
             task_id = int(task.get("id", 0))
             url = (task.get("data") or {}).get(config.image_key)
             try:
-                images.append(to_rgb(self.fetcher.fetch(url, task_id), f"task {task_id} image"))
+                images.append(to_rgb(self.files.fetcher.fetch(url, task_id), f"task {task_id} image"))
                 ok_tasks.append(task)
             except (MediaError, InvalidInputError) as exc:
                 failures.append(TaskFailure(task_id, str(exc)))

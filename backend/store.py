@@ -151,6 +151,10 @@ class SupportStore:
         """Set one field of a project's record."""
         self.redis.hset(self._project_key(pid), name, value)
 
+    def delete_project_field(self, pid: int, name: str) -> None:
+        """Remove one field of a project's record."""
+        self.redis.hdel(self._project_key(pid), name)
+
     def incr_project_field(self, pid: int, name: str, by: int) -> int:
         """Add `by` to a numeric project field; returns the new value."""
         return int(self.redis.hincrby(self._project_key(pid), name, by))

@@ -36,7 +36,6 @@ def enqueue_training(redis: Redis, settings: Settings, pid: int, reason: str) ->
     return {"status": "queued", "job": job_id}
 
 
-
 def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): every n-th example by annotation id is held out, so the split is stable as labels grow."""
     ordered = sorted(examples, key=lambda e: e.annotation_id)
@@ -48,12 +47,12 @@ def _samples(ctx: WorkerContext, pid: int, examples: list[Example], resolution: 
     from model.data import make_sample
     from model.errors import InvalidInputError
 
-    segmenter = ctx.segmenter(pid)
+    files = ctx.example_files(pid)
     samples = []
     for e in examples:
         try:
-            image = segmenter.image_bytes(pid, e.task_id, e.image_url)
-            masks = {label: segmenter.example_mask(pid, e, label) for label in e.labels}
+            image = files.image_bytes(pid, e.task_id, e.image_url)
+            masks = {label: files.example_mask(pid, e, label) for label in e.labels}
             samples.append(make_sample(image, masks, resolution, name=f"annotation {e.annotation_id}"))
         except (BackendError, InvalidInputError) as exc:
             logger.warning("project %s: annotation %s left out of training: %s", pid, e.annotation_id, exc)

@@ -11,6 +11,7 @@ from redis import Redis
 from rq import SimpleWorker, get_current_job
 from rq.timeouts import TimerDeathPenalty
 
+from .example_files import ExampleFiles
 from .ls_client import LabelStudioAPI
 from .media import MediaFetcher
 from .queues import ALL_QUEUES, connect
@@ -81,13 +82,16 @@ class WorkerContext:
             logger.debug("no Label Studio API: %s", exc)
             return None
 
+    def example_files(self, pid: int) -> ExampleFiles:
+        """The project's cached example images and masks, fetched through its Label Studio (no model loaded)."""
+        return ExampleFiles(self.store, MediaFetcher(self.settings, self.api_or_none(pid)))
+
     def segmenter(self, pid: int):
         """A FewShotSegmenter for one project, with its current model version and its Label Studio's media."""
         from .segmenter import FewShotSegmenter
 
         version = current_version(self.settings, self.store.project(pid))
-        fetcher = MediaFetcher(self.settings, self.api_or_none(pid))
-        return FewShotSegmenter(self.settings, self.store, self.model_for(version), version, fetcher)
+        return FewShotSegmenter(self.settings, self.store, self.model_for(version), version, self.example_files(pid))
 
 
 def report_progress(**meta) -> None:

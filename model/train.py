@@ -255,7 +255,7 @@ def finetune(
                          labels={label: len(idx) for label, idx in sampler.by_label.items()})
     state_path = Path(state_dir) if state_dir else None
     if state_path is not None and (state_path / "state.json").is_file():
-        _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path, params)
+        _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
 
     model.unet.train()
     try:
@@ -277,7 +277,7 @@ def finetune(
             if on_step is not None:
                 on_step(result.steps, result.losses[-1])
             if state_path is not None and config.checkpoint_every and result.steps % config.checkpoint_every == 0:
-                _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path, params)
+                _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
     finally:
         model.unet.eval()
         model.unet.requires_grad_(False)
@@ -285,7 +285,7 @@ def finetune(
             model.unet.disable_gradient_checkpointing()
     model.support_cache.clear()  # memories encoded by the old weights are stale
     if state_path is not None:
-        _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path, params)
+        _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
     return result
 
 
@@ -318,7 +318,7 @@ def trainable_state(model: DiffewS, params_mode: str) -> dict[str, torch.Tensor]
     return {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
 
 
-def _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path, params) -> None:
+def _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path) -> None:
     """Write a resumable training state (safetensors weights + torch optimizer state of plain tensors)."""
     path.mkdir(parents=True, exist_ok=True)
     mode = result.config["mode"]
@@ -338,7 +338,7 @@ def _rng_state(rng: random.Random) -> list:
     return [version, list(internal), gauss]
 
 
-def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path, params) -> None:
+def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path) -> None:
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "weights.safetensors")
     if result.config["mode"] == "lora":
