@@ -20,7 +20,7 @@ class Settings:
     model_dir: Path = Path("./data")
     """MODEL_DIR: where support masks, cached images, model versions and the embedded Redis live."""
     model_spec: str = "tiny"
-    """DIFFEWS_MODEL: a DiffewS / SD 2.x folder, a ModelScope download, a hub id, or "tiny" (random weights)."""
+    """DIFFEWS_MODEL: a DiffewS / SD 2.x folder, a ModelScope download, a hub id, or "tiny" (untrained demo model)."""
     model_unet: str = ""
     """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
     device: str = ""
@@ -68,7 +68,9 @@ class Settings:
     train_mode: str = "full"
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
     train_lr: float | None = None
-    """TRAIN_LR: learning rate; empty = 1e-5 for trained weights, 1e-3 for the random tiny UNet."""
+    """TRAIN_LR: learning rate; empty = 1e-5 for trained weights, 1e-3 for the tiny UNet."""
+    train_augment: bool = False
+    """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
     train_timeout_s: int = 4 * 3600
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
     held_out_every: int = 5
@@ -97,6 +99,7 @@ class Settings:
             "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
             "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
             "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
+            "train_augment": "TRAIN_AUGMENT",
             "held_out_every": "HELD_OUT_EVERY",
         }
         kwargs = {}

@@ -95,7 +95,7 @@ def train_project(project_id: int, reason: str = "") -> dict:
         report_progress(stage="scoring parent", train_images=len(train), held_out_images=len(held))
         parent_score = _score(model, held, train, labels)
         config = TrainConfig(steps=settings.train_steps, max_shots=settings.max_shots, lr=settings.train_lr,
-                             mode=settings.train_mode, seed=int(time.time()) % 100000)
+                             mode=settings.train_mode, augment=settings.train_augment, seed=int(time.time()) % 100000)
         every = max(1, settings.train_steps // 100)
         result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))

@@ -9,8 +9,9 @@ from pathlib import Path
 from .settings import Settings
 
 TINY_WARNING = (
-    "DIFFEWS_MODEL is not set: running the tiny random-weight DiffewS model. Its masks are meaningless "
-    "until it is fine-tuned on accepted labels; point DIFFEWS_MODEL at the official weights for real use."
+    "DIFFEWS_MODEL is not set: running the tiny DiffewS model, untrained on real pictures (pre-trained on "
+    "synthetic shapes only). Its masks are rough colour matches until it is fine-tuned on accepted labels; "
+    "point DIFFEWS_MODEL at the official weights for real use."
 )
 
 

@@ -108,7 +108,7 @@ def load_model(settings: Settings):
 
     device = settings.device or None
     if settings.model_spec == "tiny":
-        logger.warning("DIFFEWS_MODEL not set: tiny random-weight model (untrained until fine-tuned)")
+        logger.warning("DIFFEWS_MODEL not set: tiny model, untrained on real pictures (synthetic pre-training only) until fine-tuned")
         return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu")
     return DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device)
 

@@ -110,6 +110,15 @@ class KVFusionAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
 
+def bank_per_sample(bank: KVBank, batch: int) -> KVBank:
+    """A bank recorded from `batch` samples' supports (sample-major, N shots each) -> one bank per sample.
+
+    Recording lays all shots end to end ([1, batch*N*L, C]); this regroups them as [batch, N*L, C]
+    so that each query of a batch attends to its own supports.
+    """
+    return {name: (k.reshape(batch, -1, k.shape[-1]), v.reshape(batch, -1, v.shape[-1])) for name, (k, v) in bank.items()}
+
+
 def install_kv_fusion(unet: UNet2DConditionModel) -> FusionState:
     """Put a KV-fusion processor on every `attn1` and AttnProcessor2_0 on everything else.
 

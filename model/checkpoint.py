@@ -45,7 +45,7 @@ class Components:
     config: DiffewSConfig
     source: str
     conv_in_ref: str
-    """"checkpoint" when conv_in_ref came with the weights, "surgery" when derived from conv_in."""
+    """"checkpoint" when conv_in_ref came with the weights, "surgery" when derived from conv_in, "tiny" for the tiny model."""
 
 
 @contextlib.contextmanager
@@ -161,7 +161,7 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
         if unet is not None:
             raise InvalidCheckpointError("a separate UNet cannot be combined with the tiny model")
         vae, tiny_unet, embeds = build_tiny_components()
-        return Components(vae, tiny_unet, embeds, DiffewSConfig(trained=False, name="tiny"), TINY_SPEC, "surgery")
+        return Components(vae, tiny_unet, embeds, DiffewSConfig(trained=False, name="tiny"), TINY_SPEC, "tiny")
     root = Path(spec_str).expanduser()
     if not root.exists():
         if HUB_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):

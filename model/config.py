@@ -23,7 +23,7 @@ class DiffewSConfig:
     support_token_shots: int | None = None
     """If set, support K/V tokens are randomly subsampled to this many shots' worth (paper Tab. 6)."""
     trained: bool = True
-    """False for random-weight models (the tiny demo) until they are fine-tuned on labels."""
+    """False for models not trained as segmenters (the tiny demo, a plain SD folder) until fine-tuned on labels."""
     name: str = "diffews"
     """Human-readable model name, reported as part of model versions."""
 

@@ -22,6 +22,7 @@ from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_mask, to_rgb
 from .support import SupportCache, SupportMemory
+from .tiny import build_tiny_components
 from .unet_ref import reference_input
 
 logger = logging.getLogger(__name__)
@@ -123,7 +124,7 @@ class DiffewS:
             support_cache_bytes=support_cache_bytes, source=parts.source,
         )
         if not parts.config.trained:
-            logger.warning("model %r has random weights: its masks are meaningless until it is fine-tuned", str(spec))
+            logger.warning("model %r is not trained on real segmentation labels: fine-tune it before use", str(spec))
         if channels_last:
             model.enable_channels_last()
         if compile:
@@ -131,9 +132,17 @@ class DiffewS:
         return model
 
     @classmethod
-    def tiny(cls, *, resolution: int = 512, device: torch.device | str | None = "cpu", **kwargs) -> DiffewS:
-        """The tiny random-weight model (untrained) at the given working resolution."""
+    def tiny(cls, *, resolution: int = 512, device: torch.device | str | None = "cpu", pretrained: bool = True,
+             **kwargs) -> DiffewS:
+        """The tiny model (never trained on real pictures) at the given working resolution.
+
+        Its UNet is pre-trained on synthetic episodes (see model/tiny.py); `pretrained=False` gives the
+        freshly initialised one instead.
+        """
         parts = load_components("tiny")
+        if not pretrained:
+            _, unet, _ = build_tiny_components(pretrained=False)
+            parts = replace(parts, unet=unet)
         config = replace(parts.config, resolution=resolution)
         return cls(parts.vae, parts.unet, parts.prompt_embeds, config, device=device, source="tiny", **kwargs)
 

@@ -1,4 +1,4 @@
-"""A tiny random-weight DiffewS (same code path as SD 2.1, a few MB) for tests and CPU demos."""
+"""A tiny DiffewS (same code path as SD 2.1, a few MB) for tests and CPU demos: configs, weights, initialisation."""
 
 from __future__ import annotations
 
@@ -41,73 +41,64 @@ TINY_VAE_CONFIG = dict(
 """VAE with SD's four levels (8x down-sampling to 4 latent channels) at a fraction of the width."""
 
 
-def build_tiny_components(seed: int = 0) -> tuple[AutoencoderKL, UNet2DConditionModel, torch.Tensor]:
-    """Tiny VAE (fitted, see TINY_VAE_WEIGHTS), random UNet with conv_in_ref, random embedding [1, 2, 32]."""
+def build_tiny_components(seed: int = 0, pretrained: bool = True) -> tuple[AutoencoderKL, UNet2DConditionModel, torch.Tensor]:
+    """Tiny VAE (fitted) and UNet with conv_in_ref (pretrained on synthetic episodes, or freshly initialised with
+    `pretrained=False`), random prompt embedding [1, 2, 32]."""
+    from safetensors.torch import load_file
+
     with torch.random.fork_rng(devices=[]):  # seeds the CPU generator only, restored afterwards
         torch.manual_seed(seed)
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
         if TINY_VAE_WEIGHTS.is_file():
-            from safetensors.torch import load_file
-
             vae.load_state_dict(load_file(TINY_VAE_WEIGHTS))
         unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
         add_conv_in_ref_by_surgery(unet)
+        matching_init(unet)
         embeds = torch.randn(1, 2, TINY_CROSS_DIM)
+        if pretrained and TINY_UNET_WEIGHTS.is_file():
+            unet.load_state_dict(load_file(TINY_UNET_WEIGHTS))
     return vae, unet, embeds
 
 
 TINY_VAE_WEIGHTS = Path(__file__).with_name("tiny_vae.safetensors")
-"""The tiny VAE fit as an autoencoder on synthetic shapes (regenerate: `python -m model.tiny`).
+"""The tiny VAE fit as an autoencoder on synthetic shapes (regenerate: `python -m model.tiny_fit vae`).
 
 A random frozen VAE cannot decode what the UNet predicts (D(E(mask)) is noise), so the tiny model
-ships a small fitted VAE; its UNet stays random until fine-tuned.
+ships a small fitted VAE.
 """
 
+TINY_UNET_WEIGHTS = Path(__file__).with_name("tiny_unet.safetensors")
+"""The tiny UNet after episodic pre-training on synthetic few-shot episodes (`python -m model.tiny_fit unet`).
 
-def synthetic_batch(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """n synthetic pictures [n, 3, size, size] in [-1, 1]: half textured scenes with shapes, half binary masks."""
-    yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-    out = torch.empty(n, 3, size, size)
-    for i in range(n):
-        r = torch.rand(12, generator=generator)
-        shapes = torch.zeros(size, size, dtype=torch.bool)
-        for _ in range(1 + int(r[0] * 3)):
-            c = torch.rand(5, generator=generator)
-            if c[0] < 0.5:  # ellipse
-                shapes |= ((xx - c[1]) / (0.05 + 0.3 * c[3])) ** 2 + ((yy - c[2]) / (0.05 + 0.3 * c[4])) ** 2 < 1
-            else:  # rectangle
-                shapes |= ((xx - c[1]).abs() < 0.05 + 0.3 * c[3]) & ((yy - c[2]).abs() < 0.05 + 0.3 * c[4])
-        if i % 2:  # a mask: white foreground on black, as DiffewS feeds masks
-            out[i] = shapes.float().mul(2).sub(1).expand(3, -1, -1)
-        else:  # a scene: gradient background, coloured shapes, noise
-            bg = (r[1:4, None, None] * (1 - yy) + r[4:7, None, None] * xx) * 2 - 1
-            fg = r[7:10, None, None] * 2 - 1
-            img = torch.where(shapes, fg.expand(3, size, size), bg)
-            out[i] = (img + 0.1 * torch.randn(3, size, size, generator=generator)).clamp(-1, 1)
-    return out
+It stands in for what SD 2.1's pre-training gives the real model: it has learned to find the
+support's region in a query by colour and texture, and has never seen a real picture.
+"""
+
+QK_GAIN = 10.0
+OUT_GAIN = 4.0
 
 
-def fit_tiny_vae(steps: int = 1500, batch: int = 16, size: int = 64, seed: int = 0) -> AutoencoderKL:
-    """Fit the tiny VAE to reconstruct synthetic scenes and masks (posterior mean, small KL weight)."""
-    from tqdm import tqdm
+def matching_init(unet: UNet2DConditionModel, qk_gain: float = QK_GAIN, out_gain: float = OUT_GAIN) -> None:
+    """Initialise a fresh tiny UNet so that KV fusion can be learned from scratch.
 
-    gen = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-3)
-    bar = tqdm(range(steps), desc="fit tiny VAE")
-    for _ in bar:
-        x = synthetic_batch(batch, size, gen)
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.mean).sample
-        loss = torch.nn.functional.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    fix_posterior_std(vae)
-    return vae.eval()
+    Every self-attention starts with equal query and key projections (scaled by `qk_gain`), so tokens
+    attend to tokens of similar features, the query's to the support's included; its output projection
+    is scaled by `out_gain` so what it fetches is not drowned in the residual stream; and conv_in_ref
+    reads the support picture with conv_in's weights and its mask with weights of its own, so a
+    support token's picture features match the query's. With the stock initialisation the tiny UNet
+    learns only the label prior: measured on synthetic two-colour episodes, 12,000 of them left its
+    output blind to the support (IoU 0.49, guessing everything 0.53), while with this one the loss
+    fell from 0.055 to 0.018 (IoU 0.73).
+    """
+    with torch.no_grad():
+        for name, module in unet.named_modules():
+            if name.endswith("attn1"):
+                module.to_q.weight.mul_(qk_gain)
+                module.to_k.weight.copy_(module.to_q.weight)
+                module.to_out[0].weight.mul_(out_gain)
+        ref, plain = unet.conv_in_ref.weight, unet.conv_in.weight
+        ref[:, : plain.shape[1]] = plain
+        torch.nn.init.kaiming_uniform_(ref[:, plain.shape[1] :], a=math.sqrt(5))  # nn.Conv2d's default
 
 
 TINY_POSTERIOR_STD = 0.01
@@ -122,10 +113,3 @@ def fix_posterior_std(vae: AutoencoderKL, std: float = TINY_POSTERIOR_STD) -> No
         vae.quant_conv.weight[latent:] = 0
         vae.quant_conv.bias[latent:] = 2 * math.log(std)
 
-
-if __name__ == "__main__":
-    from safetensors.torch import save_file
-
-    fitted = fit_tiny_vae()
-    save_file({k: v.contiguous() for k, v in fitted.state_dict().items()}, TINY_VAE_WEIGHTS)
-    print(f"wrote {TINY_VAE_WEIGHTS}")

@@ -32,7 +32,7 @@ class TrainConfig:
     max_shots: int = 5
     """Episodes draw k ~ U{1..max_shots} supports (the paper's multi-shot training)."""
     lr: float | None = None
-    """AdamW learning rate; None = 1e-5 (published) for trained weights, 1e-3 for a random-weight UNet."""
+    """AdamW learning rate; None = 1e-5 (published) for trained weights, 1e-3 for the tiny UNet."""
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -40,7 +40,8 @@ class TrainConfig:
     """"full" trains the whole UNet; "lora" trains adapters on the attention projections only."""
     lora_rank: int = 8
     augment: bool = False
-    """Horizontal flips and scale-crops applied identically to image and masks (latents then encoded per step)."""
+    """Horizontal flips and scale-crops applied identically to image and masks, and one colour change (brightness,
+    contrast, channel gains) shared by all pictures of an episode; latents are then encoded per step."""
     seed: int = 42
     mixed_precision: str = "auto"
     """"auto" (bf16 autocast on CUDA, none on CPU), "bf16", "fp16" or "no"."""
@@ -131,6 +132,24 @@ def _augment(image: np.ndarray, masks: dict[str, np.ndarray], rng: random.Random
         for k, m in masks.items()
     }
     return image, masks
+
+
+def _colour_change(rng: random.Random) -> np.ndarray:
+    """One episode's colour change: [contrast, brightness, gain_r, gain_g, gain_b]."""
+    return np.array([rng.uniform(0.7, 1.3), rng.uniform(0.6, 1.4), *(rng.uniform(0.8, 1.2) for _ in range(3))])
+
+
+def _recolour(image: np.ndarray, change: np.ndarray) -> np.ndarray:
+    """Apply a colour change to a uint8 RGB picture.
+
+    Written out (five numpy operations) rather than taken from torchvision's ColorJitter: torchvision
+    is not a dependency, and the change must be drawn once per episode and applied to every picture
+    of it, so that supports and query keep matching while their absolute colours move (the model
+    must then use the supports instead of remembering how a class looked in the training pictures).
+    """
+    x = image.astype(np.float32) / 255
+    x = ((x - 0.5) * change[0] + 0.5) * change[1] * change[2:]
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
 class _LatentCache:
@@ -298,9 +317,10 @@ def _episode_latents(model, samples, cache, label, query, supports, gen, config,
         target = _sample_latent(*cache.masks[(query, label)], gen)[None]
         return z_s, z_ms, z_q, target
     images, masks = [], []
+    change = _colour_change(aug_rng)
     for i in [*supports, query]:
         image, m = _augment(samples[i].image, {label: samples[i].masks[label]}, aug_rng)
-        images.append(rgb_to_tensor(np.ascontiguousarray(image)))
+        images.append(rgb_to_tensor(_recolour(image, change)))
         masks.append(mask_to_tensor(np.ascontiguousarray(m[label])))
     zi = _sample_latent(*posterior(model, torch.stack(images)), gen)
     zm = _sample_latent(*posterior(model, torch.stack(masks)), gen)

@@ -10,7 +10,7 @@ from model import DiffewS
 
 @pytest.fixture(scope="session")
 def tiny_model() -> DiffewS:
-    """The tiny random-weight model at a 64 px working resolution (fast on CPU)."""
+    """The tiny model at a 64 px working resolution (fast on CPU)."""
     return DiffewS.tiny(resolution=64)
 
 

@@ -36,7 +36,7 @@ def test_health_reports_tiny_model_and_redis(client):
     body = client.get("/health").json
     assert body["status"] == "UP" and body["model_class"] == "DiffewS" and body["redis"] == "ok"
     assert body["model"]["spec"] == "tiny" and body["model"]["trained"] is False
-    assert "random-weight" in body["model"]["warning"]
+    assert "untrained on real pictures" in body["model"]["warning"]
     assert body["model"]["version"] == "diffews-tiny-r64-untrained"
 
 

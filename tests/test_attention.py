@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from model.attention import FusionMode, FusionState, KVFusionAttnProcessor, install_kv_fusion
+from model.attention import FusionMode, FusionState, KVFusionAttnProcessor, bank_per_sample, install_kv_fusion
 from model.tiny import TINY_UNET_CONFIG
 from diffusers import UNet2DConditionModel
 
@@ -82,6 +82,27 @@ def test_fusion_accepts_per_sample_bank(unet):
         for i in range(2):
             expected = reference_fused_attention(attn, queries[i : i + 1], supports[i : i + 1])
             torch.testing.assert_close(both[i : i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_bank_per_sample_groups_recorded_shots_by_sample(unet):
+    """Supports of B episodes recorded in one pass and regrouped fuse like B separate recordings."""
+    attn = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1
+    state = FusionState()
+    proc = KVFusionAttnProcessor("layer", state)
+    gen = torch.Generator().manual_seed(4)
+    shots, batch = 2, 3
+    supports = torch.randn(batch * shots, 16, attn.to_q.in_features, generator=gen)  # sample-major
+    queries = torch.randn(batch, 16, attn.to_q.in_features, generator=gen)
+    with torch.no_grad():
+        state.mode = FusionMode.RECORD
+        proc(attn, supports)
+        state.bank = bank_per_sample(state.bank, batch)
+        assert state.bank["layer"][0].shape == (batch, shots * 16, attn.to_k.out_features)
+        state.mode = FusionMode.FUSE
+        together = proc(attn, queries)
+        for i in range(batch):
+            expected = reference_fused_attention(attn, queries[i : i + 1], supports[i * shots : (i + 1) * shots])
+            torch.testing.assert_close(together[i : i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
 def test_fusion_errors_name_the_layer(unet):

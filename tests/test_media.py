@@ -104,6 +104,7 @@ def test_bad_settings(env, message):
 def test_settings_from_env_types():
     """Environment strings become typed settings."""
     s = Settings.from_env({"MAX_SHOTS": "3", "PREDICT_WAIT_S": "12.5", "ALLOW_PRIVATE_MEDIA": "yes",
-                           "MEDIA_HOSTS": "a.com, B.org", "MODEL_DIR": "/tmp/x"})
+                           "MEDIA_HOSTS": "a.com, B.org", "MODEL_DIR": "/tmp/x", "TRAIN_AUGMENT": "1"})
     assert (s.max_shots, s.predict_wait_s, s.allow_private_media, s.media_hosts) == (3, 12.5, True, ("a.com", "b.org"))
+    assert s.train_augment is True and Settings.from_env({}).train_augment is False
     assert str(s.model_dir) == "/tmp/x"

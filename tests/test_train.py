@@ -177,6 +177,22 @@ def test_augmentation_keeps_masks_aligned():
         assert (red & masks["disc"]).sum() / max(1, (red | masks["disc"]).sum()) > 0.8
 
 
+def test_colour_change_is_shared_by_an_episode():
+    """One episode's colour change maps equal colours to equal colours in every picture; identity leaves pictures be."""
+    import random
+
+    from model.train import _colour_change, _recolour
+
+    a, b = shape_task(2, 6)
+    change = _colour_change(random.Random(1))
+    assert not np.allclose(change, [1, 1, 1, 1, 1])
+    new_a, new_b = _recolour(a.image, change), _recolour(b.image, change)
+    red_a, red_b = new_a[a.masks["disc"]], new_b[b.masks["disc"]]  # both discs were painted (220, 40, 40)
+    assert (red_a == red_a[0]).all() and (red_b == red_a[0]).all()
+    assert not np.array_equal(red_a[0], [220, 40, 40])
+    assert np.array_equal(_recolour(a.image, np.ones(5)), a.image)
+
+
 def test_train_cli_writes_a_loadable_version(tmp_path, capsys):
     """`python -m model.train` on a label-map folder writes a version that loads."""
     from PIL import Image
