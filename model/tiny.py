@@ -86,9 +86,9 @@ def matching_init(unet: UNet2DConditionModel, qk_gain: float = QK_GAIN, out_gain
     is scaled by `out_gain` so what it fetches is not drowned in the residual stream; and conv_in_ref
     reads the support picture with conv_in's weights and its mask with weights of its own, so a
     support token's picture features match the query's. With the stock initialisation the tiny UNet
-    learns only the label prior: measured on synthetic two-colour episodes, 12,000 of them left its
-    output blind to the support (IoU 0.49, guessing everything 0.53), while with this one the loss
-    fell from 0.055 to 0.018 (IoU 0.73).
+    learns only the label prior: on synthetic two-colour episodes (which colour is the target is shown
+    only by the support), 1,000 steps of 8 episodes left it blind to the support (IoU 0.49, guessing
+    everything 0.53); with this one the loss fell from 0.055 to 0.018 in 1,500 steps (IoU 0.73).
     """
     with torch.no_grad():
         for name, module in unet.named_modules():
