@@ -71,7 +71,13 @@ def test_save_load_round_trip(tmp_path):
     assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in files)
     loaded = DiffewS.from_pretrained(tmp_path / "saved", device="cpu")
     assert loaded.config == model.config and not loaded.config.trained
-    np.testing.assert_allclose(_masks_of(model), _masks_of(loaded), atol=5e-5)
+    for net in ("unet", "vae"):
+        saved, back = getattr(model, net).state_dict(), getattr(loaded, net).state_dict()
+        assert saved.keys() == back.keys() and all(torch.equal(saved[k], back[k]) for k in saved), net
+    torch.testing.assert_close(loaded.prompt_embeds, model.prompt_embeds, rtol=0, atol=0)
+    # Same weights; multi-threaded CPU kernels may still differ in the last float bits, which the
+    # release's uint8 truncation can turn into one grey level (1/255) on a channel.
+    np.testing.assert_allclose(_masks_of(model), _masks_of(loaded), atol=1 / 255 + 1e-6)
 
 
 def test_separate_unet_over_base(tmp_path):
