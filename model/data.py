@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import InvalidInputError
-from .images import ImageInput, MaskInput, resize_mask, resize_rgb, to_mask, to_rgb
+from .images import ImageInput, MaskInput, mask_of_image, resize_mask, resize_rgb, to_rgb
 
 IGNORE = 255
 """Label-map value of void pixels (never foreground, never scored)."""
@@ -34,13 +34,7 @@ def make_sample(image: ImageInput, masks: dict[str, MaskInput], resolution: int,
         raise InvalidInputError(f"{name or 'sample'}: an image without any mask cannot be used for training")
     resized = {}
     for label, mask in masks.items():
-        binary = to_mask(mask, f"{name or 'sample'} mask {label!r}")
-        if binary.shape != rgb.shape[:2]:
-            raise InvalidInputError(
-                f"{name or 'sample'}: mask {label!r} is {binary.shape[1]}x{binary.shape[0]} but the image is "
-                f"{rgb.shape[1]}x{rgb.shape[0]}"
-            )
-        resized[label] = resize_mask(binary, resolution)
+        resized[label] = resize_mask(mask_of_image(mask, rgb, f"{name or 'sample'} mask {label!r}"), resolution)
     return Sample(resize_rgb(rgb, resolution), resized, name=name)
 
 

@@ -130,3 +130,13 @@ def mask_to_tensor(mask: np.ndarray) -> torch.Tensor:
     """HxW bool -> [3,H,W] float32 in {-1, +1}: white foreground on black, three channels."""
     m = torch.tensor(mask).float().mul(2.0).sub(1.0)
     return m.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
+def mask_of_image(mask: MaskInput, rgb: np.ndarray, what: str) -> np.ndarray:
+    """`to_mask(mask)` checked to have the size of its image `rgb`; InvalidInputError naming `what` otherwise."""
+    binary = to_mask(mask, what)
+    if binary.shape != rgb.shape[:2]:
+        raise InvalidInputError(
+            f"{what} is {binary.shape[1]}x{binary.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
+        )
+    return binary

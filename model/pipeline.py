@@ -20,7 +20,7 @@ from .attention import FusionMode, KVBank, install_kv_fusion
 from .checkpoint import load_components, quiet_diffusers
 from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
-from .images import ImageInput, MaskInput, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_mask, to_rgb
+from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
 from .support import SupportCache, SupportMemory
 from .tiny import build_tiny_components
 from .unet_ref import reference_input
@@ -241,11 +241,7 @@ class DiffewS:
         rgbs, bins = [], []
         for i, (image, mask) in enumerate(zip(images, masks)):
             rgb = to_rgb(image, f"support image {i}")
-            binary = to_mask(mask, f"support mask {i}")
-            if binary.shape != rgb.shape[:2]:
-                raise InvalidInputError(
-                    f"support mask {i} is {binary.shape[1]}x{binary.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
-                )
+            binary = mask_of_image(mask, rgb, f"support mask {i}")
             if not binary.any():
                 raise InvalidInputError(f"support mask {i} is empty: a support example needs at least one foreground pixel")
             rgbs.append(resize_rgb(rgb, size))

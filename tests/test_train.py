@@ -156,7 +156,7 @@ def test_make_sample_errors():
     """make_sample refuses an image without masks and a mask of another size."""
     with pytest.raises(InvalidInputError, match="without any mask"):
         make_sample(np.zeros((8, 8, 3), np.uint8), {}, 64)
-    with pytest.raises(InvalidInputError, match="is 9x8 but the image is 8x8"):
+    with pytest.raises(InvalidInputError, match="is 9x8 but its image is 8x8"):
         make_sample(np.zeros((8, 8, 3), np.uint8), {"a": np.ones((8, 9), bool)}, 64)
     with pytest.raises(InvalidInputError, match="mode"):
         TrainConfig(mode="half")
