@@ -39,8 +39,8 @@ def enqueue_training(redis: Redis, settings: Settings, pid: int, reason: str) ->
 def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): every n-th example by annotation id is held out, so the split is stable as labels grow."""
     ordered = sorted(examples, key=lambda e: e.annotation_id)
-    held = [e for i, e in enumerate(ordered) if i % every == every - 1]
-    return [e for e in ordered if e not in held], held
+    return ([e for i, e in enumerate(ordered) if i % every != every - 1],
+            [e for i, e in enumerate(ordered) if i % every == every - 1])
 
 
 def _samples(ctx: WorkerContext, pid: int, examples: list[Example], resolution: int) -> list:

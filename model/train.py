@@ -358,6 +358,11 @@ def _rng_state(rng: random.Random) -> list:
     return [version, list(internal), gauss]
 
 
+def _restore_rng(rng: random.Random, saved: list) -> None:
+    version, internal, gauss = saved
+    rng.setstate((version, tuple(internal), gauss))
+
+
 def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path) -> None:
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "weights.safetensors")
@@ -372,10 +377,8 @@ def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     gen.set_state(opt["generator"])
-    version, internal, gauss = state["sampler_rng"]
-    sampler.rng.setstate((version, tuple(internal), gauss))
-    version, internal, gauss = state["aug_rng"]
-    aug_rng.setstate((version, tuple(internal), gauss))
+    _restore_rng(sampler.rng, state["sampler_rng"])
+    _restore_rng(aug_rng, state["aug_rng"])
     result.steps = state["steps"]
     result.losses = list(state["losses"])
 

@@ -29,7 +29,7 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     `base` says what the weights apply to: {"spec": ..., "unet": ...} or {"version": <folder>}.
     The folder appears complete or not at all (temp folder + rename); an existing name is an error.
     """
-    from .train import lora_state_dict
+    from .train import trainable_state
 
     root = Path(root)
     final = root / name
@@ -39,12 +39,9 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
+        save_file(trainable_state(model, mode), tmp / (LORA_FILE if mode == "lora" else WEIGHTS_FILE))
         if mode == "lora":
-            save_file(lora_state_dict(model), tmp / LORA_FILE)
             (tmp / "lora_config.json").write_text(json.dumps({"rank": _lora_rank(model)}))
-        else:
-            state = {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
-            save_file(state, tmp / WEIGHTS_FILE)
         replace(model.config, trained=True, name=name).save(tmp)
         info = {"name": name, "parent": parent, "base": base, "mode": mode, "created_at": time.time(), "summary": summary}
         (tmp / VERSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
