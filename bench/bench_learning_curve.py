@@ -2,17 +2,24 @@
 
     python -m bench.bench_learning_curve                     # n = 5 10 25 50, 1- and 5-shot, CPU
     python -m bench.bench_learning_curve --n 5 25 --steps 200 --episodes 100
+    python -m bench.bench_learning_curve --train-seeds 0 1 2     # mean and sd over three training runs per n
 
 Compares against (a) the untrained model (the tiny model as shipped: pre-trained on synthetic
 episodes only, no real picture), (b) a supervised baseline of about the same size (a diffusers
 UNet2DModel trained with cross-entropy on the same frames for the same number of steps; it predicts
 a class map, so its score is the same for 1 and 5 shots) and (c) at one n, the same fine-tuning
 started from a freshly initialised tiny UNet (what synthetic pre-training is worth).
+
+"First n frames" are in file order by default (CamVid's first 62 train frames are one dusk sequence,
+while val is a daytime one); `--order random` takes them from a seeded shuffle of the train split
+instead, as a project using Label Studio's random task sampling would label them.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import time
 
 import numpy as np
@@ -74,23 +81,36 @@ def evaluate_supervised(net: UNet2DModel, samples: list[Sample], classes: list[s
     return float(np.mean([100.0 * inter[c] / union[c] for c in inter if union[c]]))
 
 
+def averaged(runs: list[dict]) -> dict:
+    """Mean of each figure over training seeds, with the sample sd of the mIoUs when there are several runs."""
+    out = {key: statistics.fmean(run[key] for run in runs) for key in runs[0]}
+    if len(runs) > 1:
+        out.update({f"{key} sd": statistics.stdev(run[key] for run in runs) for key in runs[0] if key.endswith("mIoU")})
+    return out
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 25, 50])
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="fine-tune without augmentation")
     parser.add_argument("--fresh-n", type=int, default=25, help="n at which to also fine-tune a fresh UNet (0: skip)")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="one training run per seed; figures are means")
+    parser.add_argument("--order", choices=["file", "random"], default="file", help="which frames are the first n")
     parser.add_argument("--csv", default="bench/results/learning_curve.csv")
     args = parser.parse_args(argv)
     torch.set_num_threads(torch.get_num_threads())
-    classes, train_all = load_label_map(args.data, "train", args.resolution, limit=max(args.n))
+    classes, train_all = load_label_map(args.data, "train", args.resolution, limit=max(args.n) if args.order == "file" else None)
+    if args.order == "random":
+        random.Random(args.seed).shuffle(train_all)
     _, val = load_label_map(args.data, "val", args.resolution)
     print(f"# learning curve: CamVid, tiny DiffewS at {args.resolution}px on CPU, {args.steps} steps per n, "
-          f"augment {args.augment}, {args.episodes} val episodes per setting, seed {args.seed}", flush=True)
+          f"augment {args.augment}, {args.order} order, {args.episodes} val episodes per setting, seed {args.seed}, "
+          f"training seeds {args.train_seeds}", flush=True)
 
     def few_shot(model: DiffewS) -> dict:
         return {f"{k}-shot mIoU": evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed).miou
@@ -102,24 +122,35 @@ def main(argv: list[str] | None = None) -> list[Row]:
     print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
 
     def fine_tuned(n: int, pretrained: bool) -> dict:
-        start = time.perf_counter()
-        model = DiffewS.tiny(resolution=args.resolution, pretrained=pretrained)
-        config = TrainConfig(steps=args.steps, max_shots=5, seed=args.seed, augment=args.augment)
-        result = finetune(model, train_all[:n], config)
-        return {**few_shot(model), "final_loss": result.final_loss, "train_s": time.perf_counter() - start}
+        runs = []
+        for seed in args.train_seeds:
+            start = time.perf_counter()
+            model = DiffewS.tiny(resolution=args.resolution, pretrained=pretrained)
+            result = finetune(model, train_all[:n], TrainConfig(steps=args.steps, max_shots=5, seed=seed, augment=args.augment))
+            seconds = time.perf_counter() - start  # training only, before the evaluation
+            runs.append({**few_shot(model), "final_loss": result.final_loss, "train_s": seconds})
+        return averaged(runs)
+
+    def supervised(n: int) -> dict:
+        runs = []
+        for seed in args.train_seeds:
+            net = supervised_baseline(train_all[:n], classes, args.steps, seed)
+            runs.append({f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)})
+        return averaged(runs)
+
+    columns = ["1-shot mIoU", "5-shot mIoU", *(["1-shot mIoU sd", "5-shot mIoU sd"] if len(args.train_seeds) > 1 else []),
+               "final_loss", "train_s"]
 
     for n in args.n:
         rows.append(Row(f"fine-tuned n={n}", {"n": n, "method": "DiffewS tiny, episodic fine-tuning"}, fine_tuned(n, True)))
-        print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU", "final_loss", "train_s"])
+        print_table(rows[-1:], columns)
         if n == args.fresh_n:
             rows.append(Row(f"fresh UNet n={n}", {"n": n, "method": "same, from a fresh tiny UNet"}, fine_tuned(n, False)))
-            print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU", "final_loss", "train_s"])
-        net = supervised_baseline(train_all[:n], classes, args.steps, args.seed)
-        score = {f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)}
-        rows.append(Row(f"supervised n={n}", {"n": n, "method": "UNet2DModel, cross-entropy"}, score))
-        print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
+            print_table(rows[-1:], columns)
+        rows.append(Row(f"supervised n={n}", {"n": n, "method": "UNet2DModel, cross-entropy"}, supervised(n)))
+        print_table(rows[-1:], columns)
     print()
-    print_table(rows, ["1-shot mIoU", "5-shot mIoU", "final_loss", "train_s"])
+    print_table(rows, columns)
     write_csv(rows, __import__("pathlib").Path(args.csv))
     return rows
 
