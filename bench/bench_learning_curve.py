@@ -21,6 +21,9 @@ import argparse
 import random
 import statistics
 import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--fresh-n", type=int, default=25, help="n at which to also fine-tune a fresh UNet (0: skip)")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--resolution", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes and of --order random")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="one training run per seed; figures are means")
     parser.add_argument("--order", choices=["file", "random"], default="file", help="which frames are the first n")
     parser.add_argument("--csv", default="bench/results/learning_curve.csv")
@@ -121,37 +124,35 @@ def main(argv: list[str] | None = None) -> list[Row]:
     rows.append(Row("untrained", {"n": 0, "method": "DiffewS tiny as shipped, no fine-tuning"}, few_shot(untrained)))
     print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
 
-    def fine_tuned(n: int, pretrained: bool) -> dict:
-        runs = []
-        for seed in args.train_seeds:
-            start = time.perf_counter()
-            model = DiffewS.tiny(resolution=args.resolution, pretrained=pretrained)
-            result = finetune(model, train_all[:n], TrainConfig(steps=args.steps, max_shots=5, seed=seed, augment=args.augment))
-            seconds = time.perf_counter() - start  # training only, before the evaluation
-            runs.append({**few_shot(model), "final_loss": result.final_loss, "train_s": seconds})
-        return averaged(runs)
+    def fine_tuned(n: int, pretrained: bool, seed: int) -> dict:
+        start = time.perf_counter()
+        model = DiffewS.tiny(resolution=args.resolution, pretrained=pretrained)
+        result = finetune(model, train_all[:n], TrainConfig(steps=args.steps, max_shots=5, seed=seed, augment=args.augment))
+        seconds = time.perf_counter() - start  # training only, before the evaluation
+        return {**few_shot(model), "final_loss": result.final_loss, "train_s": seconds}
 
-    def supervised(n: int) -> dict:
-        runs = []
-        for seed in args.train_seeds:
-            net = supervised_baseline(train_all[:n], classes, args.steps, seed)
-            runs.append({f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)})
-        return averaged(runs)
+    def supervised(n: int, seed: int) -> dict:
+        net = supervised_baseline(train_all[:n], classes, args.steps, seed)
+        return {f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)}
+
+    def over_seeds(run: Callable[[int], dict]) -> dict:
+        """One run per training seed, averaged."""
+        return averaged([run(seed) for seed in args.train_seeds])
 
     columns = ["1-shot mIoU", "5-shot mIoU", *(["1-shot mIoU sd", "5-shot mIoU sd"] if len(args.train_seeds) > 1 else []),
                "final_loss", "train_s"]
 
     for n in args.n:
-        rows.append(Row(f"fine-tuned n={n}", {"n": n, "method": "DiffewS tiny, episodic fine-tuning"}, fine_tuned(n, True)))
+        rows.append(Row(f"fine-tuned n={n}", {"n": n, "method": "DiffewS tiny, episodic fine-tuning"}, over_seeds(partial(fine_tuned, n, True))))
         print_table(rows[-1:], columns)
         if n == args.fresh_n:
-            rows.append(Row(f"fresh UNet n={n}", {"n": n, "method": "same, from a fresh tiny UNet"}, fine_tuned(n, False)))
+            rows.append(Row(f"fresh UNet n={n}", {"n": n, "method": "same, from a fresh tiny UNet"}, over_seeds(partial(fine_tuned, n, False))))
             print_table(rows[-1:], columns)
-        rows.append(Row(f"supervised n={n}", {"n": n, "method": "UNet2DModel, cross-entropy"}, supervised(n)))
+        rows.append(Row(f"supervised n={n}", {"n": n, "method": "UNet2DModel, cross-entropy"}, over_seeds(partial(supervised, n))))
         print_table(rows[-1:], columns)
     print()
     print_table(rows, columns)
-    write_csv(rows, __import__("pathlib").Path(args.csv))
+    write_csv(rows, Path(args.csv))
     return rows
 
 
