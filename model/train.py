@@ -116,7 +116,7 @@ def validate_samples(samples: Sequence[Sample]) -> None:
                 )
 
 
-def _augment(image: np.ndarray, masks: dict[str, np.ndarray], rng: random.Random) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def flip_scale_crop(image: np.ndarray, masks: dict[str, np.ndarray], rng: random.Random) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Flip and scale-crop image and masks identically (crop of 70-100% of the side, resized back)."""
     from PIL import Image
 
@@ -134,12 +134,12 @@ def _augment(image: np.ndarray, masks: dict[str, np.ndarray], rng: random.Random
     return image, masks
 
 
-def _colour_change(rng: random.Random) -> np.ndarray:
+def colour_change(rng: random.Random) -> np.ndarray:
     """One episode's colour change: [contrast, brightness, gain_r, gain_g, gain_b]."""
     return np.array([rng.uniform(0.7, 1.3), rng.uniform(0.6, 1.4), *(rng.uniform(0.8, 1.2) for _ in range(3))])
 
 
-def _recolour(image: np.ndarray, change: np.ndarray) -> np.ndarray:
+def recolour(image: np.ndarray, change: np.ndarray) -> np.ndarray:
     """Apply a colour change to a uint8 RGB picture.
 
     Written out (five numpy operations) rather than taken from torchvision's ColorJitter: torchvision
@@ -317,10 +317,10 @@ def _episode_latents(model, samples, cache, label, query, supports, gen, config,
         target = _sample_latent(*cache.masks[(query, label)], gen)[None]
         return z_s, z_ms, z_q, target
     images, masks = [], []
-    change = _colour_change(aug_rng)
+    change = colour_change(aug_rng)
     for i in [*supports, query]:
-        image, m = _augment(samples[i].image, {label: samples[i].masks[label]}, aug_rng)
-        images.append(rgb_to_tensor(_recolour(image, change)))
+        image, m = flip_scale_crop(samples[i].image, {label: samples[i].masks[label]}, aug_rng)
+        images.append(rgb_to_tensor(recolour(image, change)))
         masks.append(mask_to_tensor(np.ascontiguousarray(m[label])))
     zi = _sample_latent(*posterior(model, torch.stack(images)), gen)
     zm = _sample_latent(*posterior(model, torch.stack(masks)), gen)

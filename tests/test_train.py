@@ -166,12 +166,12 @@ def test_augmentation_keeps_masks_aligned():
     """Flips and scale-crops move image and mask together: the painted pixels stay under the mask."""
     import random
 
-    from model.train import _augment
+    from model.train import flip_scale_crop
 
     [sample] = shape_task(1, 4)
     rng = random.Random(0)
     for _ in range(10):
-        image, masks = _augment(sample.image, sample.masks, rng)
+        image, masks = flip_scale_crop(sample.image, sample.masks, rng)
         red = (image[..., 0] > 180) & (image[..., 1] < 90)
         assert image.shape == sample.image.shape and masks["disc"].shape == sample.masks["disc"].shape
         assert (red & masks["disc"]).sum() / max(1, (red | masks["disc"]).sum()) > 0.8
@@ -181,16 +181,16 @@ def test_colour_change_is_shared_by_an_episode():
     """One episode's colour change maps equal colours to equal colours in every picture; identity leaves pictures be."""
     import random
 
-    from model.train import _colour_change, _recolour
+    from model.train import colour_change, recolour
 
     a, b = shape_task(2, 6)
-    change = _colour_change(random.Random(1))
+    change = colour_change(random.Random(1))
     assert not np.allclose(change, [1, 1, 1, 1, 1])
-    new_a, new_b = _recolour(a.image, change), _recolour(b.image, change)
+    new_a, new_b = recolour(a.image, change), recolour(b.image, change)
     red_a, red_b = new_a[a.masks["disc"]], new_b[b.masks["disc"]]  # both discs were painted (220, 40, 40)
     assert (red_a == red_a[0]).all() and (red_b == red_a[0]).all()
     assert not np.array_equal(red_a[0], [220, 40, 40])
-    assert np.array_equal(_recolour(a.image, np.ones(5)), a.image)
+    assert np.array_equal(recolour(a.image, np.ones(5)), a.image)
 
 
 def test_train_cli_writes_a_loadable_version(tmp_path, capsys):
