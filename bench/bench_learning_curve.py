@@ -163,8 +163,12 @@ def main(argv: list[str] | None = None) -> list[Row]:
         return {f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)}
 
     def over_seeds(run: Callable[[int], dict]) -> dict:
-        """One run per training seed, averaged."""
-        return averaged([run(seed) for seed in args.train_seeds])
+        """One run per training seed, each printed as it ends, averaged."""
+        runs = []
+        for seed in args.train_seeds:
+            runs.append(run(seed))
+            print(f"  training seed {seed}: " + ", ".join(f"{k} {v:.3g}" for k, v in runs[-1].items()), flush=True)
+        return averaged(runs)
 
     columns = ["1-shot mIoU", "5-shot mIoU", *(["1-shot mIoU sd", "5-shot mIoU sd"] if len(args.train_seeds) > 1 else []),
                "final_loss", "train_s"]
