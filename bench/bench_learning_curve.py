@@ -6,9 +6,10 @@
 
 Compares against (a) the untrained model (the tiny model as shipped: pre-trained on synthetic
 episodes only, no real picture), (b) a supervised baseline of about the same size (a diffusers
-UNet2DModel on space-to-depth pixels, trained with cross-entropy on the same frames for the same number
-of steps, with the same augmentation; it predicts a class map, so its score is the same for 1 and 5 shots) and (c) at one n, the same fine-tuning
-started from a freshly initialised tiny UNet (what synthetic pre-training is worth).
+UNet2DModel on space-to-depth pixels, trained with cross-entropy on the same frames for the same
+number of steps, with the same augmentation; it predicts a class map and ignores the supports) and
+(c) at one n, the same fine-tuning started from a freshly initialised tiny UNet (what synthetic
+pre-training is worth).
 
 "First n frames" are in file order by default (CamVid's first 62 train frames are one dusk sequence,
 while val is a daytime one); `--order random` takes them from a seeded shuffle of the train split
@@ -84,7 +85,8 @@ def supervised_baseline(train: list[Sample], classes: list[str], steps: int, see
             image, masks = flip_scale_crop(image, masks, rng)
             image = recolour(image, colour_change(rng))
         x = torch.tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
-        target = class_map(image.shape, masks, masks.pop(VOID, None), classes)
+        ignore = masks.pop(VOID, None)
+        target = class_map(image.shape, masks, ignore, classes)
         loss = F.cross_entropy(net(x), target[None], ignore_index=-100)
         opt.zero_grad()
         loss.backward()
