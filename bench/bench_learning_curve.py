@@ -34,6 +34,7 @@ from diffusers import UNet2DModel
 from model import DiffewS
 from model.data import Sample, load_label_map
 from model.evaluate import episodes, evaluate
+from model.images import rgb_to_tensor
 from model.train import TrainConfig, colour_change, finetune, flip_scale_crop, recolour
 
 from .scenarios import SHARED, Row, print_table, write_csv
@@ -84,7 +85,7 @@ def supervised_baseline(train: list[Sample], classes: list[str], steps: int, see
         if augment:
             image, masks = flip_scale_crop(image, masks, rng)
             image = recolour(image, colour_change(rng))
-        x = torch.tensor(np.ascontiguousarray(image)).permute(2, 0, 1).float()[None] / 127.5 - 1
+        x = rgb_to_tensor(image)[None]
         ignore = masks.pop(VOID, None)
         target = class_map(image.shape, masks, ignore, classes)
         loss = F.cross_entropy(net(x), target[None], ignore_index=-100)
@@ -103,7 +104,7 @@ def evaluate_supervised(net: SupervisedBaseline, samples: list[Sample], classes:
     cache: dict[int, np.ndarray] = {}
     for c, query, _ in episodes(samples, classes, shots, count, seed):
         if query not in cache:
-            x = torch.tensor(samples[query].image).permute(2, 0, 1).float()[None] / 127.5 - 1
+            x = rgb_to_tensor(samples[query].image)[None]
             cache[query] = net(x).argmax(1)[0].numpy()
         pred = cache[query] == classes.index(c)
         truth = samples[query].masks[c]
