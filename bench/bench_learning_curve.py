@@ -136,7 +136,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--order", choices=["file", "random"], default="file", help="which frames are the first n")
     parser.add_argument("--csv", default="bench/results/learning_curve.csv")
     args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     classes, train_all = load_label_map(args.data, "train", args.resolution, limit=max(args.n) if args.order == "file" else None)
     if args.order == "random":
         random.Random(args.seed).shuffle(train_all)
