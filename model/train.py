@@ -29,6 +29,7 @@ class TrainConfig:
     """Fine-tuning settings; defaults are the published recipe except where noted."""
 
     steps: int = 1000
+    """Episodes drawn, one forward and backward pass each; optimizer updates are steps / grad_accum."""
     max_shots: int = 5
     """Episodes draw k ~ U{1..max_shots} supports (the paper's multi-shot training)."""
     lr: float | None = None
@@ -36,6 +37,8 @@ class TrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     grad_accum: int = 1
+    """Episodes per optimizer update. The released run used 4; 1 here so that a short run on few labels
+    (the backend's TRAIN_STEPS episodes) makes as many updates as it draws episodes."""
     mode: str = "full"
     """"full" trains the whole UNet; "lora" trains adapters on the attention projections only."""
     lora_rank: int = 8
