@@ -65,6 +65,8 @@ class Settings:
     """TRAIN_EVERY: start fine-tuning after this many new accepted annotations (0 = only on request)."""
     train_steps: int = 300
     """TRAIN_STEPS: episodes per fine-tuning run."""
+    train_grad_accum: int = 1
+    """TRAIN_GRAD_ACCUM: episodes per optimizer update (the released DiffewS run used 4)."""
     train_mode: str = "full"
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
     train_lr: float | None = None
@@ -98,6 +100,7 @@ class Settings:
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
             "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
             "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
+            "train_grad_accum": "TRAIN_GRAD_ACCUM",
             "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
             "train_augment": "TRAIN_AUGMENT",
             "held_out_every": "HELD_OUT_EVERY",
@@ -140,6 +143,8 @@ class Settings:
             raise ValueError("set both BASIC_AUTH_USER and BASIC_AUTH_PASS, or neither")
         if self.train_mode not in ("full", "lora"):
             raise ValueError(f"TRAIN_MODE must be full or lora, got {self.train_mode!r}")
+        if self.train_steps < 1 or self.train_grad_accum < 1:
+            raise ValueError(f"TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1, got {self.train_steps} and {self.train_grad_accum}")
         if self.held_out_every < 2:
             raise ValueError(f"HELD_OUT_EVERY must be >= 2, got {self.held_out_every}")
         if self.job_timeout_s <= 0:

@@ -94,8 +94,9 @@ def train_project(project_id: int, reason: str = "") -> dict:
             raise BadRequest(f"project {project_id} has {len(train)} usable training images; label at least 2 (plus held-out)")
         report_progress(stage="scoring parent", train_images=len(train), held_out_images=len(held))
         parent_score = _score(model, held, train, labels)
-        config = TrainConfig(steps=settings.train_steps, max_shots=settings.max_shots, lr=settings.train_lr,
-                             mode=settings.train_mode, augment=settings.train_augment, seed=int(time.time()) % 100000)
+        config = TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum, max_shots=settings.max_shots,
+                             lr=settings.train_lr, mode=settings.train_mode, augment=settings.train_augment,
+                             seed=int(time.time()) % 100000)
         every = max(1, settings.train_steps // 100)
         result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))

@@ -92,8 +92,10 @@ def test_refused_media(image_server, settings, url, message):
         ({"SUPPORT_POLICY": "random"}, "SUPPORT_POLICY must be"),
         ({"BASIC_AUTH_USER": "u"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
         ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S must be a positive"),
+        ({"TRAIN_GRAD_ACCUM": "0"}, "TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1"),
+        ({"TRAIN_STEPS": "-5"}, "TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1"),
     ],
-    ids=["url-scheme", "shots-zero", "shots-not-int", "policy", "half-auth", "timeout"],
+    ids=["url-scheme", "shots-zero", "shots-not-int", "policy", "half-auth", "timeout", "grad-accum", "train-steps"],
 )
 def test_bad_settings(env, message):
     """Unusable environment settings fail at start with the variable named."""
@@ -104,7 +106,8 @@ def test_bad_settings(env, message):
 def test_settings_from_env_types():
     """Environment strings become typed settings."""
     s = Settings.from_env({"MAX_SHOTS": "3", "PREDICT_WAIT_S": "12.5", "ALLOW_PRIVATE_MEDIA": "yes",
-                           "MEDIA_HOSTS": "a.com, B.org", "MODEL_DIR": "/tmp/x", "TRAIN_AUGMENT": "1"})
+                           "MEDIA_HOSTS": "a.com, B.org", "MODEL_DIR": "/tmp/x", "TRAIN_AUGMENT": "1",
+                           "TRAIN_GRAD_ACCUM": "4"})
     assert (s.max_shots, s.predict_wait_s, s.allow_private_media, s.media_hosts) == (3, 12.5, True, ("a.com", "b.org"))
     assert s.train_augment is True and Settings.from_env({}).train_augment is False
-    assert str(s.model_dir) == "/tmp/x"
+    assert str(s.model_dir) == "/tmp/x" and s.train_grad_accum == 4
