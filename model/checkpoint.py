@@ -151,6 +151,12 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
+def tiny_components(pretrained: bool = True) -> Components:
+    """The tiny model's components (its UNet freshly initialised with `pretrained=False`), marked untrained."""
+    vae, unet, embeds = build_tiny_components(pretrained=pretrained)
+    return Components(vae, unet, embeds, DiffewSConfig(trained=False, name="tiny"), TINY_SPEC, "tiny")
+
+
 def load_components(spec: str | Path, unet: str | Path | None = None) -> Components:
     """Load a DiffewS model from a spec: "tiny", a folder (DiffewS, SD 2.x pipeline, ModelScope download) or a hub id.
 
@@ -160,8 +166,7 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
     if spec_str == TINY_SPEC:
         if unet is not None:
             raise InvalidCheckpointError("a separate UNet cannot be combined with the tiny model")
-        vae, tiny_unet, embeds = build_tiny_components()
-        return Components(vae, tiny_unet, embeds, DiffewSConfig(trained=False, name="tiny"), TINY_SPEC, "tiny")
+        return tiny_components()
     root = Path(spec_str).expanduser()
     if not root.exists():
         if HUB_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):

@@ -17,12 +17,11 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
 from .attention import FusionMode, KVBank, install_kv_fusion
-from .checkpoint import load_components, quiet_diffusers
+from .checkpoint import load_components, quiet_diffusers, tiny_components
 from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
 from .support import SupportCache, SupportMemory
-from .tiny import build_tiny_components
 from .unet_ref import reference_input
 
 logger = logging.getLogger(__name__)
@@ -139,10 +138,7 @@ class DiffewS:
         Its UNet is pre-trained on synthetic episodes (see model/tiny.py); `pretrained=False` gives the
         freshly initialised one instead.
         """
-        parts = load_components("tiny")
-        if not pretrained:
-            _, unet, _ = build_tiny_components(pretrained=False)
-            parts = replace(parts, unet=unet)
+        parts = tiny_components(pretrained=pretrained)
         config = replace(parts.config, resolution=resolution)
         return cls(parts.vae, parts.unet, parts.prompt_embeds, config, device=device, source="tiny", **kwargs)
 
