@@ -11,6 +11,7 @@ import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
@@ -119,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    if Path(args.data).is_file():
+        parser.error(f"--data {args.data} is a file; it takes a label-map folder (classes.txt, <split>/images, "
+                     "<split>/labels). A Label Studio JSON export with brush labels converts to one with: python -m "
+                     f"backend labelmap --export {args.data} --images <folder of its images> --out <new folder>")
     from .versions import load_model_or_version
 
     model = load_model_or_version(args.model, unet=args.unet, resolution=args.resolution)

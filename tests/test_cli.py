@@ -81,3 +81,14 @@ def test_evaluate_errors(tmp_path):
 
     with pytest.raises(InvalidInputError, match="classes.txt is missing"):
         evaluate_main(["--data", str(tmp_path), "--model", "tiny", "--resolution", "64"])
+
+
+def test_evaluate_on_an_export_file_names_the_converter(tmp_path, capsys):
+    """model.evaluate handed a Label Studio export (a file) exits 2 and says how to convert it."""
+    from model.evaluate import main as evaluate_main
+
+    export, _ = _export(tmp_path, n=2)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate_main(["--data", str(export), "--model", "tiny"])
+    assert exit_info.value.code == 2
+    assert f"python -m backend labelmap --export {export}" in capsys.readouterr().err
