@@ -89,6 +89,17 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
 
 
+def test_grad_accum_updates_once_per_group_of_episodes():
+    """With grad_accum=3 over 7 episodes the weights move after episodes 3, 6 and the last one only."""
+    model = DiffewS.tiny(resolution=64)
+    weight = model.unet.conv_out.weight
+    seen = [weight.detach().clone()]
+    finetune(model, shape_task(4, 0), TrainConfig(steps=7, grad_accum=3, seed=0),
+             on_step=lambda step, loss: seen.append(weight.detach().clone()))
+    moved = [step for step in range(1, 8) if not torch.equal(seen[step], seen[step - 1])]
+    assert moved == [3, 6, 7]
+
+
 def test_lora_trains_adapters_only_and_round_trips(tmp_path):
     """LoRA mode changes only adapter weights; a saved LoRA version reloads to the same outputs."""
     model = DiffewS.tiny(resolution=64)
