@@ -69,10 +69,12 @@ def class_map(image_shape: tuple[int, ...], masks: dict[str, np.ndarray], ignore
     return target
 
 
-def supervised_baseline(train: list[Sample], classes: list[str], steps: int, seed: int, augment: bool) -> SupervisedBaseline:
-    """The baseline trained with cross-entropy on the frames, one frame per step (as one episode per step).
+def supervised_baseline(train: list[Sample], classes: list[str], steps: int, seed: int, augment: bool,
+                        batch: int = 1) -> SupervisedBaseline:
+    """The baseline trained with cross-entropy on the frames: `steps` updates of `batch` frames each (as
+    fine-tuning makes `steps` updates of `batch` episodes).
 
-    With augment it sees the fine-tuning's augmentation: flip, scale-crop and a colour change per step.
+    With augment it sees the fine-tuning's augmentation: flip, scale-crop and a colour change per frame.
     """
     torch.manual_seed(seed)
     net = SupervisedBaseline(len(classes) + 1)
@@ -80,15 +82,17 @@ def supervised_baseline(train: list[Sample], classes: list[str], steps: int, see
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / steps)  # linear decay, as fine-tuning
     rng = random.Random(seed)
     for _ in range(steps):
-        s = train[rng.randrange(len(train))]
-        image, masks = s.image, {**s.masks, **({VOID: s.ignore} if s.ignore is not None else {})}
-        if augment:
-            image, masks = flip_scale_crop(image, masks, rng)
-            image = recolour(image, colour_change(rng))
-        x = rgb_to_tensor(image)[None]
-        ignore = masks.pop(VOID, None)
-        target = class_map(image.shape, masks, ignore, classes)
-        loss = F.cross_entropy(net(x), target[None], ignore_index=-100)
+        pictures, targets = [], []
+        for _ in range(batch):
+            s = train[rng.randrange(len(train))]
+            image, masks = s.image, {**s.masks, **({VOID: s.ignore} if s.ignore is not None else {})}
+            if augment:
+                image, masks = flip_scale_crop(image, masks, rng)
+                image = recolour(image, colour_change(rng))
+            pictures.append(rgb_to_tensor(image))
+            ignore = masks.pop(VOID, None)
+            targets.append(class_map(image.shape, masks, ignore, classes))
+        loss = F.cross_entropy(net(torch.stack(pictures)), torch.stack(targets), ignore_index=-100)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -126,7 +130,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 25, 50])
-    parser.add_argument("--steps", type=int, default=3000)
+    parser.add_argument("--steps", type=int, default=3000, help="optimizer updates per training run")
+    parser.add_argument("--grad-accum", type=int, default=4,
+                        help="episodes per update (the released recipe: 4); the baseline gets as many frames per update")
     parser.add_argument("--no-augment", dest="augment", action="store_false", help="fine-tune without augmentation")
     parser.add_argument("--fresh-n", type=int, default=25, help="n at which to also fine-tune a fresh UNet (0: skip)")
     parser.add_argument("--episodes", type=int, default=200)
@@ -140,7 +146,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     if args.order == "random":
         random.Random(args.seed).shuffle(train_all)
     _, val = load_label_map(args.data, "val", args.resolution)
-    print(f"# learning curve: CamVid, tiny DiffewS at {args.resolution}px on CPU, {args.steps} steps per n, "
+    print(f"# learning curve: CamVid, tiny DiffewS at {args.resolution}px on CPU, {args.steps} updates of "
+          f"{args.grad_accum} episodes per n, "
           f"augment {args.augment}, {args.order} order, {args.episodes} val episodes per setting, seed {args.seed}, "
           f"training seeds {args.train_seeds}", flush=True)
 
@@ -156,12 +163,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     def fine_tuned(n: int, pretrained: bool, seed: int) -> dict:
         start = time.perf_counter()
         model = DiffewS.tiny(resolution=args.resolution, pretrained=pretrained)
-        result = finetune(model, train_all[:n], TrainConfig(steps=args.steps, max_shots=5, seed=seed, augment=args.augment))
+        config = TrainConfig(steps=args.steps * args.grad_accum, grad_accum=args.grad_accum, max_shots=5, seed=seed,
+                             augment=args.augment)
+        result = finetune(model, train_all[:n], config)
         seconds = time.perf_counter() - start  # training only, before the evaluation
         return {**few_shot(model), "final_loss": result.final_loss, "train_s": seconds}
 
     def supervised(n: int, seed: int) -> dict:
-        net = supervised_baseline(train_all[:n], classes, args.steps, seed, args.augment)
+        net = supervised_baseline(train_all[:n], classes, args.steps, seed, args.augment, batch=args.grad_accum)
         return {f"{k}-shot mIoU": evaluate_supervised(net, val, classes, k, args.episodes, args.seed) for k in (1, 5)}
 
     def over_seeds(run: Callable[[int], dict]) -> dict:
