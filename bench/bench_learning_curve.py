@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes and of --order random")
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0], help="one training run per seed; figures are means")
     parser.add_argument("--order", choices=["file", "random"], default="file", help="which frames are the first n")
+    parser.add_argument("--per-class", action="store_true", help="also print each evaluated model's per-class IoU")
     parser.add_argument("--csv", default="bench/results/learning_curve.csv")
     args = parser.parse_args(argv)
     classes, train_all = load_label_map(args.data, "train", args.resolution, limit=max(args.n) if args.order == "file" else None)
@@ -152,8 +153,11 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"training seeds {args.train_seeds}", flush=True)
 
     def few_shot(model: DiffewS) -> dict:
-        return {f"{k}-shot mIoU": evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed).miou
-                for k in (1, 5)}
+        results = [evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed) for k in (1, 5)]
+        if args.per_class:
+            print("  per class (1-shot / 5-shot IoU): " + ", ".join(
+                f"{c} {results[0].per_class.get(c, 0):.0f}/{results[1].per_class.get(c, 0):.0f}" for c in classes), flush=True)
+        return {f"{r.shots}-shot mIoU": r.miou for r in results}
 
     rows = []
     untrained = DiffewS.tiny(resolution=args.resolution)
