@@ -33,7 +33,7 @@ from diffusers import UNet2DModel
 
 from model import DiffewS
 from model.data import Sample, load_label_map
-from model.evaluate import episodes, evaluate
+from model.evaluate import episodes, evaluate, format_table
 from model.images import rgb_to_tensor
 from model.train import TrainConfig, colour_change, finetune, flip_scale_crop, recolour
 
@@ -155,8 +155,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     def few_shot(model: DiffewS) -> dict:
         results = [evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed) for k in (1, 5)]
         if args.per_class:
-            print("  per class (1-shot / 5-shot IoU): " + ", ".join(
-                f"{c} {results[0].per_class.get(c, 0):.0f}/{results[1].per_class.get(c, 0):.0f}" for c in classes), flush=True)
+            print(format_table(results), flush=True)
         return {f"{r.shots}-shot mIoU": r.miou for r in results}
 
     rows = []
