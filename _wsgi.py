@@ -23,7 +23,8 @@ def _log_model(settings: Settings) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
-    parser.add_argument("--host", default=os.environ.get("HOST", "0.0.0.0"))
+    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to accept other machines, e.g. Docker)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
     parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
     parser.add_argument("--debug", action="store_true")
@@ -34,11 +35,12 @@ def main() -> None:
     app = create_app(settings)
     if not settings.redis_url and settings.embedded_worker:
         from backend.store import SupportStore
-        from backend.worker import WorkerContext, start_embedded_worker
+        from backend.worker import EMBEDDED_QUEUES, WorkerContext, start_embedded_workers
 
         backend = app.config["BACKEND"]
-        start_embedded_worker(WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir)))
-        logger.info("no REDIS_URL: embedded Redis under %s and an in-process worker", settings.model_dir)
+        start_embedded_workers(WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir)))
+        logger.info("no REDIS_URL: embedded Redis under %s and one in-process worker per queue (%s)",
+                    settings.model_dir.resolve(), ", ".join(q[0] for q in EMBEDDED_QUEUES))
     app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
 
 

@@ -9,19 +9,25 @@ import sys
 import time
 from pathlib import Path
 
+from rq.job import Job, JobStatus
 from tqdm import tqdm
 
 from .bulk import Progress
-from .queues import ALL_QUEUES, QUEUE_HIGH, connect, enqueue
+from .errors import BackendError
+from .queues import ALL_QUEUES, QUEUE_HIGH, NoRedisError, connect, enqueue
 from .settings import Settings
 from .store import SupportStore
 
+ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
+
 
 def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
-    redis = connect(settings)
+    redis = connect(settings, start_embedded=False)
     store = SupportStore(redis, settings.model_dir)
     store.require_project(args.project)
-    job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(args.project, args.tasks or None),
+    # The workers resolve the project with their own settings (model, Label Studio access): this
+    # command needs only the backend's Redis.
+    job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_request", args=(args.project, args.tasks or None),
                   timeout_s=settings.job_timeout_s, meta={"project": args.project})
     print(f"queued job {job.id} to pre-label project {args.project}", flush=True)
     if args.no_wait:
@@ -33,21 +39,27 @@ def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
         print(f"listing tasks failed: {(result.exc_string if result else '').strip().splitlines()[-1:]}", file=sys.stderr)
         return 1
     queued = job.return_value()
-    print(f"{queued['queued_tasks']} tasks queued in {len(queued['jobs'])} batches, {queued['skipped']} already done")
-    progress = Progress(redis, args.project)
+    print(f"{queued['queued_tasks']} tasks queued in {len(queued['jobs'])} batches with {queued['model_version']}, "
+          f"{queued['skipped']} already predicted or in progress", flush=True)
+    jobs = [Job.fetch(job_id, connection=redis) for job_id in queued["jobs"]]
+    done = failed = 0
     with tqdm(total=queued["queued_tasks"], unit="task", desc=f"project {args.project}") as bar:
-        state = progress.read()
-        start_done, start_failed = state.get("done", 0), state.get("failed", 0)
-        while True:
-            state = progress.read()
-            finished = state.get("done", 0) - start_done + state.get("failed", 0) - start_failed
-            bar.n = min(finished, queued["queued_tasks"])
-            bar.set_postfix(failed=state.get("failed", 0) - start_failed)
+        while True:  # follow this run's own batch jobs: their meta counts, until every one has ended
+            metas = [job.get_meta(refresh=True) for job in jobs]
+            done = sum(m.get("done", 0) for m in metas)
+            failed = sum(m.get("failed", 0) for m in metas)
+            bar.n = min(done + failed, queued["queued_tasks"])
+            bar.set_postfix(failed=failed)
             bar.refresh()
-            if finished >= queued["queued_tasks"]:
+            ended = [job.get_status(refresh=True) in ENDED for job in jobs]
+            if all(ended):
                 break
-            time.sleep(1.0)
-    return 0
+            time.sleep(0.5)
+    lost = [job.id for job in jobs if job.get_status() != JobStatus.FINISHED]
+    print(f"posted {done} predictions, {failed} tasks failed" + (f", {len(lost)} batch jobs failed: {lost}" if lost else ""))
+    for task_id, message in list(Progress(redis, args.project).failures().items())[:20]:
+        print(f"  task {task_id}: {message}", file=sys.stderr)
+    return 1 if lost else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,6 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
+    try:
+        return _run(args, settings)
+    except NoRedisError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except BackendError as exc:
+        print(exc.message, file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "worker":
         from .worker import run_worker
 
@@ -86,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(export_to_label_map(args.export, args.images, args.out, args.split)))
         return 0
-    redis = connect(settings)
+    redis = connect(settings, start_embedded=False)
     store = SupportStore(redis, settings.model_dir)
     store.require_project(args.project)
     if args.command == "pin":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -14,18 +15,23 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from .bulk import Progress, enqueue_batches
-from .errors import BackendError, BadRequest, MediaError, NotFound, PredictionTimeout, ServiceUnavailable
+from .bulk import Progress, held_predictions, queue_bulk
+from .context import ProjectContext, resolve_project
+from .errors import BackendError, BadRequest, MediaError, NotFound, Overloaded, PredictionTimeout, ServiceUnavailable
+from .ingest import ingest
 from .label_config import parse_label_config
-from .queues import QUEUE_HIGH, enqueue, live_workers, ping, queue_lengths, require_redis
+from .ledger import DeliveryLedger
+from .queues import QUEUE_HIGH, enqueue, live_workers, ping, queue_lengths, require_redis, server_time
 from .registry import VersionRegistry
 from .settings import Settings
-from .store import Example, SupportStore, parse_project_id
+from .store import SupportStore, parse_project_id
 from .versions import base_version, current_version, describe_model
 
 logger = logging.getLogger(__name__)
 
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+GRACE_S = 5.0
+"""/predict waits this long past a job's deadline: the worker decides by the deadline, the web reads its decision."""
 
 
 @dataclass
@@ -56,7 +62,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
 
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError):
-        return jsonify(error=exc.message, status=exc.status), exc.status
+        response = jsonify(error=exc.message, status=exc.status)
+        response.status_code = exc.status
+        if isinstance(exc, Overloaded):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
 
     @app.errorhandler(RedisError)
     def _redis_error(exc: RedisError):
@@ -106,10 +116,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         backend.store.register_project(
             pid, config_xml, hostname=body.get("hostname") or "", access_token=body.get("access_token") or ""
         )
-        if backend.store.claim_flag(pid, "backfill_queued"):  # read existing annotations once, in a worker
-            enqueue(redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(pid,), timeout_s=settings.job_timeout_s,
-                    meta={"project": pid})
-        return jsonify(model_version=current_version(settings, backend.store.project(pid)))
+        context = resolve_project(settings, backend.store, pid, config_xml)
+        if context.has_api and backend.store.claim_flag(pid, "backfill_queued"):  # existing annotations, once
+            enqueue(redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
+                    timeout_s=settings.job_timeout_s, meta={"project": pid})
+        return jsonify(model_version=context.model_version)
 
     @app.get("/versions")
     def versions():
@@ -137,43 +148,30 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     @app.post("/predict")
     def predict():
         body = _json_body()
-        tasks = body.get("tasks")
-        if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) and "id" in t for t in tasks):
-            raise BadRequest("'tasks' must be a non-empty list of task objects with an 'id'")
+        tasks = _tasks(body)
         pid = parse_project_id(body.get("project") or tasks[0].get("project"))
         require_redis(redis)
-        project = backend.store.project(pid)
-        config_xml = body.get("label_config") or (project or {}).get("label_config", "")
-        config = parse_label_config(config_xml)
-        if project is None or project.get("label_config") != config_xml:
-            backend.store.register_project(pid, config_xml)
-        version = current_version(settings, backend.store.project(pid))
+        context = resolve_project(settings, backend.store, pid, body.get("label_config"))
+        image_key = context.config.image_key
+        slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)},
+                 "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
+                                 for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
         if len(tasks) > settings.sync_max_tasks:
-            return _queue_bulk(backend, pid, tasks, config.image_key, version)
+            return _queue_bulk(backend, context, slim)
         if live_workers(redis)[QUEUE_HIGH] == 0:
             raise ServiceUnavailable(
                 "no worker is running on the predict-high queue: start one with `python -m backend worker`"
             )
-        slim = [{"id": t["id"], "data": {config.image_key: (t.get("data") or {}).get(config.image_key)}} for t in tasks]
-        job = enqueue(redis, QUEUE_HIGH, "backend.jobs.predict_tasks", args=(pid, slim, config_xml),
-                      timeout_s=settings.job_timeout_s, at_front=True, meta={"project": pid, "tasks": len(tasks)})
-        outcome = _wait(job, settings.predict_wait_s)
+        deadline = server_time(redis) + settings.predict_wait_s
+        job = enqueue(redis, QUEUE_HIGH, "backend.jobs.predict_tasks", args=(context.to_job(), slim, deadline),
+                      timeout_s=settings.job_timeout_s, at_front=True, ttl_s=int(settings.predict_wait_s + GRACE_S) + 1,
+                      meta={"project": pid, "tasks": len(tasks)})
+        outcome = _wait(job, deadline + GRACE_S - server_time(redis))
         if outcome is None:
-            job.meta["post_results"] = True
-            job.save_meta()
-            outcome = _wait(job, 2.0)  # it may have finished while the flag was being set
-            if outcome is None:
-                raise PredictionTimeout(
-                    f"prediction job {job.id} is still running after {settings.predict_wait_s:.0f} s; its predictions "
-                    f"will be posted through the Label Studio API when it finishes (see /jobs/{job.id})"
-                )
+            raise _late(job, context, settings.predict_wait_s)
         if outcome.type != Result.Type.SUCCESSFUL:
             raise ServiceUnavailable(f"prediction job {job.id} failed: {(outcome.exc_string or '').strip().splitlines()[-1:]}")
-        value = outcome.return_value
-        if value["failures"]:  # Label Studio keeps all or nothing of a batch: say what failed, store nothing
-            details = "; ".join(f"task {tid}: {msg}" for tid, msg in value["failures"].items())
-            raise MediaError(f"no predictions stored: {details}")
-        return jsonify(results=value["predictions"], model_version=version)
+        return _answer(job, outcome.return_value, context, settings.predict_wait_s)
 
     @app.post("/webhook")
     def webhook():
@@ -185,34 +183,37 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             return jsonify(status="ignored", action=action)
         pid = parse_project_id(body.get("project"))
         require_redis(redis)
-        project = backend.store.require_project(pid)
+        backend.store.require_project(pid)
         project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
-        config_xml = project_payload.get("label_config") or project["label_config"]
-        if config_xml != project["label_config"]:
-            parse_label_config(config_xml)
-            backend.store.register_project(pid, config_xml)
+        context = resolve_project(settings, backend.store, pid, project_payload.get("label_config") or None)
         if action == "START_TRAINING":
             from .training import enqueue_training
 
-            return jsonify(action=action, **enqueue_training(redis, settings, pid, "START_TRAINING"))
+            return jsonify(action=action, **enqueue_training(redis, settings, context, "START_TRAINING"))
         if action == "ANNOTATIONS_DELETED":
-            ids = [int(a["id"]) for a in body.get("annotations") or [] if isinstance(a, dict) and "id" in a]
+            ids = _annotation_ids(body.get("annotations"))
             removed = backend.store.remove(pid, ids)
             return jsonify(status="ok", action=action, removed=removed, revision=backend.store.revision(pid))
-        return jsonify(_record_annotations(backend, pid, action, body, config_xml))
+        return _record_annotations(backend, context, action, body)
 
     @app.get("/status/<int:pid>")
     def status(pid: int):
         project = backend.store.require_project(pid)
+        context = resolve_project(settings, backend.store, pid)
         progress = Progress(redis, pid)
         return jsonify(
             project=pid,
-            model_version=current_version(settings, project),
-            revision=backend.store.revision(pid),
+            model_version=context.model_version,
+            revision=context.revision,
             examples=backend.store.label_counts(pid),
+            annotation_errors=backend.store.errors(pid),
+            label_studio_api=context.ls_url or None,
+            backfill=_backfill_state(project, context),
             backfilled=bool(project.get("backfilled")),
+            deliveries=DeliveryLedger(redis, pid, context.model_version).counts(),
             progress=progress.read(),
             failures=progress.failures(),
+            training=json.loads(project["last_training"]) if project.get("last_training") else None,
             queues=queue_lengths(redis),
             workers=live_workers(redis),
         )
@@ -220,9 +221,13 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     @app.post("/prelabel/<int:pid>")
     def prelabel(pid: int):
         backend.store.require_project(pid)
-        job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(pid,), timeout_s=settings.job_timeout_s,
-                      meta={"project": pid})
-        return jsonify(status="queued", job=job.id), 202
+        context = resolve_project(settings, backend.store, pid)
+        if not context.has_api:
+            raise BadRequest("pre-labeling posts predictions through the Label Studio API: set LABEL_STUDIO_URL and "
+                             "LABEL_STUDIO_API_KEY (a Personal Access Token) for the web process and the workers")
+        job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
+                      timeout_s=settings.job_timeout_s, meta={"project": pid})
+        return jsonify(status="queued", job=job.id, model_version=context.model_version), 202
 
     @app.get("/jobs/<job_id>")
     def job_status(job_id: str):
@@ -269,70 +274,127 @@ def _wait(job: Job, seconds: float) -> Result | None:
     return None
 
 
-def _queue_bulk(backend: Backend, pid: int, tasks: list[dict], image_key: str, version: str) -> tuple[Response, int]:
+def _tasks(body: dict) -> list[dict]:
+    """The tasks of a /predict body, each with an integer id; BadRequest naming the first bad one."""
+    tasks = body.get("tasks")
+    if not isinstance(tasks, list) or not tasks:
+        raise BadRequest("'tasks' must be a non-empty list of task objects with an 'id'")
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict) or isinstance(task.get("id"), bool) or not isinstance(task.get("id"), (int, str)) \
+                or not str(task.get("id")).isdigit():
+            raise BadRequest(f"tasks[{i}] must be an object with an integer 'id'")
+        if not isinstance(task.get("data", {}), dict):
+            raise BadRequest(f"tasks[{i}].data must be an object")
+    return tasks
+
+
+def _annotation_ids(annotations: object) -> list[int]:
+    """Integer ids of an ANNOTATIONS_DELETED payload; BadRequest naming a bad one."""
+    if not isinstance(annotations, list):
+        raise BadRequest("ANNOTATIONS_DELETED needs an 'annotations' list of {\"id\": <int>}")
+    ids = []
+    for i, item in enumerate(annotations):
+        value = item.get("id") if isinstance(item, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadRequest(f"annotations[{i}].id must be an integer, got {value!r}")
+        ids.append(value)
+    return ids
+
+
+def _late(job: Job, context: ProjectContext, wait_s: float) -> BackendError:
+    """The error for a click job with no result by its deadline: not started (dropped) or still running."""
+    if job.get_status(refresh=True) in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
+        return Overloaded(f"no worker could start prediction job {job.id} within {wait_s:.0f} s; it is dropped, "
+                          "nothing will be posted: try again shortly", retry_after=int(wait_s) // 4 or 1)
+    if not context.has_api:
+        return PredictionTimeout(f"prediction job {job.id} is still running after {wait_s:.0f} s and this backend has no "
+                                 "Label Studio API access to post it later: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
+    return PredictionTimeout(f"prediction job {job.id} is still running after {wait_s:.0f} s; its predictions will be "
+                             f"posted through the Label Studio API when it finishes (see /jobs/{job.id})")
+
+
+def _answer(job: Job, value: dict, context: ProjectContext, wait_s: float) -> Response:
+    """Turn a click job's outcome into the /predict answer: what the worker decided, never more."""
+    if value["delivered"] == "dropped":
+        raise Overloaded(f"prediction job {job.id} started after its {wait_s:.0f} s deadline and was dropped; try again",
+                         retry_after=1)
+    if value["delivered"] == "posted":
+        raise PredictionTimeout(f"prediction job {job.id} finished after {wait_s:.0f} s; its predictions were posted "
+                                f"through the Label Studio API ({value.get('posted', 0)} stored)")
+    failures = {int(k): v for k, v in value["failures"].items()}
+    predictions = value["predictions"]
+    if failures and not any(predictions):
+        details = "; ".join(f"task {tid}: {msg}" for tid, msg in failures.items())
+        raise MediaError(f"no predictions stored: {details}")
+    # Label Studio stores each task's list of predictions: [] for a task stores nothing for it.
+    return jsonify(results=[p if p else [] for p in predictions], model_version=context.model_version,
+                   failures=failures, skipped=value["skipped"])
+
+
+def _queue_bulk(backend: Backend, context: ProjectContext, tasks: list[dict]) -> tuple[Response, int]:
     """Too many tasks for one synchronous answer: queue bulk jobs that post through the API; LS stores nothing now."""
-    if not (backend.settings.label_studio_url and backend.settings.label_studio_api_key) and not (
-        backend.store.project(pid) or {}
-    ).get("access_token"):
+    if not context.has_api:
         raise BadRequest(
             f"{len(tasks)} tasks exceed SYNC_MAX_TASKS={backend.settings.sync_max_tasks} and bulk predictions need "
             "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to be posted back; set them or select fewer tasks"
         )
-    slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)}} for t in tasks]
-    queued = enqueue_batches(backend.redis, backend.settings, pid, slim, version, backend.store.revision(pid))
+    held = held_predictions(tasks, context.model_version)
+    queued = queue_bulk(backend.redis, backend.settings, context, [{k: t[k] for k in ("id", "data")} for t in tasks], held)
     body = {
-        "results": [],
+        "results": [[] for _ in tasks],  # one empty list per task: Label Studio stores nothing and logs no error
         "status": "queued",
         "message": (
-            f"{queued['queued_tasks']} tasks queued for background pre-annotation ({queued['skipped']} already done); "
-            f"predictions appear in Label Studio as workers post them. Progress: /status/{pid}"
+            f"{queued['queued_tasks']} tasks queued for background pre-annotation ({queued['skipped']} already done or "
+            f"in progress); predictions appear in Label Studio as workers post them. Progress: /status/{context.project}"
         ),
         **queued,
     }
     return jsonify(body), 202
 
 
-def _record_annotations(backend: Backend, pid: int, action: str, body: dict, config_xml: str) -> dict:
+def _backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
+    """Whether the project's existing annotations were read from Label Studio, and if not, why."""
+    if project.get("backfilled"):
+        return {"done": True, "at": float(project["backfilled"]), "annotations": int(project.get("backfill_annotations", 0)),
+                "errors": int(project.get("backfill_errors", 0))}
+    if not context.has_api:
+        reason = "no Label Studio API access: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read existing annotations"
+    else:
+        reason = project.get("backfill_error") or "queued"
+    return {"done": False, "reason": reason}
+
+
+def _record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> Response | tuple:
     """Store or replace the support examples of annotation events; queue their caching. Redis writes only."""
-    config = parse_label_config(config_xml)
-    annotations = body.get("annotation")
-    tasks = body.get("task")
+    annotations, tasks = body.get("annotation"), body.get("task")
     if action == "ANNOTATIONS_CREATED":
         if not isinstance(annotations, list) or not isinstance(tasks, list):
             raise BadRequest("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
         by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        pairs = [(a, by_id.get(a.get("task"))) for a in annotations if isinstance(a, dict)]
+        pairs = [(a, by_id.get(a.get("task")) if isinstance(a, dict) else None) for a in annotations]
     else:
         if not isinstance(annotations, dict) or not isinstance(tasks, dict):
             raise BadRequest(f"{action} needs 'annotation' and 'task' objects")
         pairs = [(annotations, tasks)]
-    examples, dropped = [], []
-    for annotation, task in pairs:
-        if task is None:
-            raise BadRequest(f"annotation {annotation.get('id')} refers to a task missing from the payload")
-        example = Example.from_annotation(annotation, task, config)  # validates everything before anything is written
-        if example is None:
-            dropped.append(int(annotation.get("id", 0)))
-        else:
-            examples.append(example)
-    for example in examples:
-        backend.store.upsert(pid, example)
-    removed = backend.store.remove(pid, [d for d in dropped if d and backend.store.get(pid, d)])
+    config = context.config
+    report = ingest(backend.store, context.project, config, pairs)
+    if report.errors and not (report.stored or report.unchanged or report.removed):
+        raise BadRequest("; ".join(f"annotation {aid}: {msg}" for aid, msg in report.errors.items()))
     job_id = None
-    if examples:
-        job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.ingest_examples", args=(pid, [e.annotation_id for e in examples]),
-                      timeout_s=backend.settings.job_timeout_s, meta={"project": pid})
+    if report.stored:
+        job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.ingest_examples", args=(context.to_job(), report.stored),
+                      timeout_s=backend.settings.job_timeout_s, meta={"project": context.project})
         job_id = job.id
-    out = {"status": "ok", "action": action, "stored": len(examples), "removed": removed,
-           "revision": backend.store.revision(pid), "job": job_id}
-    out.update(_maybe_prelabel(backend, pid, config.labels))
-    out.update(_maybe_train(backend, pid, len(examples)))
-    return out
+    out = {"status": "ok", "action": action, **report.as_dict(), "revision": backend.store.revision(context.project),
+           "job": job_id}
+    out.update(_maybe_prelabel(backend, context, config.labels))
+    out.update(_maybe_train(backend, context, len(report.stored)))
+    return jsonify(out)
 
 
-def _maybe_train(backend: Backend, pid: int, new_examples: int) -> dict:
+def _maybe_train(backend: Backend, context: ProjectContext, new_examples: int) -> dict:
     """With TRAIN_EVERY=m, queue fine-tuning once m new examples arrived since the last trigger."""
-    every = backend.settings.train_every
+    every, pid = backend.settings.train_every, context.project
     if every <= 0 or not new_examples:
         return {}
     count = backend.store.incr_project_field(pid, "new_since_train", new_examples)
@@ -341,19 +403,20 @@ def _maybe_train(backend: Backend, pid: int, new_examples: int) -> dict:
     backend.store.set_project_field(pid, "new_since_train", 0)
     from .training import enqueue_training
 
-    return {"training": enqueue_training(backend.redis, backend.settings, pid, f"{count} new annotations")}
+    return {"training": enqueue_training(backend.redis, backend.settings, context, f"{count} new annotations")}
 
 
-def _maybe_prelabel(backend: Backend, pid: int, labels: tuple[str, ...]) -> dict:
+def _maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str, ...]) -> dict:
     """Once every label has PRELABEL_MIN_EXAMPLES examples, queue "pre-label the rest" (once per project)."""
-    need = backend.settings.prelabel_min_examples
-    if need <= 0:
+    need, pid = backend.settings.prelabel_min_examples, context.project
+    if need <= 0 or not context.has_api:
         return {}
     counts = backend.store.label_counts(pid)
     if any(counts.get(label, 0) < need for label in labels):
         return {}
     if not backend.store.claim_flag(pid, "prelabel_triggered"):
         return {}
-    job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(pid,),
+    context = resolve_project(backend.settings, backend.store, pid)  # the revision after this event
+    job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
                   timeout_s=backend.settings.job_timeout_s, meta={"project": pid})
     return {"prelabel_job": job.id}

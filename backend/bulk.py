@@ -1,17 +1,17 @@
-"""Bulk pre-annotation bookkeeping: per-project progress and the set of tasks already predicted."""
+"""Bulk pre-annotation: which tasks need a prediction (through the ledger), their batches, and progress."""
 
 from __future__ import annotations
 
 import time
+import uuid
 
 from redis import Redis
 
-from .queues import QUEUE_BULK, enqueue
+from .context import ProjectContext
+from .ledger import QUEUED, DeliveryLedger, bulk_may_take
+from .queues import QUEUE_BULK, enqueue, job_alive
 from .settings import Settings
 from .store import PREFIX
-
-DONE_TTL_S = 90 * 24 * 3600
-"""Seconds the set of predicted task ids of one (version, revision) is kept."""
 
 
 class Progress:
@@ -21,17 +21,16 @@ class Progress:
         self.redis = redis
         self.pid = pid
         self.key = f"{PREFIX}:progress:{pid}"
-
-    def _done_key(self, version: str, revision: int) -> str:
-        return f"{PREFIX}:done:{self.pid}:{version}:{revision}"
+        self.failed_key = f"{PREFIX}:failed:{pid}"
 
     def start(self, version: str, revision: int, *, total: int, skipped: int) -> None:
-        """Begin (or extend) a run: counters reset when the version or revision changed."""
+        """Begin a run, or extend the unfinished one of the same version and revision."""
         current = self.read()
         same = current.get("version") == version and current.get("revision") == revision
+        finished = current.get("done", 0) + current.get("failed", 0) >= current.get("total", 0)
         pipe = self.redis.pipeline()
-        if not same:
-            pipe.delete(self.key, f"{PREFIX}:failed:{self.pid}")
+        if not same or finished:
+            pipe.delete(self.key, self.failed_key)
             pipe.hset(self.key, mapping={"version": version, "revision": revision, "started_at": time.time(),
                                          "total": 0, "done": 0, "failed": 0, "skipped": 0})
         pipe.hincrby(self.key, "total", total)
@@ -39,25 +38,21 @@ class Progress:
         pipe.hset(self.key, "updated_at", time.time())
         pipe.execute()
 
-    def is_done(self, version: str, revision: int, task_id: int) -> bool:
-        """True if this task already has a posted prediction of this version and revision."""
-        return bool(self.redis.sismember(self._done_key(version, revision), task_id))
-
-    def mark_done(self, version: str, revision: int, task_id: int) -> None:
-        """Record a posted prediction (counted once, however often a batch is retried)."""
-        key = self._done_key(version, revision)
-        if self.redis.sadd(key, task_id):
-            pipe = self.redis.pipeline()
-            pipe.expire(key, DONE_TTL_S)
-            pipe.hincrby(self.key, "done", 1)
-            pipe.hset(self.key, "updated_at", time.time())
-            pipe.execute()
+    def mark_done(self, task_id: int) -> None:
+        """Count a delivered prediction (a task that failed before and now succeeded leaves the failures)."""
+        pipe = self.redis.pipeline()
+        pipe.hdel(self.failed_key, task_id)
+        pipe.hincrby(self.key, "done", 1)
+        pipe.hset(self.key, "updated_at", time.time())
+        pipe.execute()
 
     def mark_failed(self, task_id: int, message: str) -> None:
-        """Record a task that could not be predicted, with why."""
-        if self.redis.hset(f"{PREFIX}:failed:{self.pid}", task_id, message):
-            self.redis.hincrby(self.key, "failed", 1)
-        self.redis.hset(self.key, mapping={"last_error": message, "updated_at": time.time()})
+        """Record a task that could not be predicted or delivered, with why."""
+        pipe = self.redis.pipeline()
+        pipe.hset(self.failed_key, task_id, message)
+        pipe.hincrby(self.key, "failed", 1)
+        pipe.hset(self.key, mapping={"last_error": message, "updated_at": time.time()})
+        pipe.execute()
 
     def read(self) -> dict:
         """Current counters, with numbers as numbers."""
@@ -72,19 +67,52 @@ class Progress:
 
     def failures(self) -> dict[int, str]:
         """Tasks that failed in the current run, with their messages."""
-        raw = self.redis.hgetall(f"{PREFIX}:failed:{self.pid}")
-        return {int(k): v.decode() for k, v in raw.items()}
+        return {int(k): v.decode() for k, v in self.redis.hgetall(self.failed_key).items()}
 
 
-def enqueue_batches(redis: Redis, settings: Settings, pid: int, tasks: list[dict], version: str, revision: int) -> dict:
-    """Split tasks into bulk jobs on predict-bulk, skipping those already predicted for this version and revision."""
-    progress = Progress(redis, pid)
-    todo = [t for t in tasks if not progress.is_done(version, revision, int(t["id"]))]
-    progress.start(version, revision, total=len(todo), skipped=len(tasks) - len(todo))
-    jobs = []
-    for start in range(0, len(todo), settings.bulk_batch_size):
-        batch = todo[start : start + settings.bulk_batch_size]
-        job = enqueue(redis, QUEUE_BULK, "backend.jobs.prelabel_batch", args=(pid, batch, version, revision),
-                      timeout_s=settings.job_timeout_s, retries=2, meta={"project": pid, "tasks": len(batch)})
-        jobs.append(job.id)
-    return {"queued_tasks": len(todo), "skipped": len(tasks) - len(todo), "jobs": jobs}
+def held_predictions(tasks: list[dict], version: str) -> dict[int, list[int]]:
+    """Task id -> ids of the predictions of `version` Label Studio sent with each task."""
+    held = {}
+    for task in tasks:
+        predictions = task.get("predictions") or []
+        held[int(task["id"])] = [int(p["id"]) for p in predictions
+                                 if isinstance(p, dict) and p.get("model_version") == version and "id" in p]
+    return held
+
+
+def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks: list[dict],
+               held: dict[int, list[int]] | None = None) -> dict:
+    """Claim the tasks that lack a current prediction of the context's version and queue them in batches.
+
+    `held` is what Label Studio stores (task id -> prediction ids of the version), when known: a
+    prediction the ledger did not know is recorded instead of redone, a missing one is redone, and
+    duplicates are collapsed into one. Tasks queued or running in another job are skipped.
+    """
+    ledger = DeliveryLedger(redis, context.project, context.model_version)
+    entries = ledger.entries()
+    seeded = 0
+    if held is not None:
+        seeded = ledger.seed({t: ids[0] for t, ids in held.items() if len(ids) == 1 and t not in entries},
+                             context.revision)
+        entries = ledger.entries() if seeded else entries
+    counts = None if held is None else {t: len(ids) for t, ids in held.items()}
+    may_take = bulk_may_take(context.revision, counts, job_alive(redis))
+    by_id = {int(t["id"]): t for t in tasks}
+    candidates = [t for t in by_id if may_take(t, entries.get(t))]
+    jobs, queued = [], 0
+    for start in range(0, len(candidates), settings.bulk_batch_size):
+        job_id = f"bulk-{context.project}-{uuid.uuid4().hex[:12]}"
+        claims = ledger.claim(candidates[start : start + settings.bulk_batch_size], job_id, context.revision,
+                              may_take, state=QUEUED)
+        if not claims:
+            continue
+        batch = [by_id[c.task_id] for c in claims]
+        enqueue(redis, QUEUE_BULK, "backend.jobs.prelabel_batch", args=(context.to_job(), batch),
+                timeout_s=settings.job_timeout_s, job_id=job_id, retries=2,
+                meta={"project": context.project, "tasks": len(batch)})
+        jobs.append(job_id)
+        queued += len(batch)
+    skipped = len(by_id) - queued
+    Progress(redis, context.project).start(context.model_version, context.revision, total=queued, skipped=skipped)
+    return {"queued_tasks": queued, "skipped": skipped, "recorded_from_label_studio": seeded, "jobs": jobs,
+            "model_version": context.model_version}

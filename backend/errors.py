@@ -41,3 +41,15 @@ class PredictionTimeout(BackendError):
     """A job did not finish within the wait; it goes on and posts its predictions through the API."""
 
     status = 504
+
+
+class VersionUnavailable(ServiceUnavailable):
+    """A model version is registered but its folder cannot be found or loaded by this worker."""
+
+
+class Overloaded(ServiceUnavailable):
+    """The workers cannot answer in time now; the client may retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5):
+        super().__init__(message)
+        self.retry_after = retry_after

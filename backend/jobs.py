@@ -1,4 +1,8 @@
-"""RQ job functions (enqueued by dotted path; they run in workers, which hold the model)."""
+"""RQ job functions (enqueued by dotted path; they run in workers, which hold the model).
+
+Every job that predicts receives a ProjectContext (as a dict) and predicts, labels and delivers with
+exactly that model version; every delivery goes through the ledger (backend.ledger).
+"""
 
 from __future__ import annotations
 
@@ -7,69 +11,79 @@ import time
 
 from rq import get_current_job
 
-from .bulk import Progress, enqueue_batches
+from .bulk import Progress, held_predictions, queue_bulk
+from .context import ProjectContext
 from .errors import BackendError
-from .label_config import parse_label_config
-from .store import Example
-from .versions import current_version
+from .ingest import ingest
+from .ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
+from .queues import job_alive, server_time
 from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
+BACKFILL_RETRY_S = 60
+"""After a backfill that could not reach Label Studio, the next attempt waits at least this long."""
 
-def _config(ctx: WorkerContext, pid: int, label_config: str | None = None):
-    return parse_label_config(label_config or ctx.store.require_project(pid)["label_config"])
+
+# ---- support examples ------------------------------------------------------------------------
 
 
-def ensure_backfilled(ctx: WorkerContext, pid: int) -> int:
-    """Once per project, read its existing annotations from Label Studio (the backend may be added late)."""
-    project = ctx.store.require_project(pid)
-    if project.get("backfilled"):
-        return 0
-    if ctx.api_or_none(pid) is None:
-        return 0
+def ensure_backfilled(ctx: WorkerContext, context: ProjectContext) -> dict | None:
+    """Once per project, read its existing annotations from Label Studio (the backend may be added late).
+
+    Returns the backfill's report, or None when nothing was run. A backfill that cannot reach Label
+    Studio is recorded in the project (shown by /status) and tried again after BACKFILL_RETRY_S.
+    """
+    store, pid = ctx.store, context.project
+    project = store.require_project(pid)
+    if project.get("backfilled") or not context.has_api:
+        return None
+    if time.time() - float(project.get("backfill_tried_at") or 0) < BACKFILL_RETRY_S:
+        return None
+    store.set_project_field(pid, "backfill_tried_at", time.time())
     try:
-        return backfill_project(pid)
-    except Exception as exc:  # Label Studio unreachable or refusing: predict from what is stored, retry next time
-        logger.warning("project %s: backfill from Label Studio failed (%s: %s)", pid, type(exc).__name__, exc)
-        report_progress(backfill_error=f"{type(exc).__name__}: {exc}")
-        return 0
+        report = backfill_project(ctx, context)
+    except Exception as exc:  # Label Studio unreachable or refusing: predict from what is stored, retry later
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("project %s: backfill from Label Studio failed (%s)", pid, message)
+        store.set_project_field(pid, "backfill_error", message)
+        report_progress(backfill_error=message)
+        return None
+    return report
 
 
-def backfill_if_needed(project_id: int) -> int:
-    """Job form of ensure_backfilled, queued by /setup."""
-    return ensure_backfilled(get_context(), project_id)
-
-
-def backfill_project(project_id: int) -> int:
+def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
     """Read the project's existing annotations through the Label Studio API into the support store."""
-    ctx = get_context()
-    config = _config(ctx, project_id)
-    api = ctx.api(project_id)
-    added = 0
-    for task in api.tasks(project_id, only_annotated=True):
-        for annotation in task.get("annotations") or []:
-            example = Example.from_annotation(annotation, task, config)
-            if example is not None:
-                ctx.store.upsert(project_id, example)
-                added += 1
-        report_progress(examples_added=added)
-    ctx.store.set_project_field(project_id, "backfilled", time.time())
-    logger.info("project %s: backfilled %d examples from Label Studio", project_id, added)
-    return added
+    pid, config = context.project, context.config
+    pairs = [(annotation, task) for task in ctx.api(context).tasks(pid, only_annotated=True)
+             for annotation in task.get("annotations") or []]
+    report = ingest(ctx.store, pid, config, pairs)
+    summary = {**report.as_dict(), "annotations": len(pairs)}
+    for name, value in (("backfilled", time.time()), ("backfill_annotations", len(pairs)),
+                        ("backfill_errors", len(report.errors))):
+        ctx.store.set_project_field(pid, name, value)
+    ctx.store.delete_project_field(pid, "backfill_error")
+    report_progress(**summary)
+    logger.info("project %s: backfill read %d annotations: %s", pid, len(pairs), summary)
+    return summary
 
 
-def ingest_examples(project_id: int, annotation_ids: list[int]) -> dict:
+def backfill_if_needed(context: dict) -> dict | None:
+    """Job form of ensure_backfilled, queued by /setup."""
+    return ensure_backfilled(get_context(), ProjectContext.from_job(context))
+
+
+def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
     """Cache the images and masks of freshly stored examples on disk, so predictions need no download."""
-    ctx = get_context()
-    files = ctx.example_files(project_id)
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    files = ctx.example_files(project)
     done, failed = 0, {}
     for annotation_id in annotation_ids:
-        example = ctx.store.get(project_id, annotation_id)
+        example = ctx.store.get(project.project, annotation_id)
         if example is None:
             continue
         try:
-            files.prepare(project_id, example)
+            files.prepare(project.project, example)
             done += 1
         except BackendError as exc:
             failed[annotation_id] = exc.message
@@ -77,71 +91,140 @@ def ingest_examples(project_id: int, annotation_ids: list[int]) -> dict:
     return {"done": done, "failed": failed}
 
 
-def predict_tasks(project_id: int, tasks: list[dict], label_config: str | None = None) -> dict:
-    """Predict a few tasks for /predict: {"predictions": [...per task or None], "failures": {...}}.
+# ---- clicks: /predict ------------------------------------------------------------------------
 
-    If the web process stopped waiting (job meta post_results), predictions are posted through the API.
+
+def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
+    """Predict the tasks of one /predict and deliver them exactly once.
+
+    The worker alone decides how: finished before `deadline` (Redis time), the predictions go back to
+    the waiting web process, which returns them to Label Studio; finished later, they are posted
+    through the API. A job that starts after its deadline is dropped (its caller is gone).
+    Per task the answer is a prediction, or None (failed, or being delivered by another job).
     """
-    ctx = get_context()
-    ensure_backfilled(ctx, project_id)
-    config = _config(ctx, project_id, label_config)
-    predictions, failures = ctx.segmenter(project_id).predict(project_id, tasks, config)
-    out = {
-        "predictions": [predictions.get(int(t["id"])) for t in tasks],
-        "failures": {f.task_id: f.message for f in failures},
-    }
+    ctx, project = get_context(), ProjectContext.from_job(context)
     job = get_current_job()
-    if job is not None and job.get_meta(refresh=True).get("post_results"):
-        posted = _post(ctx, project_id, predictions)
-        out["posted"] = posted
-    return out
+    job_id = job.id if job is not None else f"inline-{time.time()}"
+    out = {"model_version": project.model_version, "predictions": [None] * len(tasks), "failures": {}, "skipped": {}}
+    if server_time(ctx.redis) >= deadline:
+        return {**out, "delivered": "dropped"}
+    ensure_backfilled(ctx, project)
+    ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
+    held = held_predictions(tasks, project.model_version)
+    wanted = [int(t["id"]) for t in tasks if not held.get(int(t["id"]))]
+    claims = {c.task_id: c for c in ledger.claim(wanted, job_id, project.revision, click_may_take(job_alive(ctx.redis)))}
+    for task in tasks:
+        tid = int(task["id"])
+        if tid not in claims:
+            out["skipped"][tid] = ("Label Studio holds a prediction of this version" if held.get(tid)
+                                   else "another job is delivering this task's prediction")
+    try:
+        run = ctx.segmenter(project).predict(project.project, [t for t in tasks if int(t["id"]) in claims],
+                                             project.config)
+    except BaseException:
+        for claim in claims.values():
+            ledger.release(claim)
+        raise
+    for failure in run.failures:
+        out["failures"][failure.task_id] = failure.message
+        ledger.release(claims.pop(failure.task_id))
+    if server_time(ctx.redis) < deadline:
+        for tid, claim in claims.items():
+            ledger.record(claim, via=VIA_RETURNED, revision=run.revision)
+        out["predictions"] = [run.predictions.get(int(t["id"])) for t in tasks]
+        return {**out, "delivered": "returned"}
+    posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress=None)
+    out["failures"].update(post_failed)
+    return {**out, "delivered": "posted", "posted": posted}
 
 
-def _post(ctx: WorkerContext, pid: int, predictions: dict[int, dict]) -> int:
-    api = ctx.api(pid)
-    for task_id, prediction in predictions.items():
-        api.create_prediction(task_id, prediction["result"], prediction["score"], prediction["model_version"])
-    return len(predictions)
+def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, claims: dict[int, Claim],
+          predictions: dict[int, dict], revision: int, progress: Progress | None) -> tuple[int, dict[int, str]]:
+    """Post each claimed prediction through the API as the task's only one of its version.
+
+    Returns how many were posted and, per task that could not be, why (its claim is given back).
+    """
+    api = ctx.api_or_none(project)
+    posted, failed = 0, {}
+    for tid, claim in claims.items():
+        try:
+            if api is None:
+                raise BackendError("no Label Studio API access to post predictions (LABEL_STUDIO_URL / _API_KEY)")
+            ls_id = api.replace_prediction(tid, predictions[tid])
+        except Exception as exc:
+            ledger.release(claim)
+            message = f"posting to Label Studio failed: {type(exc).__name__}: {exc}"
+            logger.warning("project %s task %s: %s", project.project, tid, message)
+            failed[tid] = message
+            if progress is not None:
+                progress.mark_failed(tid, message)
+            continue
+        ledger.record(claim, via=VIA_POSTED, ls_id=ls_id, revision=revision)
+        posted += 1
+        if progress is not None:
+            progress.mark_done(tid)
+            report_progress(done=posted)
+    return posted, failed
 
 
-def prelabel_project(project_id: int, task_ids: list[int] | None = None) -> dict:
-    """List the project's tasks (or take `task_ids`) and enqueue bulk batches for those not yet predicted."""
-    ctx = get_context()
-    ensure_backfilled(ctx, project_id)
-    config = _config(ctx, project_id)
-    version = current_version(ctx.settings, ctx.store.project(project_id))  # no model needed to list tasks
-    revision = ctx.store.revision(project_id)
+# ---- bulk pre-annotation ---------------------------------------------------------------------
+
+
+def prelabel_project(context: dict, task_ids: list[int] | None = None) -> dict:
+    """List the project's tasks (or take `task_ids`) and queue batches for those without a current prediction."""
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    ensure_backfilled(ctx, project)
+    image_key = project.config.image_key
     wanted = set(task_ids or [])
-    tasks = []
-    for task in ctx.api(project_id).tasks(project_id):
+    tasks, listed = [], []
+    for task in ctx.api(project).tasks(project.project):
         if wanted and int(task["id"]) not in wanted:
             continue
         if task.get("annotations") and not wanted:
             continue  # already labeled by a person: nothing to pre-label
-        tasks.append({"id": int(task["id"]), "data": {config.image_key: (task.get("data") or {}).get(config.image_key)}})
-    return enqueue_batches(ctx.redis, ctx.settings, project_id, tasks, version, revision)
+        listed.append(task)
+        tasks.append({"id": int(task["id"]), "data": {image_key: (task.get("data") or {}).get(image_key)}})
+    return queue_bulk(ctx.redis, ctx.settings, project, tasks, held_predictions(listed, project.model_version))
 
 
-def prelabel_batch(project_id: int, tasks: list[dict], version: str, revision: int) -> dict:
-    """Predict a batch of tasks and post each prediction through the Label Studio API (idempotent)."""
+def prelabel_request(project_id: int, task_ids: list[int] | None = None) -> dict:
+    """prelabel_project for a caller without the serving settings (the CLI): the worker resolves the project."""
+    from .context import resolve_project
+
     ctx = get_context()
-    progress = Progress(ctx.redis, project_id)
-    todo = [t for t in tasks if not progress.is_done(version, revision, int(t["id"]))]
-    report_progress(total=len(tasks), skipped=len(tasks) - len(todo), done=0)
-    if not todo:
-        return {"posted": 0, "skipped": len(tasks), "failed": {}}
-    config = _config(ctx, project_id)
-    segmenter = ctx.segmenter(project_id)
-    if segmenter.model_version != version:
-        logger.info("project %s: model version changed %s -> %s; predicting with the new one", project_id, version, segmenter.model_version)
-    predictions, failures = segmenter.predict(project_id, todo, config)
-    api = ctx.api(project_id)
-    posted = 0
-    for task_id, prediction in predictions.items():
-        api.create_prediction(task_id, prediction["result"], prediction["score"], prediction["model_version"])
-        progress.mark_done(version, revision, task_id)
-        posted += 1
-        report_progress(done=posted)
-    for failure in failures:
+    context = resolve_project(ctx.settings, ctx.store, project_id)
+    if not context.has_api:
+        raise BackendError("pre-labeling posts predictions through the Label Studio API: give the workers "
+                           "LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY (a Personal Access Token)")
+    return prelabel_project(context.to_job(), task_ids)
+
+
+def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
+    """Predict a batch of tasks and post each as its task's only prediction of the version (idempotent)."""
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    job = get_current_job()
+    job_id = job.id if job is not None else f"inline-{time.time()}"
+    progress = Progress(ctx.redis, project.project)
+    ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
+    claims = {c.task_id: c for c in ledger.claim([int(t["id"]) for t in tasks], job_id, project.revision,
+                                                 own_may_take(job_id, project.revision, job_alive(ctx.redis)))}
+    skipped = len(tasks) - len(claims)
+    report_progress(total=len(tasks), skipped=skipped, done=0)
+    if not claims:
+        return {"posted": 0, "skipped": skipped, "failed": {}}
+    try:
+        run = ctx.segmenter(project).predict(project.project, [t for t in tasks if int(t["id"]) in claims],
+                                             project.config)
+    except BaseException:
+        for claim in claims.values():
+            ledger.release(claim)
+        raise
+    failed = {f.task_id: f.message for f in run.failures}
+    for failure in run.failures:
+        ledger.release(claims.pop(failure.task_id))
         progress.mark_failed(failure.task_id, failure.message)
-    return {"posted": posted, "skipped": len(tasks) - len(todo), "failed": {f.task_id: f.message for f in failures}}
+    report_progress(failed=len(failed))
+    posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress)
+    failed.update(post_failed)
+    report_progress(done=posted, failed=len(failed))
+    return {"posted": posted, "skipped": skipped, "failed": failed}

@@ -33,6 +33,15 @@ class TaskFailure:
     message: str
 
 
+@dataclass
+class PredictionRun:
+    """Predictions of a batch of tasks, the tasks that failed, and the support revision they were made from."""
+
+    predictions: dict[int, dict]
+    failures: list[TaskFailure]
+    revision: int
+
+
 def brush_region(config: LabelConfig, label: str, mask: np.ndarray, score: float) -> dict:
     """A Label Studio brushlabels region for one predicted mask at the image's natural size."""
     height, width = mask.shape
@@ -107,18 +116,21 @@ class FewShotSegmenter:
                 failures.append(TaskFailure(task_id, str(exc)))
         return ok_tasks, images, failures
 
-    def predict(self, pid: int, tasks: list[dict], config: LabelConfig) -> tuple[dict[int, dict], list[TaskFailure]]:
-        """Predictions keyed by task id for every task whose image loaded, and the failures."""
+    def predict(self, pid: int, tasks: list[dict], config: LabelConfig) -> PredictionRun:
+        """Predictions keyed by task id for every task whose image loaded, the failures, the revision used."""
+        revision = self.store.revision(pid)  # read first: a change during the run makes the result look older
+        run = PredictionRun({}, [], revision)
+        if not tasks:
+            return run
         memories = self.supports(pid, config)
-        ok_tasks, images, failures = self.load_queries(pid, tasks, config)
-        predictions: dict[int, dict] = {}
+        ok_tasks, images, run.failures = self.load_queries(pid, tasks, config)
         if not ok_tasks:
-            return predictions, failures
+            return run
         if not memories:  # no prediction at all rather than an empty one that would block a later retrieval
-            failures += [TaskFailure(int(t["id"]), "no support examples yet: label a few images first") for t in ok_tasks]
-            return predictions, failures
+            run.failures += [TaskFailure(int(t["id"]), "no support examples yet: label a few images first") for t in ok_tasks]
+            return run
         outputs = self.model.segment_many(images, memories, batch_size=self.settings.model_batch_size)
         for task, per_label in zip(ok_tasks, outputs):
             regions = [brush_region(config, label, out.mask, out.score) for label, out in per_label.items() if out.mask.any()]
-            predictions[int(task["id"])] = summarise(regions, self.model_version)
-        return predictions, failures
+            run.predictions[int(task["id"])] = summarise(regions, self.model_version)
+        return run

@@ -73,6 +73,8 @@ class Settings:
     """TRAIN_LR: learning rate; empty = 1e-5 for trained weights, 1e-3 for the tiny UNet."""
     train_augment: bool = False
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
+    train_seed: int | None = None
+    """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
     train_timeout_s: int = 4 * 3600
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
     held_out_every: int = 5
@@ -102,7 +104,7 @@ class Settings:
             "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
             "train_grad_accum": "TRAIN_GRAD_ACCUM",
             "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
-            "train_augment": "TRAIN_AUGMENT",
+            "train_augment": "TRAIN_AUGMENT", "train_seed": "TRAIN_SEED",
             "held_out_every": "HELD_OUT_EVERY",
         }
         kwargs = {}
@@ -113,7 +115,7 @@ class Settings:
                 continue
             kind = types[name]
             try:
-                if kind == "int":
+                if kind in ("int", "int | None"):
                     kwargs[name] = int(raw)
                 elif kind in ("float", "float | None"):
                     kwargs[name] = float(raw)

@@ -54,6 +54,10 @@ class Example:
             ground_truth=bool(annotation.get("ground_truth")),
         )
 
+    def same_content(self, other: Example) -> bool:
+        """True if both give the same support examples (only the time they were recorded differs)."""
+        return {**asdict(self), "updated_at": 0} == {**asdict(other), "updated_at": 0}
+
     @property
     def stamp(self) -> str:
         """Short content hash of the regions: mask files are named by it, so an update never reads a stale mask."""
@@ -106,6 +110,10 @@ class SupportStore:
     @staticmethod
     def _examples_key(pid: int) -> str:
         return f"{PREFIX}:examples:{pid}"
+
+    @staticmethod
+    def _errors_key(pid: int) -> str:
+        return f"{PREFIX}:ingest-errors:{pid}"
 
     def project_dir(self, pid: int) -> Path:
         """Folder of a project's cached images and masks."""
@@ -173,17 +181,22 @@ class SupportStore:
 
     # ---- examples ---------------------------------------------------------------------------
 
-    def upsert(self, pid: int, example: Example) -> int:
-        """Add or replace the example of an annotation; returns the new revision."""
+    def upsert(self, pid: int, example: Example) -> bool:
+        """Add or replace the example of an annotation; False (and no new revision) if it is unchanged."""
+        current = self.get(pid, example.annotation_id)
+        if current is not None and example.same_content(current):
+            return False
         pipe = self.redis.pipeline()
         pipe.hset(self._examples_key(pid), str(example.annotation_id), json.dumps(asdict(example)))
         pipe.hincrby(self._project_key(pid), "revision", 1)
-        return int(pipe.execute()[1])
+        pipe.execute()
+        return True
 
     def remove(self, pid: int, annotation_ids: list[int]) -> int:
         """Remove the examples of these annotations (and their mask files); returns how many were removed."""
         if not annotation_ids:
             return 0
+        self.redis.hdel(self._errors_key(pid), *[str(a) for a in annotation_ids])
         existing = [self.get(pid, a) for a in annotation_ids]
         removed = self.redis.hdel(self._examples_key(pid), *[str(a) for a in annotation_ids])
         if removed:
@@ -225,6 +238,22 @@ class SupportStore:
         else:
             chosen = sorted(pool[::-1], key=lambda e: not e.ground_truth)
         return chosen[:k]
+
+    # ---- annotations that could not be used -------------------------------------------------
+
+    def record_errors(self, pid: int, errors: dict[str, str]) -> None:
+        """Remember why these annotations (id -> message) gave no support example."""
+        if errors:
+            self.redis.hset(self._errors_key(pid), mapping=errors)
+
+    def clear_errors(self, pid: int, annotation_ids: list[int]) -> None:
+        """Forget the errors of annotations that are now usable (or gone)."""
+        if annotation_ids:
+            self.redis.hdel(self._errors_key(pid), *[str(a) for a in annotation_ids])
+
+    def errors(self, pid: int) -> dict[str, str]:
+        """Annotation id -> why it gave no support example."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(self._errors_key(pid)).items()}
 
     # ---- files ------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
-"""Fine-tuning jobs: train on a project's accepted labels, score on a held-out slice, promote if not worse."""
+"""Fine-tuning jobs: train on a project's accepted labels, score on a held-out slice, promote by backend.promotion."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -9,30 +10,32 @@ from pathlib import Path
 from redis import Redis
 from rq import get_current_job
 
+from .context import ProjectContext
 from .errors import BackendError, BadRequest
-from .label_config import parse_label_config
+from .promotion import decide
 from .queues import QUEUE_TRAIN, enqueue
 from .registry import TRAIN_LOCK_KEY, VersionRegistry
 from .settings import Settings
 from .store import Example
-from .versions import base_version, current_version
+from .versions import base_version, current_version, version_name
 from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
 SCORE_EPISODES = 40
-"""Held-out episodes per version score (fixed seed, so parent and child see the same episodes)."""
+"""Held-out episodes per version score (fixed seed, so every version is scored on the same episodes)."""
 
 
-def enqueue_training(redis: Redis, settings: Settings, pid: int, reason: str) -> dict:
+def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, reason: str) -> dict:
     """Queue one training job for a project unless one is queued or running; says which."""
+    pid = context.project
     lock = TRAIN_LOCK_KEY.format(pid=pid)
     job_id = f"train-{pid}-{int(time.time() * 1000)}"
     if not redis.set(lock, job_id, nx=True, ex=settings.train_timeout_s + 600):
         existing = redis.get(lock)
         return {"status": "already queued or running", "job": existing.decode() if existing else None}
-    enqueue(redis, QUEUE_TRAIN, "backend.training.train_project", args=(pid, reason), timeout_s=settings.train_timeout_s,
-            job_id=job_id, meta={"project": pid, "reason": reason})
+    enqueue(redis, QUEUE_TRAIN, "backend.training.train_project", args=(context.to_job(), reason),
+            timeout_s=settings.train_timeout_s, job_id=job_id, meta={"project": pid, "reason": reason})
     return {"status": "queued", "job": job_id}
 
 
@@ -43,11 +46,11 @@ def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], 
             [e for i, e in enumerate(ordered) if i % every == every - 1])
 
 
-def _samples(ctx: WorkerContext, pid: int, examples: list[Example], resolution: int) -> list:
+def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example], resolution: int) -> list:
     from model.data import make_sample
     from model.errors import InvalidInputError
 
-    files = ctx.example_files(pid)
+    files, pid = ctx.example_files(context), context.project
     samples = []
     for e in examples:
         try:
@@ -60,8 +63,8 @@ def _samples(ctx: WorkerContext, pid: int, examples: list[Example], resolution: 
 
 
 def _score(model, held: list, train: list, labels: list[str]) -> float | None:
-    from model.evaluate import evaluate
     from model.errors import InvalidInputError
+    from model.evaluate import evaluate
 
     if not held:
         return None
@@ -71,57 +74,68 @@ def _score(model, held: list, train: list, labels: list[str]) -> float | None:
         return None
 
 
-def train_project(project_id: int, reason: str = "") -> dict:
-    """Fine-tune the project's current version on its accepted labels; write, score and maybe promote a version."""
+def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
+    """The versions a candidate must not be worse than: what the project predicts with now, and its active one."""
+    active = project.get("active_version") or base_version(settings)
+    return list(dict.fromkeys([current_version(settings, project), active]))
+
+
+def train_project(context: dict, reason: str = "") -> dict:
+    """Fine-tune the context's version on the project's accepted labels; write, score and maybe promote a version."""
     from model.train import TrainConfig, finetune
     from model.versions import load_version, save_version
 
-    ctx = get_context()
+    ctx, project_ctx = get_context(), ProjectContext.from_job(context)
+    project_id, parent = project_ctx.project, project_ctx.model_version
     job = get_current_job()
     try:
         settings, store = ctx.settings, ctx.store
         registry = VersionRegistry(ctx.redis, store)
-        project = store.require_project(project_id)
-        labels = list(parse_label_config(project["label_config"]).labels)
+        labels = list(project_ctx.config.labels)
         train_ex, held_ex = split_held_out(store.examples(project_id), settings.held_out_every)
-        parent = current_version(settings, project)
         base = base_version(settings)
-        parent_info = registry.get(parent) if parent != base else None
-        model = load_version(parent_info["path"], device=settings.device or None) if parent_info else ctx.fresh_base_model()
+        parent_folder = registry.folder(parent) if parent != base else None
+        model = load_version(parent_folder, device=settings.device or None) if parent_folder else ctx.fresh_base_model()
         resolution = model.config.resolution
-        train, held = _samples(ctx, project_id, train_ex, resolution), _samples(ctx, project_id, held_ex, resolution)
+        train = _samples(ctx, project_ctx, train_ex, resolution)
+        held = _samples(ctx, project_ctx, held_ex, resolution)
         if len(train) < 2:
             raise BadRequest(f"project {project_id} has {len(train)} usable training images; label at least 2 (plus held-out)")
-        report_progress(stage="scoring parent", train_images=len(train), held_out_images=len(held))
-        parent_score = _score(model, held, train, labels)
+        seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
         config = TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum, max_shots=settings.max_shots,
-                             lr=settings.train_lr, mode=settings.train_mode, augment=settings.train_augment,
-                             seed=int(time.time()) % 100000)
+                             lr=settings.train_lr, mode=settings.train_mode, augment=settings.train_augment, seed=seed)
         every = max(1, settings.train_steps // 100)
+        report_progress(stage="training", train_images=len(train), held_out_images=len(held))
         result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))
-        report_progress(stage="scoring new version")
-        new_score = _score(model, held, train, labels)
-        n = len(registry.list(project_id)) + 1
-        name = f"{base}-p{project_id}-v{n}"
-        root = Path(settings.model_dir) / "versions" / str(project_id)
-        base_ref = {"version": parent_info["path"]} if parent_info else {"spec": settings.model_spec, "unet": settings.model_unet or None}
-        promoted = new_score is None or parent_score is None or new_score >= parent_score
+        name = version_name(base, project_id, len(registry.list(project_id)) + 1)
+        report_progress(stage="scoring")
+        against = incumbents(settings, store.require_project(project_id))  # what is live now, not at enqueue time
+        scores = {name: _score(model, held, train, labels)}
+        for incumbent in against:
+            scores[incumbent] = _score(ctx.models.get(incumbent), held, train, labels)
+        decision = decide(name, scores, against, held_out=len(held))
         summary = {
             "reason": reason, "train_images": len(train), "held_out_images": len(held), "labels": result.labels,
-            "steps": result.steps, "final_loss": result.final_loss,
+            "steps": result.steps, "final_loss": result.final_loss, "seed": seed,
             "loss_curve": result.losses[:: max(1, len(result.losses) // 100)],
-            "held_out_miou": {"parent": parent_score, "new": new_score}, "config": result.config,
+            "held_out_miou": scores, "decision": decision.as_dict(), "config": result.config,
         }
+        root = Path(settings.model_dir) / "versions" / str(project_id)
+        base_ref = {"version": parent_folder.name} if parent_folder else {"spec": settings.model_spec,
+                                                                           "unet": settings.model_unet or None}
         path = save_version(model, root, name, base=base_ref, parent=parent, mode=config.mode, summary=summary)
-        registry.add({"name": name, "project": project_id, "path": str(path), "parent": parent, "mode": config.mode,
-                      "created_at": time.time(), "scores": summary["held_out_miou"], "promoted": promoted})
-        if promoted:
+        registry.add({"name": name, "project": project_id, "parent": parent, "mode": config.mode,
+                      "created_at": time.time(), "scores": scores, "promoted": decision.promoted,
+                      "decision": decision.as_dict()}, path)
+        if decision.promoted:
             registry.promote(project_id, name)
-        logger.info("project %s: version %s (held-out mIoU parent %s, new %s) %s", project_id, name, parent_score,
-                    new_score, "promoted" if promoted else "kept back")
-        report_progress(stage="done", version=name, promoted=promoted)
-        return {"version": name, "promoted": promoted, "scores": summary["held_out_miou"], "steps": result.steps}
+        outcome = {"version": name, "at": time.time(), "reason": reason, **decision.as_dict()}
+        store.set_project_field(project_id, "last_training", json.dumps(outcome))
+        logger.info("project %s: version %s: %s", project_id, name, decision.reason)
+        report_progress(stage="done", version=name, promoted=decision.promoted, decision=decision.reason)
+        return {"version": name, "promoted": decision.promoted, "reason": decision.reason, "scores": scores,
+                "steps": result.steps}
     finally:
         lock = TRAIN_LOCK_KEY.format(pid=project_id)
         if job is None or ctx.redis.get(lock) == job.id.encode():

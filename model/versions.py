@@ -26,7 +26,8 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
                  summary: dict) -> Path:
     """Write a version folder: diffews_config.json, UNet weights (full) or adapters (LoRA), version.json.
 
-    `base` says what the weights apply to: {"spec": ..., "unet": ...} or {"version": <folder>}.
+    `base` says what the weights apply to: {"spec": ..., "unet": ...} or {"version": <folder>}; a relative
+    version folder is read relative to `root` (so a tree of versions can move, or be mounted elsewhere).
     The folder appears complete or not at all (temp folder + rename); an existing name is an error.
     """
     from .train import trainable_state
@@ -78,7 +79,10 @@ def load_version(folder: str | Path, *, device: torch.device | str | None = None
     config = DiffewSConfig.load(folder)
     base = info["base"]
     if "version" in base:
-        model = load_version(base["version"], device=device, dtype=dtype)
+        parent = folder.parent / base["version"]  # relative to the versions' root; an absolute path stays as is
+        if not (parent / VERSION_FILE).is_file():
+            raise CheckpointNotFoundError(f"{folder}: its base version {parent} is missing")
+        model = load_version(parent, device=device, dtype=dtype)
     elif base.get("spec") == "tiny":
         model = DiffewS.tiny(resolution=config.resolution, device=device or "cpu", dtype=dtype)
     else:

@@ -114,7 +114,7 @@ def worker(settings, redis, tiny_model):
     from backend.worker import InProcessWorker, WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
-    context._model = tiny_model
+    context.models.base = tiny_model
     set_context(context)
     w = InProcessWorker(list(ALL_QUEUES), connection=redis)
     thread = threading.Thread(target=w.work, kwargs={"burst": False, "with_scheduler": False}, daemon=True)
@@ -126,3 +126,82 @@ def worker(settings, redis, tiny_model):
     w.stop()
     thread.join(10)
     set_context(None)
+
+
+# ---- a real Label Studio, and this backend served over HTTP in-process --------------------------
+
+
+@pytest.fixture(scope="session")
+def label_studio(tmp_path_factory):
+    """One real Label Studio 1.23.2 for the session, with a Personal Access Token (legacy tokens off)."""
+    import os
+
+    from .ls_server import LS_BIN, LabelStudioClient, personal_access_token, start_label_studio, stop
+
+    if not LS_BIN.exists():
+        if os.environ.get("DIFFEWS_REQUIRE_LABEL_STUDIO"):
+            raise RuntimeError(f"{LS_BIN} is missing: run .ci/setup-label-studio.sh")
+        pytest.skip(f"Label Studio not installed at {LS_BIN} (run .ci/setup-label-studio.sh)")
+    proc, url = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+    try:
+        yield LabelStudioClient(url, personal_access_token(url))
+    finally:
+        stop(proc)
+
+
+class LiveBackend:
+    """This backend's app on a real HTTP port with one worker thread per queue (like one-command mode)."""
+
+    def __init__(self, settings, redis, model):
+        from werkzeug.serving import make_server
+
+        from backend.app import create_app
+        from backend.store import SupportStore
+        from backend.worker import EMBEDDED_QUEUES, InProcessWorker, WorkerContext, set_context
+
+        self.settings = settings
+        self.redis = redis
+        self.context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
+        self.context.models.base = model
+        set_context(self.context)
+        self.app = create_app(settings, redis)
+        self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.threads = [threading.Thread(target=self.server.serve_forever, daemon=True)]
+        self.workers = [InProcessWorker(list(queues), connection=redis) for queues in EMBEDDED_QUEUES]
+        self.threads += [threading.Thread(target=w.work, kwargs={"burst": False}, daemon=True) for w in self.workers]
+        for thread in self.threads:
+            thread.start()
+
+    def get(self, path: str) -> dict:
+        import requests
+
+        return requests.get(self.url + path, timeout=30).json()
+
+    def stop(self) -> None:
+        from backend.worker import set_context
+
+        self.server.shutdown()
+        for worker in self.workers:
+            worker.stop()
+        for thread in self.threads:
+            thread.join(120)  # a job in progress (a training run) finishes first
+        set_context(None)
+
+
+@pytest.fixture
+def live_backend(settings, redis, tiny_model, label_studio):
+    """Make a LiveBackend with settings overrides (LABEL_STUDIO_URL and a PAT set); stopped after the test."""
+    from dataclasses import replace
+
+    made = []
+
+    def make(model=None, **overrides) -> LiveBackend:
+        configured = replace(settings, label_studio_url=label_studio.url, label_studio_api_key=label_studio.pat,
+                             **overrides)
+        made.append(LiveBackend(configured, redis, model or tiny_model))
+        return made[-1]
+
+    yield make
+    for backend in made:
+        backend.stop()

@@ -1,4 +1,8 @@
-"""Start a real Label Studio 1.23.2 (from .ls-venv) and this backend on 127.0.0.1 for end-to-end tests."""
+"""Start a real Label Studio 1.23.2 (from .ls-venv) and this backend on 127.0.0.1 for end-to-end tests.
+
+Label Studio runs as a user gets it: legacy tokens off (its default since 1.23); the API is reached with
+a Personal Access Token made the way the UI makes one (log in, POST /api/token/).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,7 +18,7 @@ import requests
 
 REPO = Path(__file__).resolve().parents[1]
 LS_BIN = Path(os.environ.get("LABEL_STUDIO_BIN", REPO / ".ls-venv" / "bin" / "label-studio"))
-TOKEN = "e2e-legacy-token-0123456789"
+ADMIN = ("admin@example.com", "e2e-password-123")
 
 
 def free_port() -> int:
@@ -39,15 +44,13 @@ def wait_http(url: str, seconds: float, proc: subprocess.Popen, log: Path) -> No
 
 
 def start_label_studio(data_dir: Path) -> tuple[subprocess.Popen, str]:
-    """Label Studio with a legacy token enabled and local ML backends allowed; returns (process, url)."""
+    """Label Studio with its default token settings (legacy tokens off) and local ML backends allowed."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "DJANGO"))},
         "LABEL_STUDIO_BASE_DATA_DIR": str(data_dir),
-        "LABEL_STUDIO_USERNAME": "admin@example.com",
-        "LABEL_STUDIO_PASSWORD": "e2e-password-123",
-        "LABEL_STUDIO_USER_TOKEN": TOKEN,
-        "LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN": "true",
+        "LABEL_STUDIO_USERNAME": ADMIN[0],
+        "LABEL_STUDIO_PASSWORD": ADMIN[1],
         "ML_BLOCK_LOCAL_IP": "false",
         "SSRF_PROTECTION_ENABLED": "false",
         "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
@@ -56,7 +59,7 @@ def start_label_studio(data_dir: Path) -> tuple[subprocess.Popen, str]:
     log = data_dir / "label-studio.log"
     proc = subprocess.Popen(
         [str(LS_BIN), "start", "--no-browser", "--internal-host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir), "--enable-legacy-api-token"],
+         "--data-dir", str(data_dir)],
         env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=data_dir,
     )
     url = f"http://127.0.0.1:{port}"
@@ -64,8 +67,62 @@ def start_label_studio(data_dir: Path) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
-def start_backend(data_dir: Path, ls_url: str, extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
-    """`python _wsgi.py` (embedded Redis + in-process worker, tiny model) pointed at Label Studio."""
+def personal_access_token(ls_url: str) -> str:
+    """Log in as the admin and create a Personal Access Token, as Account & Settings does."""
+    session = requests.Session()
+    session.get(f"{ls_url}/user/login/", timeout=30)
+    login = session.post(f"{ls_url}/user/login/", timeout=30, allow_redirects=False,
+                         data={"email": ADMIN[0], "password": ADMIN[1], "csrfmiddlewaretoken": session.cookies["csrftoken"]},
+                         headers={"Referer": f"{ls_url}/user/login/"})
+    if login.status_code != 302:
+        raise RuntimeError(f"Label Studio login failed: {login.status_code} {login.text[:300]}")
+    made = session.post(f"{ls_url}/api/token/", timeout=30,
+                        headers={"X-CSRFToken": session.cookies["csrftoken"], "Referer": f"{ls_url}/"})
+    if made.status_code != 201:
+        raise RuntimeError(f"creating a Personal Access Token failed: {made.status_code} {made.text[:300]}")
+    return made.json()["token"]
+
+
+class LabelStudioClient:
+    """Plain HTTP calls to Label Studio with a PAT, exchanged for short-lived access tokens as needed."""
+
+    def __init__(self, url: str, pat: str):
+        self.url = url
+        self.pat = pat
+        self._access = ""
+        self._lock = threading.Lock()
+
+    def _bearer(self, fresh: bool = False) -> str:
+        with self._lock:
+            if fresh or not self._access:
+                r = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.pat}, timeout=30)
+                r.raise_for_status()
+                self._access = r.json()["access"]
+            return self._access
+
+    def request(self, method: str, path: str, *, ok: bool = True, **kwargs) -> requests.Response:
+        """Call Label Studio; with ok=True a non-2xx answer fails the test with its body."""
+        for fresh in (False, True):
+            response = requests.request(method, self.url + path, timeout=120,
+                                        headers={"Authorization": f"Bearer {self._bearer(fresh)}"}, **kwargs)
+            if response.status_code != 401:
+                break
+        if ok:
+            assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response
+
+    def json(self, method: str, path: str, **kwargs):
+        """Call Label Studio and return the JSON body."""
+        return self.request(method, path, **kwargs).json()
+
+    def predictions(self, task_id: int) -> list[dict]:
+        """Every stored prediction of a task."""
+        return self.json("GET", f"/api/predictions?task={task_id}")
+
+
+def start_backend(data_dir: Path, ls_url: str, api_key: str,
+                  extra_env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """`python _wsgi.py` (embedded Redis + in-process workers, tiny model) pointed at Label Studio."""
     port = free_port()
     env = {
         **os.environ,
@@ -73,7 +130,7 @@ def start_backend(data_dir: Path, ls_url: str, extra_env: dict[str, str] | None 
         "DIFFEWS_MODEL": "tiny",
         "DIFFEWS_TINY_RESOLUTION": "64",
         "LABEL_STUDIO_URL": ls_url,
-        "LABEL_STUDIO_API_KEY": TOKEN,
+        "LABEL_STUDIO_API_KEY": api_key,
         "PYTHONUNBUFFERED": "1",
         **(extra_env or {}),
     }
@@ -95,3 +152,40 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def brush_result(mask, label: str = "square") -> list[dict]:
+    """An annotation result with one brush region of `label` over `mask` (H, W bool)."""
+    from backend.rle import mask_to_rle
+
+    h, w = mask.shape
+    return [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w, "original_height": h,
+             "image_rotation": 0, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}]
+
+
+def create_project(client: LabelStudioClient, config_xml: str, images: list) -> tuple[int, list[dict]]:
+    """A project whose tasks are these images (H, W, 3 uint8), uploaded as PNG files; returns (id, tasks by id)."""
+    import io
+
+    from PIL import Image
+
+    project = client.json("POST", "/api/projects", json={"title": "diffews e2e", "label_config": config_xml})
+    files = []
+    for i, image in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(image).save(buf, format="PNG")
+        files.append((f"file{i}", (f"scene{i}.png", buf.getvalue(), "image/png")))
+    client.request("POST", f"/api/projects/{project['id']}/import", files=files)
+    tasks = client.json("GET", f"/api/tasks?project={project['id']}&page_size=1000")["tasks"]
+    return project["id"], sorted(tasks, key=lambda t: t["id"])
+
+
+def wait_for(predicate, seconds: float, what: str):
+    """Poll `predicate` until it returns something truthy; fail naming `what` after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {seconds:.0f} s waiting for {what}")

@@ -155,11 +155,11 @@ def test_predict_without_worker_says_so(client):
 
 
 def test_large_predict_is_queued_not_left_empty(client, redis, settings):
-    """More than SYNC_MAX_TASKS tasks: 202 with results [] (LS stores nothing) and bulk jobs queued."""
+    """More than SYNC_MAX_TASKS tasks: 202 with an empty list per task (LS stores nothing) and bulk jobs queued."""
     _setup(client)
     tasks = [{"id": i, "data": {"image": f"/data/upload/1/{i}.png"}} for i in range(5)]
     r = client.post("/predict", json={"project": "1.1", "label_config": CONFIG_XML, "tasks": tasks})
-    assert r.status_code == 202 and r.json["results"] == [] and r.json["queued_tasks"] == 5
+    assert r.status_code == 202 and r.json["results"] == [[]] * 5 and r.json["queued_tasks"] == 5
     assert len(r.json["jobs"]) == 3 and Queue("predict-bulk", connection=redis).count == 3
     assert client.get("/status/1").json["progress"]["total"] == 5
 
@@ -198,7 +198,11 @@ def test_failed_job_is_visible_and_retryable(client, redis, worker):
     """A job that fails in the worker shows as failed with its error, and POST /jobs/<id>/retry requeues it."""
     from backend.queues import enqueue
 
-    job = enqueue(redis, "predict-high", "backend.jobs.predict_tasks", args=(99, [{"id": 1, "data": {}}]), timeout_s=60)
+    from backend.context import ProjectContext
+
+    context = ProjectContext(99, CONFIG_XML, "diffews-tiny-r64-untrained", 0).to_job()
+    job = enqueue(redis, "predict-high", "backend.jobs.predict_tasks", args=(context, [{"id": 1, "data": {}}], 2e9),
+                  timeout_s=60)
     deadline = time.monotonic() + 20
     while job.get_status() != "failed" and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -236,3 +240,71 @@ def test_gunicorn_entry_requires_redis_url():
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     out = subprocess.run([sys.executable, "-c", "import _wsgi"], capture_output=True, text=True, env=env)
     assert out.returncode != 0 and "gunicorn needs REDIS_URL" in out.stderr
+
+
+def test_unchanged_annotation_keeps_the_revision(client):
+    """Label Studio re-sending an annotation as it is (an update with no change) bumps no revision."""
+    _setup(client)
+    image, mask = square_scene(0)
+    assert client.post("/webhook", json=annotation_event(10, 100, image, mask)).json["revision"] == 1
+    again = client.post("/webhook", json=annotation_event(10, 100, image, mask, action="ANNOTATION_UPDATED")).json
+    assert again["revision"] == 1 and again["unchanged"] == 1 and again["stored"] == 0
+    changed = client.post("/webhook", json=annotation_event(10, 100, image, ~mask, action="ANNOTATION_UPDATED")).json
+    assert changed["revision"] == 2 and changed["stored"] == 1
+
+
+def test_bulk_event_with_a_bad_annotation_stores_the_rest(client):
+    """ANNOTATIONS_CREATED with one malformed annotation: the others are stored, the bad one is reported."""
+    _setup(client)
+    events = [annotation_event(20 + i, 200 + i, *square_scene(i)) for i in range(3)]
+    events[1]["annotation"]["result"][0]["value"]["rle"] = events[1]["annotation"]["result"][0]["value"]["rle"][:2]
+    payload = {"action": "ANNOTATIONS_CREATED", "annotation": [e["annotation"] for e in events],
+               "task": [e["task"] for e in events], "project": events[0]["project"]}
+    r = client.post("/webhook", json=payload)
+    assert r.status_code == 200 and r.json["stored"] == 2 and list(r.json["errors"]) == ["21"]
+    status = client.get("/status/1").json
+    assert status["examples"] == {"square": 2} and "21" in status["annotation_errors"]
+    fixed = annotation_event(21, 201, *square_scene(1), action="ANNOTATION_UPDATED")
+    assert client.post("/webhook", json=fixed).json["stored"] == 1
+    assert client.get("/status/1").json["annotation_errors"] == {}
+
+
+def test_status_says_why_there_is_no_backfill(client):
+    """Without Label Studio API access, /status says the backfill cannot run and what to set."""
+    client.post("/setup", json={**SETUP, "hostname": "", "access_token": ""})
+    backfill = client.get("/status/1").json["backfill"]
+    assert backfill["done"] is False and "LABEL_STUDIO_API_KEY" in backfill["reason"]
+
+
+def test_cli_refuses_to_start_a_second_embedded_redis(tmp_path, monkeypatch, capsys):
+    """`python -m backend status` with no REDIS_URL and no running backend under MODEL_DIR: exit 2, saying what to set."""
+    from backend.__main__ import main
+
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    for command in (["status", "--project", "1"], ["prelabel", "--project", "1"], ["pin", "--project", "1", "--version", "none"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert f"MODEL_DIR={tmp_path}" in err and "REDIS_URL" in err
+    assert not (tmp_path / "redis").exists()
+
+
+def test_cli_joins_the_running_backends_embedded_redis(tmp_path, monkeypatch, capsys):
+    """With a backend's embedded Redis running under MODEL_DIR, the CLI uses it (same projects)."""
+    import json
+
+    from backend.__main__ import main
+    from backend.queues import connect, stop_embedded
+    from backend.settings import Settings
+    from backend.store import SupportStore
+
+    settings = Settings(model_dir=tmp_path)
+    SupportStore(connect(settings), tmp_path).register_project(3, CONFIG_XML)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.setenv("MODEL_DIR", str(tmp_path))
+    try:
+        assert main(["status", "--project", "3"]) == 0
+        assert json.loads(capsys.readouterr().out)["revision"] == 0
+    finally:
+        stop_embedded()
+    assert main(["status", "--project", "3"]) == 2  # stopped: nothing to join, and nothing started

@@ -1,73 +1,50 @@
-"""End to end against a real Label Studio 1.23.2: connect, annotate, pre-label in bulk, retrieve predictions."""
+"""End to end, as a user runs it: a real Label Studio 1.23.2 (legacy tokens off, a Personal Access Token), the
+one-command backend (`python _wsgi.py`), clicks, Retrieve Predictions, the prelabel CLI, a label edit.
+"""
 
 from __future__ import annotations
 
-import io
 import os
-import time
+import subprocess
+import sys
 
-import numpy as np
 import pytest
 import requests
-from PIL import Image
 
-from backend.rle import mask_to_rle, rle_to_mask
+from backend.rle import rle_to_mask
 
 from .conftest import CONFIG_XML, square_scene
-from .ls_server import LS_BIN, TOKEN, start_backend, start_label_studio, stop
+from .ls_server import REPO, brush_result, create_project, start_backend, stop, wait_for
 
 pytestmark = pytest.mark.label_studio
 
-if not LS_BIN.exists():
-    if os.environ.get("DIFFEWS_REQUIRE_LABEL_STUDIO"):
-        raise RuntimeError(f"{LS_BIN} is missing: run .ci/setup-label-studio.sh")
-    pytest.skip(f"Label Studio not installed at {LS_BIN} (run .ci/setup-label-studio.sh)", allow_module_level=True)
-
-SIZES = [(80, 96), (72, 88), (90, 64), (64, 100)]  # (H, W) of the four task images
+SIZES = [(80, 96), (72, 88), (90, 64), (64, 100), (70, 70), (66, 90), (84, 60), (76, 80)]  # (H, W) per task
+VERSION = "diffews-tiny-r64-untrained"
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory):
-    """A real Label Studio and this backend (one-command mode) on 127.0.0.1."""
-    ls_dir = tmp_path_factory.mktemp("label-studio")
-    ls_proc, ls_url = start_label_studio(ls_dir)
+def backend(label_studio, tmp_path_factory):
+    """`python _wsgi.py` with LABEL_STUDIO_URL and the PAT, as the README's one command runs it."""
     backend_dir = tmp_path_factory.mktemp("backend")
-    try:
-        backend_proc, backend_url = start_backend(backend_dir, ls_url)
-    except Exception:
-        stop(ls_proc)
-        raise
-    yield ls_url, backend_url, backend_dir
-    stop(backend_proc)
-    stop(ls_proc)
+    proc, url = start_backend(backend_dir, label_studio.url, label_studio.pat, {"SYNC_MAX_TASKS": "2"})
+    yield url, backend_dir
+    stop(proc)
 
 
-def api(ls_url: str, method: str, path: str, **kwargs) -> requests.Response:
-    response = requests.request(method, ls_url + path, headers={"Authorization": f"Token {TOKEN}"}, timeout=120, **kwargs)
-    assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text[:500]}"
-    return response
-
-
-def brush_result(mask: np.ndarray) -> list[dict]:
-    h, w = mask.shape
-    return [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w, "original_height": h,
-             "image_rotation": 0, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": ["square"]}}]
-
-
-def wait_for(predicate, seconds: float, what: str):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
+def prelabel_cli(backend_dir, project: int) -> subprocess.CompletedProcess:
+    """`python3 -m backend prelabel --project N` as the README gives it: no REDIS_URL, the backend's MODEL_DIR."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(MODEL_DIR=str(backend_dir), PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
 
 
 def check_prediction(prediction: dict, size: tuple[int, int]) -> None:
     """A stored prediction: our version, brushlabels regions of a config label at the image's size."""
     h, w = size
-    assert prediction["model_version"] == "diffews-tiny-r64-untrained"
+    assert prediction["model_version"] == VERSION
     assert isinstance(prediction["score"], float)
     for region in prediction["result"]:
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["square"]
@@ -75,44 +52,65 @@ def check_prediction(prediction: dict, size: tuple[int, int]) -> None:
         assert rle_to_mask(region["value"]["rle"], w, h).shape == (h, w)
 
 
-def test_label_studio_end_to_end(servers):
-    """Project with BrushLabels, 4 images, 2 annotated; bulk pre-label and Retrieve Predictions store brush masks."""
-    ls_url, backend_url, backend_dir = servers
-    project = api(ls_url, "POST", "/api/projects", json={"title": "e2e", "label_config": CONFIG_XML}).json()
-    pid = project["id"]
+def test_label_studio_end_to_end(label_studio, backend):
+    """Every path that makes predictions leaves each task with exactly one of the version, none missing."""
+    backend_url, backend_dir = backend
     scenes = [square_scene(i, size) for i, size in enumerate(SIZES)]
-    files = []
-    for i, (image, _) in enumerate(scenes):
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        files.append((f"file{i}", (f"scene{i}.png", buf.getvalue(), "image/png")))
-    api(ls_url, "POST", f"/api/projects/{pid}/import", files=files)
-    tasks = sorted(api(ls_url, "GET", f"/api/tasks?project={pid}&page_size=100").json()["tasks"], key=lambda t: t["id"])
-    assert len(tasks) == 4 and tasks[0]["data"]["image"].startswith("/data/upload/")
-    task_size = {t["id"]: SIZES[i] for i, t in enumerate(tasks)}
+    pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
+    assert len(tasks) == 8 and tasks[0]["data"]["image"].startswith("/data/upload/")
+    size = {t["id"]: SIZES[i] for i, t in enumerate(tasks)}
+    ids = [t["id"] for t in tasks]
+    unlabeled = ids[2:]
 
-    # One annotation before the backend is connected (reached by backfill), one after (reached by webhook).
-    api(ls_url, "POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": brush_result(scenes[0][1])})
-    ml = api(ls_url, "POST", "/api/ml", json={"url": backend_url, "project": pid, "title": "DiffewS"}).json()
-    assert ml["model_version"] == "diffews-tiny-r64-untrained"
-    api(ls_url, "POST", f"/api/tasks/{tasks[1]['id']}/annotations", json={"result": brush_result(scenes[1][1])})
-    wait_for(lambda: requests.get(f"{backend_url}/status/{pid}").json()["examples"].get("square") == 2, 60,
-             "both annotations in the support store")
+    def ours(tid: int) -> list[dict]:
+        return [p for p in label_studio.predictions(tid) if p["model_version"] == VERSION]
 
-    # Bulk pre-annotation: workers post predictions for the two unlabeled tasks through the API.
-    assert requests.post(f"{backend_url}/prelabel/{pid}").status_code == 202
-    progress = wait_for(lambda: (p := requests.get(f"{backend_url}/status/{pid}").json()["progress"]).get("done") == 2 and p,
-                        120, "bulk pre-annotation")
-    assert progress["failed"] == 0 and progress["total"] == 2
-    for task in tasks[2:]:
-        [prediction] = api(ls_url, "GET", f"/api/predictions?task={task['id']}").json()
-        check_prediction(prediction, task_size[task["id"]])
+    def status() -> dict:
+        return requests.get(f"{backend_url}/status/{pid}", timeout=10).json()
 
-    # Retrieve Predictions in the Data Manager: one synchronous /predict for tasks without one of this version.
-    api(ls_url, "POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
-        json={"selectedItems": {"all": True, "excluded": []}})
-    for task in tasks:
-        predictions = api(ls_url, "GET", f"/api/predictions?task={task['id']}").json()
-        assert len(predictions) == 1, f"task {task['id']}: {len(predictions)} predictions"
-        check_prediction(predictions[0], task_size[task["id"]])
-    assert (backend_dir / "projects" / str(pid) / "images").is_dir()  # support images cached from LS with auth
+    # One annotation before the backend is connected (read by the backfill), one after (a webhook).
+    label_studio.request("POST", f"/api/tasks/{ids[0]}/annotations", json={"result": brush_result(scenes[0][1])})
+    ml = label_studio.json("POST", "/api/ml", json={"url": backend_url, "project": pid, "title": "DiffewS"})
+    assert ml["model_version"] == VERSION
+    label_studio.request("POST", f"/api/tasks/{ids[1]}/annotations", json={"result": brush_result(scenes[1][1])})
+    wait_for(lambda: status()["examples"].get("square") == 2, 60, "both annotations in the support store")
+    assert status()["label_studio_api"] == label_studio.url
+
+    # 1. Open two tasks: Label Studio calls /predict and stores what it returns.
+    for tid in unlabeled[:2]:
+        label_studio.request("GET", f"/api/tasks/{tid}")
+        [prediction] = ours(tid)
+        check_prediction(prediction, size[tid])
+    # 2. Retrieve Predictions on a selection: 3 of these lack one, more than SYNC_MAX_TASKS=2, so bulk jobs post them.
+    label_studio.request("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                         json={"selectedItems": {"all": False, "included": unlabeled[1:5]}})
+    wait_for(lambda: all(ours(t) for t in unlabeled[2:5]), 120, "bulk predictions of the selection")
+    # 3. The prelabel CLI: only the one task nobody predicted is queued.
+    out = prelabel_cli(backend_dir, pid)
+    assert "1 tasks queued" in out.stdout, out.stdout
+    counts = {t: len(ours(t)) for t in unlabeled}
+    assert counts == dict.fromkeys(unlabeled, 1), counts
+    before = {t: ours(t)[0]["id"] for t in unlabeled}
+
+    # 4. Edit a label, then pre-label again: every stale prediction is replaced, none added.
+    [annotation] = label_studio.json("GET", f"/api/tasks/{ids[1]}/annotations")
+    revision = status()["revision"]
+    label_studio.request("PATCH", f"/api/annotations/{annotation['id']}",
+                         json={"result": brush_result(scenes[1][1][:, ::-1].copy())})
+    wait_for(lambda: status()["revision"] > revision, 30, "the edited label to reach the backend")
+    out = prelabel_cli(backend_dir, pid)
+    assert f"{len(unlabeled)} tasks queued" in out.stdout, out.stdout
+    after = {t: ours(t) for t in unlabeled}
+    assert {t: len(p) for t, p in after.items()} == dict.fromkeys(unlabeled, 1)
+    assert all(after[t][0]["id"] != before[t] for t in unlabeled)
+    for tid, [prediction] in after.items():
+        check_prediction(prediction, size[tid])
+
+    # 5. Retrieve Predictions on everything, and the CLI once more: nothing is added anywhere.
+    label_studio.request("POST", f"/api/dm/actions?id=retrieve_tasks_predictions&project={pid}",
+                         json={"selectedItems": {"all": True, "excluded": []}})
+    assert "0 tasks queued" in prelabel_cli(backend_dir, pid).stdout
+    final = {t: len(ours(t)) for t in ids}
+    assert all(final[t] == 1 for t in unlabeled) and all(n <= 1 for n in final.values()), final
+    print(f"\nend-to-end predictions of {VERSION} per task: {final}")
+    assert (backend_dir / "projects" / str(pid) / "images").is_dir()  # support images fetched from LS with the PAT

@@ -24,7 +24,7 @@ def two_workers(settings, redis, tiny_model):
 
     settings = replace(settings, train_steps=40)
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
-    context._model = tiny_model
+    context.models.base = tiny_model
     set_context(context)
     workers = [InProcessWorker([QUEUE_TRAIN], connection=redis), InProcessWorker([QUEUE_HIGH, "predict-bulk"], connection=redis)]
     threads = [threading.Thread(target=w.work, kwargs={"burst": False}, daemon=True) for w in workers]
@@ -75,12 +75,14 @@ def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
     info = client.get("/projects/1/versions").json
     [version] = info["versions"]
     assert version["name"] == f"{base}-p1-v1" and version["parent"] == base
-    assert set(version["scores"]) == {"parent", "new"}
+    assert set(version["scores"]) == {version["name"], base}
+    assert version["path"] == f"versions/1/{version['name']}"  # relative to MODEL_DIR
     if version["promoted"]:
         assert info["current"] == version["name"]
         assert _predict(client, 99)["model_version"] == version["name"]  # hot swap, no restart
     else:
-        assert version["scores"]["new"] < version["scores"]["parent"] and info["current"] == base
+        assert version["scores"][version["name"]] < version["scores"][base] and info["current"] == base
+    assert client.get("/status/1").json["training"]["version"] == version["name"]
     assert version["name"] in client.get("/versions").json["versions"]
     assert job["meta"]["stage"] == "done" and "loss" in job["meta"]
 
@@ -127,3 +129,123 @@ def test_training_with_too_few_labels_fails_visibly(client, two_workers, redis):
     assert info["status"] == "failed" and "label at least 2" in info["error"][0]
     # the lock is released: a new request queues again
     assert client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json["status"] == "queued"
+
+
+# ---- the promotion rule, deterministic (fixed seed) -----------------------------------------------
+
+
+@pytest.fixture
+def trainer(settings, redis, tiny_model):
+    """Run train_project in this thread on a project with `n` labeled images (data URIs), given settings."""
+    from dataclasses import replace
+
+    from backend.app import create_app
+    from backend.context import resolve_project
+
+    def run(n: int, **overrides) -> dict:
+        configured = replace(settings, train_steps=8, train_seed=0, **overrides)
+        context = WorkerContext(configured, redis, SupportStore(redis, configured.model_dir))
+        context.models.base = tiny_model
+        set_context(context)
+        client = create_app(configured, redis).test_client()
+        client.post("/setup", json=SETUP)
+        for i in range(n):
+            client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i)))
+        from backend.training import train_project
+
+        return train_project(resolve_project(configured, context.store, 1).to_job(), "test")
+
+    yield run
+    set_context(None)
+
+
+def test_promoted_when_not_worse(trainer, redis):
+    """lr = 0 leaves the weights as they are: the same held-out score as the base, so it is promoted."""
+    from backend.store import SupportStore
+
+    out = trainer(10, train_lr=0.0)
+    assert out["promoted"] and out["reason"].startswith("promoted")
+    assert out["scores"][out["version"]] == out["scores"]["diffews-tiny-r64-untrained"]
+    project = SupportStore(redis, "/").project(1)
+    assert project["active_version"] == out["version"]
+
+
+def test_kept_back_when_worse(trainer, redis):
+    """A learning rate that wrecks the UNet scores below the base on the same images: kept back."""
+    from backend.store import SupportStore
+
+    out = trainer(10, train_lr=10.0)
+    base = out["scores"]["diffews-tiny-r64-untrained"]
+    assert not out["promoted"] and out["scores"][out["version"]] < base
+    assert out["reason"].startswith("kept back") and "diffews-tiny-r64-untrained" in out["reason"]
+    assert "active_version" not in SupportStore(redis, "/").project(1)
+
+
+def test_not_evaluated_with_too_few_labels(trainer, redis):
+    """With fewer than HELD_OUT_EVERY images nothing is held out: a candidate, not promoted, and why."""
+    from backend.store import SupportStore
+
+    out = trainer(3, train_lr=0.0)
+    assert not out["promoted"] and out["reason"].startswith("not evaluated: too few labeled images")
+    project = SupportStore(redis, "/").project(1)
+    assert "active_version" not in project and out["version"] in project["last_training"]
+
+
+def test_pinned_worse_version_cannot_promote_a_child_over_the_base(trainer, redis, settings):
+    """Pinned v1 is worse than the base; v2 trained from it must beat both, so it is kept back."""
+    from backend.registry import VersionRegistry
+    from backend.store import SupportStore
+
+    v1 = trainer(10, train_lr=10.0)
+    store = SupportStore(redis, settings.model_dir)
+    VersionRegistry(redis, store).pin(1, v1["version"], "diffews-tiny-r64-untrained")
+    v2 = trainer(0, train_lr=0.0)  # same project and labels; trained from the pinned v1
+    assert set(v2["scores"]) == {v2["version"], v1["version"], "diffews-tiny-r64-untrained"}
+    assert v2["scores"][v2["version"]] == v2["scores"][v1["version"]]
+    assert not v2["promoted"] and "diffews-tiny-r64-untrained" in v2["reason"]
+
+
+def test_versions_load_from_any_folder_sharing_model_dir(trainer, redis, settings, tmp_path):
+    """A version's path is relative to MODEL_DIR: a copy of MODEL_DIR elsewhere loads it; a missing one says so."""
+    import shutil
+    from dataclasses import replace
+
+    from backend.errors import VersionUnavailable
+
+    out = trainer(10, train_lr=0.0)
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(settings.model_dir / "versions", moved / "versions")
+    elsewhere = WorkerContext(replace(settings, model_dir=moved), redis, SupportStore(redis, moved))
+    assert elsewhere.models.get(out["version"]).source == str(moved / "versions" / "1" / out["version"])
+    empty = WorkerContext(replace(settings, model_dir=tmp_path / "empty"), redis, SupportStore(redis, tmp_path / "empty"))
+    with pytest.raises(VersionUnavailable, match=f"model version '{out['version']}': its folder .* is missing"):
+        empty.models.get(out["version"])
+
+
+def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
+    """One-command mode: with a training job running, a click is answered well within PREDICT_WAIT_S."""
+    from dataclasses import replace
+
+    from .conftest import LiveBackend
+
+    backend = LiveBackend(replace(settings, train_steps=60, predict_wait_s=20), redis, tiny_model)
+    try:
+        import requests
+
+        requests.post(f"{backend.url}/setup", json=SETUP, timeout=10)
+        for i in range(6):
+            requests.post(f"{backend.url}/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i)), timeout=10)
+        job = requests.post(f"{backend.url}/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json()["job"]
+        deadline = time.monotonic() + 60
+        while backend.get(f"/jobs/{job}")["meta"].get("stage") != "training" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert backend.get(f"/jobs/{job}")["status"] == "started"
+        started = time.monotonic()
+        query, _ = square_scene(40)
+        r = requests.post(f"{backend.url}/predict", timeout=30, json={
+            "tasks": [{"id": 900, "data": {"image": png_data_uri(query)}}], "project": "1.1", "label_config": CONFIG_XML})
+        elapsed = time.monotonic() - started
+        assert r.status_code == 200 and r.json()["results"][0]["model_version"] == r.json()["model_version"]
+        assert elapsed < 20 and backend.get(f"/jobs/{job}")["status"] == "started"  # answered while it trains
+    finally:
+        backend.stop()
