@@ -9,7 +9,7 @@ from pathlib import Path
 from .settings import Settings
 
 TINY_WARNING = (
-    "DIFFEWS_MODEL is not set: running the tiny DiffewS model, untrained on real pictures (pre-trained on "
+    "DIFFEWS_MODEL is not set (or is 'tiny'): running the tiny DiffewS model, untrained on real pictures (pre-trained on "
     "synthetic shapes only). Its masks are rough colour matches until it is fine-tuned on accepted labels; "
     "point DIFFEWS_MODEL at the official weights for real use."
 )
