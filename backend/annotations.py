@@ -12,6 +12,11 @@ from .errors import BadRequest
 from .label_config import LabelConfig
 from .rle import RLEError, declared_length, rle_to_mask
 
+INLINE_DECODE_BYTES = 256 << 10
+"""Brush RLEs up to this size are decoded in full when an annotation arrives (a few hundred ms at most);
+larger ones are decoded by the ingestion job, which drops the example if the RLE is broken."""
+DEFAULT_MAX_PIXELS = 80_000_000
+
 
 def _size(region: dict, where: str) -> tuple[int, int]:
     try:
@@ -23,11 +28,12 @@ def _size(region: dict, where: str) -> tuple[int, int]:
     return width, height
 
 
-def mask_regions(result: Iterable[dict], config: LabelConfig) -> list[dict]:
+def mask_regions(result: Iterable[dict], config: LabelConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
     """The mask-able regions of an annotation result, checked and reduced to what rasterising needs.
 
-    Keeps brush, polygon and rectangle regions on the brush's image whose label is a brush label.
-    Cheap (no decoding): an RLE's declared length is checked against W*H*4 from its header.
+    Keeps brush, polygon and rectangle regions on the brush's image whose label is a brush label. The
+    declared size must be within `max_pixels`; a brush RLE must declare W*H*4 values, be no longer than
+    such an RLE can be, and (up to INLINE_DECODE_BYTES) decode in full.
     """
     if not isinstance(result, list):
         raise BadRequest("annotation result must be a list of regions")
@@ -36,16 +42,22 @@ def mask_regions(result: Iterable[dict], config: LabelConfig) -> list[dict]:
     for i, region in enumerate(result):
         if not isinstance(region, dict):
             raise BadRequest(f"result[{i}] must be an object")
-        control = controls.get(region.get("from_name"))
+        from_name = region.get("from_name")
+        control = controls.get(from_name) if isinstance(from_name, str) else None
         if control is None or not isinstance(region.get("value"), dict):
             continue
         value = region["value"]
         where = f"result[{i}] ({control.name})"
-        labels = [lb for lb in value.get(region.get("type", ""), value.get(f"{control.kind}labels", [])) or []
-                  if lb in config.labels]
+        kind = region.get("type")
+        named = value.get(kind if isinstance(kind, str) else "", value.get(f"{control.kind}labels")) or []
+        if not isinstance(named, list):
+            raise BadRequest(f"{where}: labels must be a list of label names")
+        labels = [lb for lb in named if isinstance(lb, str) and lb in config.labels]
         if not labels:
             continue
         width, height = _size(region, where)
+        if width * height > max_pixels:
+            raise BadRequest(f"{where}: original size {width}x{height} exceeds MAX_IMAGE_PIXELS={max_pixels}")
         kept = {"kind": control.kind, "labels": labels, "width": width, "height": height}
         if control.kind == "brush":
             rle = value.get("rle")
@@ -59,6 +71,13 @@ def mask_regions(result: Iterable[dict], config: LabelConfig) -> list[dict]:
                 raise BadRequest(
                     f"{where}: RLE declares {n} values but a {width}x{height} image needs {width * height * 4} (W*H*4)"
                 )
+            if len(rle) > 2 * n + 16:  # even all-literal records take under 2 bytes a value
+                raise BadRequest(f"{where}: RLE of {len(rle)} bytes is longer than any encoding of {n} values")
+            if len(rle) <= INLINE_DECODE_BYTES:
+                try:
+                    rle_to_mask(rle, width, height)
+                except RLEError as exc:
+                    raise BadRequest(f"{where}: {exc}") from None
             kept["rle"] = rle
         elif control.kind == "polygon":
             points = value.get("points")

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 
 from flask import Flask, Response, jsonify, request
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
@@ -44,10 +46,23 @@ class Backend:
 
 
 def _json_body() -> dict:
-    body = request.get_json(silent=True)
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        raise BadRequest("request body is JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object (Content-Type: application/json)")
     return body
+
+
+def _text_field(body: dict, name: str) -> str:
+    """An optional string field of a body ("" when absent or null); BadRequest naming it otherwise."""
+    value = body.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest(f"'{name}' must be a string, got {type(value).__name__}")
+    return value
 
 
 def create_app(settings: Settings | None = None, redis: Redis | None = None) -> Flask:
@@ -59,6 +74,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     backend = Backend(settings, redis, SupportStore(redis, settings.model_dir))
     app = Flask(__name__)
     app.config["BACKEND"] = backend
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
 
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError):
@@ -68,9 +84,19 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
 
+    @app.errorhandler(RedisConnectionError)
+    @app.errorhandler(RedisTimeoutError)
+    def _redis_down(exc: RedisError):
+        return jsonify(error=f"Redis is unavailable ({exc}); start Redis or fix REDIS_URL", status=503), 503
+
     @app.errorhandler(RedisError)
     def _redis_error(exc: RedisError):
-        return jsonify(error=f"Redis is unavailable ({exc}); start Redis or fix REDIS_URL", status=503), 503
+        logger.exception("Redis refused a command")
+        return jsonify(error=f"Redis refused a command ({type(exc).__name__}: {exc})", status=500), 500
+
+    @app.errorhandler(413)
+    def _too_large(exc):
+        return jsonify(error=f"request body exceeds MAX_REQUEST_BYTES={settings.max_request_bytes}", status=413), 413
 
     @app.errorhandler(404)
     def _not_found(exc):
@@ -110,12 +136,11 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     def setup():
         body = _json_body()
         pid = parse_project_id(body.get("project"))
-        config_xml = body.get("schema") or body.get("label_config") or ""
+        config_xml = _text_field(body, "schema") or _text_field(body, "label_config")
         parse_label_config(config_xml)
+        hostname, access_token = _text_field(body, "hostname"), _text_field(body, "access_token")
         require_redis(redis)
-        backend.store.register_project(
-            pid, config_xml, hostname=body.get("hostname") or "", access_token=body.get("access_token") or ""
-        )
+        backend.store.register_project(pid, config_xml, hostname=hostname, access_token=access_token)
         context = resolve_project(settings, backend.store, pid, config_xml)
         if context.has_api and backend.store.claim_flag(pid, "backfill_queued"):  # existing annotations, once
             enqueue(redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
@@ -151,7 +176,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         tasks = _tasks(body)
         pid = parse_project_id(body.get("project") or tasks[0].get("project"))
         require_redis(redis)
-        context = resolve_project(settings, backend.store, pid, body.get("label_config"))
+        context = resolve_project(settings, backend.store, pid, _text_field(body, "label_config") or None)
         image_key = context.config.image_key
         slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)},
                  "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
@@ -185,7 +210,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         require_redis(redis)
         backend.store.require_project(pid)
         project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
-        context = resolve_project(settings, backend.store, pid, project_payload.get("label_config") or None)
+        context = resolve_project(settings, backend.store, pid, _text_field(project_payload, "label_config") or None)
         if action == "START_TRAINING":
             from .training import enqueue_training
 
@@ -280,12 +305,22 @@ def _tasks(body: dict) -> list[dict]:
     if not isinstance(tasks, list) or not tasks:
         raise BadRequest("'tasks' must be a non-empty list of task objects with an 'id'")
     for i, task in enumerate(tasks):
-        if not isinstance(task, dict) or isinstance(task.get("id"), bool) or not isinstance(task.get("id"), (int, str)) \
-                or not str(task.get("id")).isdigit():
-            raise BadRequest(f"tasks[{i}] must be an object with an integer 'id'")
-        if not isinstance(task.get("data", {}), dict):
+        if not isinstance(task, dict) or _int_id(task.get("id")) is None:
+            raise BadRequest(f"tasks[{i}] must be an object with an integer 'id', got {task!r:.80}")
+        if not isinstance(task.get("data") or {}, dict):
             raise BadRequest(f"tasks[{i}].data must be an object")
+        if not isinstance(task.get("predictions") or [], list):
+            raise BadRequest(f"tasks[{i}].predictions must be a list")
     return tasks
+
+
+def _int_id(value: object) -> int | None:
+    """A non-negative integer id from an int or a string of ASCII digits, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
 
 
 def _annotation_ids(annotations: object) -> list[int]:
@@ -294,9 +329,9 @@ def _annotation_ids(annotations: object) -> list[int]:
         raise BadRequest("ANNOTATIONS_DELETED needs an 'annotations' list of {\"id\": <int>}")
     ids = []
     for i, item in enumerate(annotations):
-        value = item.get("id") if isinstance(item, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise BadRequest(f"annotations[{i}].id must be an integer, got {value!r}")
+        value = _int_id(item.get("id")) if isinstance(item, dict) else None
+        if value is None:
+            raise BadRequest(f"annotations[{i}].id must be an integer, got {item!r:.80}")
         ids.append(value)
     return ids
 
@@ -370,14 +405,14 @@ def _record_annotations(backend: Backend, context: ProjectContext, action: str, 
     if action == "ANNOTATIONS_CREATED":
         if not isinstance(annotations, list) or not isinstance(tasks, list):
             raise BadRequest("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
-        by_id = {t.get("id"): t for t in tasks if isinstance(t, dict)}
-        pairs = [(a, by_id.get(a.get("task")) if isinstance(a, dict) else None) for a in annotations]
+        by_id = {_int_id(t.get("id")): t for t in tasks if isinstance(t, dict)}
+        pairs = [(a, by_id.get(_int_id(a.get("task"))) if isinstance(a, dict) else None) for a in annotations]
     else:
         if not isinstance(annotations, dict) or not isinstance(tasks, dict):
             raise BadRequest(f"{action} needs 'annotation' and 'task' objects")
         pairs = [(annotations, tasks)]
     config = context.config
-    report = ingest(backend.store, context.project, config, pairs)
+    report = ingest(backend.store, context.project, config, pairs, backend.settings.max_image_pixels)
     if report.errors and not (report.stored or report.unchanged or report.removed):
         raise BadRequest("; ".join(f"annotation {aid}: {msg}" for aid, msg in report.errors.items()))
     job_id = None

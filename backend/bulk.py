@@ -75,8 +75,8 @@ def held_predictions(tasks: list[dict], version: str) -> dict[int, list[int]]:
     held = {}
     for task in tasks:
         predictions = task.get("predictions") or []
-        held[int(task["id"])] = [int(p["id"]) for p in predictions
-                                 if isinstance(p, dict) and p.get("model_version") == version and "id" in p]
+        held[int(task["id"])] = [p["id"] for p in predictions if isinstance(p, dict) and p.get("model_version") == version
+                                 and isinstance(p.get("id"), int) and not isinstance(p.get("id"), bool)]
     return held
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .annotations import DEFAULT_MAX_PIXELS
 from .errors import BadRequest
 from .label_config import LabelConfig
 from .store import Example, SupportStore
@@ -34,7 +35,8 @@ def _annotation_key(annotation: object) -> str:
     return str(value) if isinstance(value, (int, str)) and not isinstance(value, bool) else "?"
 
 
-def ingest(store: SupportStore, pid: int, config: LabelConfig, pairs: Iterable[tuple[object, object]]) -> IngestReport:
+def ingest(store: SupportStore, pid: int, config: LabelConfig, pairs: Iterable[tuple[object, object]],
+           max_pixels: int = DEFAULT_MAX_PIXELS) -> IngestReport:
     """Store, replace or remove the examples of (annotation, task) pairs; a bad annotation is reported, not fatal."""
     report = IngestReport()
     for annotation, task in pairs:
@@ -44,7 +46,7 @@ def ingest(store: SupportStore, pid: int, config: LabelConfig, pairs: Iterable[t
                 raise BadRequest("annotation must be an object")
             if not isinstance(task, dict):
                 raise BadRequest(f"annotation {key} refers to a task missing from the payload")
-            example = Example.from_annotation(annotation, task, config)
+            example = Example.from_annotation(annotation, task, config, max_pixels)
         except BadRequest as exc:
             report.errors[key] = exc.message
             continue

@@ -13,7 +13,7 @@ from rq import get_current_job
 
 from .bulk import Progress, held_predictions, queue_bulk
 from .context import ProjectContext
-from .errors import BackendError
+from .errors import BackendError, BadRequest
 from .ingest import ingest
 from .ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
 from .queues import job_alive, server_time
@@ -57,7 +57,7 @@ def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
     pid, config = context.project, context.config
     pairs = [(annotation, task) for task in ctx.api(context).tasks(pid, only_annotated=True)
              for annotation in task.get("annotations") or []]
-    report = ingest(ctx.store, pid, config, pairs)
+    report = ingest(ctx.store, pid, config, pairs, ctx.settings.max_image_pixels)
     summary = {**report.as_dict(), "annotations": len(pairs)}
     for name, value in (("backfilled", time.time()), ("backfill_annotations", len(pairs)),
                         ("backfill_errors", len(report.errors))):
@@ -76,17 +76,21 @@ def backfill_if_needed(context: dict) -> dict | None:
 def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
     """Cache the images and masks of freshly stored examples on disk, so predictions need no download."""
     ctx, project = get_context(), ProjectContext.from_job(context)
-    files = ctx.example_files(project)
+    files, pid = ctx.example_files(project), project.project
     done, failed = 0, {}
     for annotation_id in annotation_ids:
-        example = ctx.store.get(project.project, annotation_id)
+        example = ctx.store.get(pid, annotation_id)
         if example is None:
             continue
         try:
-            files.prepare(project.project, example)
+            files.prepare(pid, example)
             done += 1
-        except BackendError as exc:
-            failed[annotation_id] = exc.message
+        except BadRequest as exc:  # a mask that does not decode: the example can never be used
+            ctx.store.remove(pid, [annotation_id])
+            failed[annotation_id] = f"removed: {exc.message}"
+        except BackendError as exc:  # the image could not be fetched now: kept, tried again when predicting
+            failed[annotation_id] = f"image not cached: {exc.message}"
+    ctx.store.record_errors(pid, {str(a): m for a, m in failed.items()})
     report_progress(done=done, failed=failed)
     return {"done": done, "failed": failed}
 

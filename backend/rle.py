@@ -141,8 +141,16 @@ class _Bits:
         return (window >> (40 - off - n)) & ((1 << n) - 1)
 
 
-def decode(rle: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Decode an LS RLE to its flat uint8 values; accepts one record per literal or grouped literals."""
+MAX_VALUES_PER_BIT = MAX_COUNT // 27 + 1
+"""Most values a bit of RLE can stand for: one repeat record (1 + 2 + 16 + 8 bits) covers 65536 values."""
+
+
+def decode(rle: Sequence[int] | np.ndarray, expected: int | None = None) -> np.ndarray:
+    """Decode an LS RLE to its flat uint8 values; accepts one record per literal or grouped literals.
+
+    `expected`: the value count the RLE must declare (checked before anything is allocated). Memory is
+    bounded by the input either way: a header claiming more values than its bits can encode is refused.
+    """
     try:
         arr = np.asarray(rle, dtype=np.int64).reshape(-1)
     except (TypeError, ValueError) as exc:
@@ -154,6 +162,10 @@ def decode(rle: Sequence[int] | np.ndarray) -> np.ndarray:
     if bits.size < HEADER_BITS:
         raise RLEError(f"RLE of {len(data)} bytes is shorter than its {HEADER_BITS}-bit header")
     num = bits.read(32)
+    if expected is not None and num != expected:
+        raise RLEError(f"RLE declares {num} values but {expected} are expected")
+    if num > (bits.size - HEADER_BITS) * MAX_VALUES_PER_BIT:
+        raise RLEError(f"RLE declares {num} values but its {len(data)} bytes cannot encode that many")
     word = bits.read(5) + 1
     sizes = [bits.read(4) + 1 for _ in range(4)]
     if word != WORD_SIZE:
@@ -194,9 +206,8 @@ def declared_length(rle: Sequence[int]) -> int:
 
 def rle_to_mask(rle: Sequence[int], width: int, height: int) -> np.ndarray:
     """LS brush RLE -> HxW bool mask (painted where alpha != 0); RLEError if its length is not W*H*4."""
-    values = decode(rle)
-    if values.size != width * height * 4:
-        raise RLEError(
-            f"RLE holds {values.size} values but a {width}x{height} image needs {width * height * 4} (W*H*4)"
-        )
+    try:
+        values = decode(rle, expected=width * height * 4)
+    except RLEError as exc:
+        raise RLEError(f"{exc} for a {width}x{height} image (W*H*4)") from None
     return values.reshape(height, width, 4)[..., 3] != 0

@@ -15,7 +15,7 @@ import numpy as np
 from model import DiffewS, InvalidInputError, SupportMemory
 from model.images import to_rgb
 
-from .errors import MediaError
+from .errors import BackendError, MediaError
 from .example_files import ExampleFiles
 from .label_config import LabelConfig
 from .rle import mask_to_rle
@@ -86,8 +86,10 @@ class FewShotSegmenter:
                 try:
                     rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
                     mask = self.files.example_mask(pid, example, label)
-                except (MediaError, InvalidInputError) as exc:
-                    logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, exc)
+                except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
+                    message = exc.message if isinstance(exc, BackendError) else str(exc)
+                    logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
+                    self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
                     continue
                 if mask.shape != rgb.shape[:2] or not mask.any():
                     logger.warning(

@@ -55,6 +55,8 @@ class Settings:
     """MAX_IMAGE_BYTES: largest image download accepted."""
     max_image_pixels: int = 80_000_000
     """MAX_IMAGE_PIXELS: largest image (width x height) accepted."""
+    max_request_bytes: int = 64 << 20
+    """MAX_REQUEST_BYTES: largest request body accepted (annotation webhooks carry brush RLEs)."""
     media_hosts: tuple[str, ...] = ()
     """MEDIA_HOSTS: comma-separated extra hosts task images may be fetched from (besides Label Studio)."""
     allow_private_media: bool = False
@@ -100,6 +102,7 @@ class Settings:
             "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
             "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
+            "max_request_bytes": "MAX_REQUEST_BYTES",
             "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
             "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
             "train_grad_accum": "TRAIN_GRAD_ACCUM",

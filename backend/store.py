@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 from redis import Redis
 
-from .annotations import mask_regions
+from .annotations import DEFAULT_MAX_PIXELS, mask_regions
 from .errors import BadRequest, NotFound
 from .label_config import LabelConfig
 
@@ -34,18 +34,20 @@ class Example:
     updated_at: float = field(default_factory=time.time)
 
     @classmethod
-    def from_annotation(cls, annotation: dict, task: dict, config: LabelConfig) -> Example | None:
+    def from_annotation(cls, annotation: dict, task: dict, config: LabelConfig,
+                        max_pixels: int = DEFAULT_MAX_PIXELS) -> Example | None:
         """The example an accepted annotation gives, or None (cancelled, or no mask regions of brush labels)."""
         if annotation.get("was_cancelled"):
             return None
-        regions = mask_regions(annotation.get("result") or [], config)
+        regions = mask_regions(annotation.get("result") or [], config, max_pixels)
         if not regions:
             return None
         try:
             annotation_id, task_id = int(annotation["id"]), int(task["id"])
         except (KeyError, TypeError, ValueError):
             raise BadRequest("annotation and task need integer ids") from None
-        url = (task.get("data") or {}).get(config.image_key)
+        data = task.get("data")
+        url = data.get(config.image_key) if isinstance(data, dict) else None
         if not isinstance(url, str) or not url:
             raise BadRequest(f"task {task_id} has no image URL under data.{config.image_key}")
         return cls(
@@ -83,10 +85,11 @@ def parse_project_id(value: object) -> int:
         value = value.get("id")
     if isinstance(value, bool):
         raise BadRequest(f"project must be an id or '<id>.<timestamp>', got {value!r}")
+    head = value.split(".", 1)[0] if isinstance(value, str) else ""
     if isinstance(value, int):
         pid = value
-    elif isinstance(value, str) and value.split(".", 1)[0].isdigit():
-        pid = int(value.split(".", 1)[0])
+    elif head.isascii() and head.isdigit():
+        pid = int(head)
     else:
         raise BadRequest(f"project must be an id or '<id>.<timestamp>', got {value!r}")
     if pid <= 0:

@@ -82,7 +82,7 @@ def test_bad_rle(rle, message):
 def test_wrong_length_for_image():
     """An RLE whose value count is not W*H*4 is refused, naming both numbers."""
     rle = mask_to_rle(np.ones((4, 4), bool))
-    with pytest.raises(RLEError, match="holds 64 values but a 5x4 image needs 80"):
+    with pytest.raises(RLEError, match="declares 64 values but 80 are expected for a 5x4 image"):
         rle_to_mask(rle, 5, 4)
     with pytest.raises(RLEError, match="at least 4 integers"):
         declared_length([1, 2])
