@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 
 from backend.app import create_app
 from backend.settings import Settings
@@ -32,16 +34,28 @@ def main() -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.from_env()
     _log_model(settings)
-    app = create_app(settings)
-    if not settings.redis_url and settings.embedded_worker:
-        from backend.store import SupportStore
-        from backend.worker import EMBEDDED_QUEUES, WorkerContext, start_embedded_workers
+    # SIGTERM (docker stop, systemd, kill) ends the process like Ctrl-C, so the cleanup below always runs.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    workers = None
+    try:
+        app = create_app(settings)
+        if not settings.redis_url and settings.embedded_worker:
+            from backend.store import SupportStore
+            from backend.worker import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
 
-        backend = app.config["BACKEND"]
-        start_embedded_workers(WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir)))
-        logger.info("no REDIS_URL: embedded Redis under %s and one in-process worker per queue (%s)",
-                    settings.model_dir.resolve(), ", ".join(q[0] for q in EMBEDDED_QUEUES))
-    app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+            backend = app.config["BACKEND"]
+            context = WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir))
+            workers = EmbeddedWorkers(context).start()
+            app.config["EMBEDDED_WORKERS"] = workers
+            logger.info("no REDIS_URL: embedded Redis under %s and one in-process worker per queue (%s)",
+                        settings.model_dir.resolve(), ", ".join(q[0] for q in EMBEDDED_QUEUES))
+        app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)
+    finally:
+        if workers is not None:
+            workers.stop(timeout=10)
+        from backend.queues import stop_embedded
+
+        stop_embedded()  # the embedded redis-server this process started, on every way out
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
     # The workers resolve the project with their own settings (model, Label Studio access): this
     # command needs only the backend's Redis.
     job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_request", args=(args.project, args.tasks or None),
-                  timeout_s=settings.job_timeout_s, meta={"project": args.project})
+                  timeout_s=settings.job_timeout_s, retries=2, meta={"project": args.project})
     print(f"queued job {job.id} to pre-label project {args.project}", flush=True)
     if args.no_wait:
         return 0

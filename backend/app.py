@@ -144,7 +144,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         context = resolve_project(settings, backend.store, pid, config_xml)
         if context.has_api and backend.store.claim_flag(pid, "backfill_queued"):  # existing annotations, once
             enqueue(redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
-                    timeout_s=settings.job_timeout_s, meta={"project": pid})
+                    timeout_s=settings.job_timeout_s, retries=2, meta={"project": pid})
         return jsonify(model_version=context.model_version)
 
     @app.get("/versions")
@@ -251,7 +251,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             raise BadRequest("pre-labeling posts predictions through the Label Studio API: set LABEL_STUDIO_URL and "
                              "LABEL_STUDIO_API_KEY (a Personal Access Token) for the web process and the workers")
         job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
-                      timeout_s=settings.job_timeout_s, meta={"project": pid})
+                      timeout_s=settings.job_timeout_s, retries=2, meta={"project": pid})
         return jsonify(status="queued", job=job.id, model_version=context.model_version), 202
 
     @app.get("/jobs/<job_id>")
@@ -418,7 +418,7 @@ def _record_annotations(backend: Backend, context: ProjectContext, action: str, 
     job_id = None
     if report.stored:
         job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.ingest_examples", args=(context.to_job(), report.stored),
-                      timeout_s=backend.settings.job_timeout_s, meta={"project": context.project})
+                      timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
         job_id = job.id
     out = {"status": "ok", "action": action, **report.as_dict(), "revision": backend.store.revision(context.project),
            "job": job_id}
@@ -453,5 +453,5 @@ def _maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str
         return {}
     context = resolve_project(backend.settings, backend.store, pid)  # the revision after this event
     job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
-                  timeout_s=backend.settings.job_timeout_s, meta={"project": pid})
+                  timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": pid})
     return {"prelabel_job": job.id}

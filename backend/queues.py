@@ -180,10 +180,20 @@ def enqueue(
     )
 
 
+WORKER_ALIVE_S = 90
+"""A worker whose last heartbeat is older than this is dead (it beats every 30 s idle, every 11 s busy)."""
+
+
 def live_workers(redis: Redis) -> dict[str, int]:
-    """Number of registered workers listening on each queue."""
+    """Number of workers listening on each queue whose heartbeat is recent (a killed one drops out)."""
+    from datetime import datetime, timezone
+
     counts = {name: 0 for name in ALL_QUEUES}
+    now = datetime.now(timezone.utc)
     for worker in Worker.all(connection=redis):
+        beat = worker.last_heartbeat
+        if beat is None or (now - beat.replace(tzinfo=beat.tzinfo or timezone.utc)).total_seconds() > WORKER_ALIVE_S:
+            continue
         for name in worker.queue_names():
             if name in counts:
                 counts[name] += 1

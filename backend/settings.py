@@ -51,6 +51,9 @@ class Settings:
     """MODEL_BATCH_SIZE: query images per UNet pass in the workers."""
     job_timeout_s: int = 1800
     """JOB_TIMEOUT_S: longest a job may run before RQ fails it (finite, so abandoned jobs are detected)."""
+    job_heartbeat_ttl_s: int = 45
+    """JOB_HEARTBEAT_TTL_S: a running job without a heartbeat this long is abandoned (its worker died) and is
+    retried or failed by the other workers within about 4/3 of it."""
     max_image_bytes: int = 64 << 20
     """MAX_IMAGE_BYTES: largest image download accepted."""
     max_image_pixels: int = 80_000_000
@@ -102,7 +105,7 @@ class Settings:
             "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
             "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
-            "max_request_bytes": "MAX_REQUEST_BYTES",
+            "max_request_bytes": "MAX_REQUEST_BYTES", "job_heartbeat_ttl_s": "JOB_HEARTBEAT_TTL_S",
             "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
             "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
             "train_grad_accum": "TRAIN_GRAD_ACCUM",
@@ -154,3 +157,7 @@ class Settings:
             raise ValueError(f"HELD_OUT_EVERY must be >= 2, got {self.held_out_every}")
         if self.job_timeout_s <= 0:
             raise ValueError("JOB_TIMEOUT_S must be a positive number of seconds")
+        if self.job_heartbeat_ttl_s < 4:
+            raise ValueError(f"JOB_HEARTBEAT_TTL_S must be >= 4 seconds, got {self.job_heartbeat_ttl_s}")
+        if self.label_studio_api_key and not self.label_studio_url:
+            raise ValueError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: set the address it belongs to")

@@ -13,7 +13,7 @@ from rq import get_current_job
 from .context import ProjectContext
 from .errors import BackendError, BadRequest
 from .promotion import decide
-from .queues import QUEUE_TRAIN, enqueue
+from .queues import QUEUE_TRAIN, enqueue, job_alive
 from .registry import TRAIN_LOCK_KEY, VersionRegistry
 from .settings import Settings
 from .store import Example
@@ -21,6 +21,9 @@ from .versions import base_version, current_version, version_name
 from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
+
+_SWAP_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end"
+"""Replace a lock only if it still holds the value seen (one of two concurrent takers wins)."""
 
 SCORE_EPISODES = 40
 """Held-out episodes per version score (fixed seed, so every version is scored on the same episodes)."""
@@ -32,8 +35,13 @@ def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, 
     lock = TRAIN_LOCK_KEY.format(pid=pid)
     job_id = f"train-{pid}-{int(time.time() * 1000)}"
     if not redis.set(lock, job_id, nx=True, ex=settings.train_timeout_s + 600):
-        existing = redis.get(lock)
-        return {"status": "already queued or running", "job": existing.decode() if existing else None}
+        existing = (redis.get(lock) or b"").decode()
+        if job_alive(redis)(existing):
+            return {"status": "already queued or running", "job": existing}
+        # The lock's job is gone (its worker was killed, or it failed without releasing): take the lock over.
+        logger.warning("project %s: training lock of %s outlived its job; taking it over", pid, existing or "?")
+        if not redis.eval(_SWAP_LOCK, 1, lock, existing, job_id, settings.train_timeout_s + 600):
+            return {"status": "already queued or running", "job": (redis.get(lock) or b"").decode()}
     enqueue(redis, QUEUE_TRAIN, "backend.training.train_project", args=(context.to_job(), reason),
             timeout_s=settings.train_timeout_s, job_id=job_id, meta={"project": pid, "reason": reason})
     return {"status": "queued", "job": job_id}

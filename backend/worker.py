@@ -7,8 +7,11 @@ import threading
 from dataclasses import dataclass, field
 
 from redis import Redis
-from rq import SimpleWorker, get_current_job
+from redis.exceptions import RedisError
+from rq import Queue, SimpleWorker, get_current_job
+from rq.job import Job
 from rq.timeouts import TimerDeathPenalty
+from rq.worker import WorkerStatus
 
 from .context import ProjectContext
 from .example_files import ExampleFiles
@@ -105,13 +108,50 @@ def get_context() -> WorkerContext:
 
 
 class InProcessWorker(SimpleWorker):
-    """A SimpleWorker that also runs in a thread of the web process.
+    """A SimpleWorker that heartbeats while its job runs, and that also runs in a thread of the web process.
 
-    Off the main thread there are no signals: job timeouts use a timer instead of SIGALRM, and
-    `stop()` replaces SIGTERM.
+    RQ's SimpleWorker sends no heartbeat during a job, so a job of a killed worker would look alive for
+    job_timeout + 60 s. Here a side thread extends the job's and the worker's heartbeats every quarter
+    of `heartbeat_ttl_s` and runs RQ's registry maintenance (which retries or fails abandoned jobs) every
+    third of it, busy or not: a job whose worker died is handled within about heartbeat_ttl_s * 4/3.
+    Off the main thread there are no signals: job timeouts use a timer instead of SIGALRM, and `stop()`
+    replaces SIGTERM.
     """
 
     death_penalty_class = TimerDeathPenalty
+
+    def __init__(self, queues, *args, heartbeat_ttl_s: int = 45, **kwargs):
+        kwargs.setdefault("maintenance_interval", max(2, heartbeat_ttl_s // 3))
+        kwargs.setdefault("worker_ttl", max(20, heartbeat_ttl_s))
+        super().__init__(queues, *args, **kwargs)
+        self.heartbeat_ttl_s = heartbeat_ttl_s
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """How long a running job counts as alive without a new heartbeat."""
+        return self.heartbeat_ttl_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        """Run the job in this thread while a side thread keeps its heartbeat and the registries."""
+        execution = self.prepare_execution(job)
+        done = threading.Event()
+        beat = threading.Thread(target=self._beat, args=(job, execution, done), name=f"rq-heartbeat-{job.id}",
+                                daemon=True)
+        beat.start()
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            done.set()
+            beat.join(5)
+        self.set_state(WorkerStatus.IDLE)
+
+    def _beat(self, job: Job, execution, done: threading.Event) -> None:
+        while not done.wait(max(1.0, self.heartbeat_ttl_s / 4)):
+            try:
+                self.maintain_heartbeats(job, execution)
+                if self.should_run_maintenance_tasks:
+                    self.clean_registries()
+            except (RedisError, OSError) as exc:  # Redis away for a moment: the next beat tries again
+                logger.warning("worker %s: heartbeat failed (%s)", self.name, exc)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -128,12 +168,17 @@ def noop() -> None:
     """Does nothing: enqueued to wake a worker that is blocked waiting for jobs."""
 
 
+def make_worker(context: WorkerContext, queues: tuple[str, ...]) -> InProcessWorker:
+    """A worker on `queues` with the heartbeat settings of the context."""
+    return InProcessWorker(list(queues), connection=context.redis, heartbeat_ttl_s=context.settings.job_heartbeat_ttl_s)
+
+
 def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, preload: bool = True) -> bool:
     """Run a SimpleWorker on `queues` in this process (model loaded once, jobs never forked)."""
     context = get_context()
     if preload:
         context.model  # load before taking the first job, so a bad DIFFEWS_MODEL fails at start
-    worker = InProcessWorker(list(queues), connection=context.redis)
+    worker = make_worker(context, queues)
     return worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 
 
@@ -141,19 +186,51 @@ EMBEDDED_QUEUES = ((QUEUE_HIGH,), (QUEUE_BULK,), (QUEUE_TRAIN,))
 """One worker thread per queue in one-command mode: training never holds up a click."""
 
 
-def start_embedded_workers(context: WorkerContext) -> list[threading.Thread]:
-    """Start one worker thread per queue inside this process, sharing one loaded model (one-command mode)."""
-    set_context(context)
-    context.model  # load once, before any thread takes a job
+class EmbeddedWorkers:
+    """One supervised worker thread per queue inside the web process (one-command mode).
 
-    def target(queues: tuple[str, ...]) -> None:
-        try:
-            run_worker(queues, preload=False)
-        except Exception:
-            logger.exception("embedded worker on %s stopped", ",".join(queues))
+    A worker whose loop dies (Redis gone for a while, an RQ error) is replaced after a second.
+    """
 
-    threads = [threading.Thread(target=target, args=(queues,), name=f"diffews-worker-{queues[0]}", daemon=True)
-               for queues in EMBEDDED_QUEUES]
-    for thread in threads:
-        thread.start()
-    return threads
+    def __init__(self, context: WorkerContext, queues: tuple[tuple[str, ...], ...] = EMBEDDED_QUEUES):
+        self.context = context
+        self.queues = queues
+        self.workers: dict[tuple[str, ...], InProcessWorker] = {}
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self) -> EmbeddedWorkers:
+        """Load the model once, then start the threads."""
+        set_context(self.context)
+        self.context.model
+        for queues in self.queues:
+            thread = threading.Thread(target=self._supervise, args=(queues,), name=f"diffews-worker-{queues[0]}",
+                                      daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        return self
+
+    def _supervise(self, queues: tuple[str, ...]) -> None:
+        while not self._stopping.is_set():
+            worker = make_worker(self.context, queues)
+            self.workers[queues] = worker
+            try:
+                worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
+            except Exception:
+                logger.exception("embedded worker on %s died; starting a new one", ",".join(queues))
+            if self._stopping.wait(1.0):
+                break
+            self.restarts += 1
+            logger.warning("embedded worker on %s left its loop; restarted (%d restarts)", ",".join(queues), self.restarts)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let each worker finish its job and leave; wait up to `timeout` seconds for the threads."""
+        self._stopping.set()
+        for worker in list(self.workers.values()):
+            try:
+                worker.stop()
+            except (RedisError, OSError):
+                pass
+        for thread in self.threads:
+            thread.join(timeout)

@@ -157,21 +157,19 @@ class LiveBackend:
 
         from backend.app import create_app
         from backend.store import SupportStore
-        from backend.worker import EMBEDDED_QUEUES, InProcessWorker, WorkerContext, set_context
+        from backend.worker import EmbeddedWorkers, WorkerContext
 
         self.settings = settings
         self.redis = redis
         self.context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
         self.context.models.base = model
-        set_context(self.context)
+        self.workers = EmbeddedWorkers(self.context).start()
         self.app = create_app(settings, redis)
+        self.app.config["EMBEDDED_WORKERS"] = self.workers
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
-        self.threads = [threading.Thread(target=self.server.serve_forever, daemon=True)]
-        self.workers = [InProcessWorker(list(queues), connection=redis) for queues in EMBEDDED_QUEUES]
-        self.threads += [threading.Thread(target=w.work, kwargs={"burst": False}, daemon=True) for w in self.workers]
-        for thread in self.threads:
-            thread.start()
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
 
     def get(self, path: str) -> dict:
         import requests
@@ -182,10 +180,8 @@ class LiveBackend:
         from backend.worker import set_context
 
         self.server.shutdown()
-        for worker in self.workers:
-            worker.stop()
-        for thread in self.threads:
-            thread.join(120)  # a job in progress (a training run) finishes first
+        self.workers.stop(timeout=120)  # a job in progress (a training run) finishes first
+        self.thread.join(10)
         set_context(None)
 
 
