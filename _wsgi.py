@@ -23,6 +23,17 @@ def _log_model(settings: Settings) -> None:
         logger.info("model %s (version %s)", info["spec"], info["version"])
 
 
+def _log_warnings(app) -> None:
+    from backend.app import startup_warnings
+
+    backend = app.config["BACKEND"]
+    try:
+        for warning in startup_warnings(backend.settings, backend.redis):
+            logger.warning(warning)
+    except Exception as exc:  # Redis not up yet: /health says so
+        logger.warning("cannot check Redis at start: %s", exc)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
@@ -39,6 +50,7 @@ def main() -> None:
     workers = None
     try:
         app = create_app(settings)
+        _log_warnings(app)
         if not settings.redis_url and settings.embedded_worker:
             from backend.store import SupportStore
             from backend.worker import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
@@ -70,3 +82,4 @@ else:  # imported by gunicorn: workers run separately (`python -m backend worker
         )
     _log_model(_settings)
     app = create_app(_settings)
+    _log_warnings(app)

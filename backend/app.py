@@ -17,13 +17,24 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.results import Result
 
+from .admission import ClickSlots, admit_click
 from .bulk import Progress, held_predictions, queue_bulk
 from .context import ProjectContext, resolve_project
 from .errors import BackendError, BadRequest, MediaError, NotFound, Overloaded, PredictionTimeout, ServiceUnavailable
 from .ingest import ingest
 from .label_config import parse_label_config
 from .ledger import DeliveryLedger
-from .queues import QUEUE_HIGH, enqueue, live_workers, ping, queue_lengths, require_redis, server_time
+from .queues import (
+    QUEUE_HIGH,
+    enqueue,
+    live_workers,
+    persistence,
+    ping,
+    queue_lengths,
+    redis_url_warning,
+    require_redis,
+    server_time,
+)
 from .registry import VersionRegistry
 from .settings import Settings
 from .store import SupportStore, parse_project_id
@@ -43,6 +54,16 @@ class Backend:
     settings: Settings
     redis: Redis
     store: SupportStore
+
+
+def startup_warnings(settings: Settings, redis: Redis) -> list[str]:
+    """What an operator should fix: an exposed Redis, one that forgets everything on restart."""
+    warnings = [w for w in (redis_url_warning(settings.redis_url),) if w]
+    if persistence(redis) == "none":
+        warnings.append("Redis keeps no data over a restart (no AOF, no RDB snapshots): projects and examples are "
+                        "then re-registered on Label Studio's next /setup or webhook and re-read by the backfill, "
+                        "but turn on appendonly to keep them")
+    return warnings
 
 
 def _json_body() -> dict:
@@ -75,6 +96,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     app = Flask(__name__)
     app.config["BACKEND"] = backend
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    slots = ClickSlots(settings.predict_concurrency)
 
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError):
@@ -115,6 +137,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         pass_ok = auth is not None and hmac.compare_digest((auth.password or "").encode(), settings.basic_auth_pass.encode())
         if user_ok and pass_ok:
             return None
+        if request.path == "/webhook":  # Label Studio logs nothing when its webhook is refused: count it here
+            _count_rejected_webhook(redis)
         response = jsonify(error="wrong or missing basic auth credentials (BASIC_AUTH_USER / BASIC_AUTH_PASS)", status=401)
         response.status_code = 401
         response.headers["WWW-Authenticate"] = 'Basic realm="diffews"'
@@ -130,6 +154,8 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             model=describe_model(settings),
             redis=redis_state,
             workers=workers,
+            rejected_webhooks=_rejected_webhooks(redis) if redis_state == "ok" else None,
+            warnings=startup_warnings(settings, redis) if redis_state == "ok" else [],
         )
 
     @app.post("/setup")
@@ -140,11 +166,21 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         parse_label_config(config_xml)
         hostname, access_token = _text_field(body, "hostname"), _text_field(body, "access_token")
         require_redis(redis)
+        if settings.label_studio_url and settings.label_studio_api_key:
+            hostname = access_token = ""  # the configured Label Studio wins; /setup's host and token are not kept
+        else:
+            known = (backend.store.project(pid) or {}).get("hostname", "")
+            if hostname and known and hostname.rstrip("/") != known.rstrip("/"):
+                logger.warning("project %s: /setup asked to move its Label Studio from %s to %s; ignored (set "
+                               "LABEL_STUDIO_URL to change it)", pid, known, hostname)
+                hostname = access_token = ""
         backend.store.register_project(pid, config_xml, hostname=hostname, access_token=access_token)
         context = resolve_project(settings, backend.store, pid, config_xml)
-        if context.has_api and backend.store.claim_flag(pid, "backfill_queued"):  # existing annotations, once
-            enqueue(redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
-                    timeout_s=settings.job_timeout_s, retries=2, meta={"project": pid})
+        _queue_backfill(backend, context)
+        if settings.auth_enabled and context.has_api and _webhook_auth_due(backend, pid):
+            # Label Studio creates its webhook without our basic auth: add the header through its API.
+            enqueue(redis, QUEUE_HIGH, "backend.jobs.secure_webhook", args=(context.to_job(), request.host),
+                    timeout_s=60, retries=3, meta={"project": pid})
         return jsonify(model_version=context.model_version)
 
     @app.get("/versions")
@@ -183,15 +219,18 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
                                  for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
         if len(tasks) > settings.sync_max_tasks:
             return _queue_bulk(backend, context, slim)
-        if live_workers(redis)[QUEUE_HIGH] == 0:
+        workers = live_workers(redis)[QUEUE_HIGH]
+        if workers == 0:
             raise ServiceUnavailable(
                 "no worker is running on the predict-high queue: start one with `python -m backend worker`"
             )
-        deadline = server_time(redis) + settings.predict_wait_s
-        job = enqueue(redis, QUEUE_HIGH, "backend.jobs.predict_tasks", args=(context.to_job(), slim, deadline),
-                      timeout_s=settings.job_timeout_s, at_front=True, ttl_s=int(settings.predict_wait_s + GRACE_S) + 1,
-                      meta={"project": pid, "tasks": len(tasks)})
-        outcome = _wait(job, deadline + GRACE_S - server_time(redis))
+        admit_click(redis, settings, workers)
+        with slots.take():
+            deadline = server_time(redis) + settings.predict_wait_s
+            job = enqueue(redis, QUEUE_HIGH, "backend.jobs.predict_tasks", args=(context.to_job(), slim, deadline),
+                          timeout_s=settings.job_timeout_s, at_front=True,
+                          ttl_s=int(settings.predict_wait_s + GRACE_S) + 1, meta={"project": pid, "tasks": len(tasks)})
+            outcome = _wait(job, deadline + GRACE_S - server_time(redis))
         if outcome is None:
             raise _late(job, context, settings.predict_wait_s)
         if outcome.type != Result.Type.SUCCESSFUL:
@@ -208,9 +247,15 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             return jsonify(status="ignored", action=action)
         pid = parse_project_id(body.get("project"))
         require_redis(redis)
-        backend.store.require_project(pid)
         project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
-        context = resolve_project(settings, backend.store, pid, _text_field(project_payload, "label_config") or None)
+        payload_config = _text_field(project_payload, "label_config")
+        known = backend.store.project(pid) is not None
+        if not known and not payload_config:
+            backend.store.require_project(pid)  # 404 naming the fix
+        context = resolve_project(settings, backend.store, pid, payload_config or None)
+        if not known:  # Redis lost it (restarted without persistence): the event's project re-registers it
+            logger.warning("project %s was unknown (Redis empty?); registered from the webhook payload", pid)
+            _queue_backfill(backend, context)
         if action == "START_TRAINING":
             from .training import enqueue_training
 
@@ -239,6 +284,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             progress=progress.read(),
             failures=progress.failures(),
             training=json.loads(project["last_training"]) if project.get("last_training") else None,
+            webhook_auth=project.get("webhook_auth") if settings.auth_enabled else "basic auth is off",
             queues=queue_lengths(redis),
             workers=live_workers(redis),
         )
@@ -290,13 +336,22 @@ def _fetch_job(redis: Redis, job_id: str) -> Job:
 
 
 def _wait(job: Job, seconds: float) -> Result | None:
-    """Block until the job has a result or `seconds` pass."""
+    """Poll until the job has a result or `seconds` pass.
+
+    Polling with short reads, not a blocking read: a waiting click holds a Redis connection only for
+    milliseconds at a time, so many waiting clicks cannot exhaust the pool that /health and /webhook need.
+    """
     deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        result = job.latest_result(timeout=max(1, min(2, int(remaining))))
+    pause = 0.05
+    while True:
+        result = job.latest_result()
         if result is not None:
             return result
-    return None
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        time.sleep(min(pause, remaining))
+        pause = min(pause * 1.5, 0.5)
 
 
 def _tasks(body: dict) -> list[dict]:
@@ -385,6 +440,44 @@ def _queue_bulk(backend: Backend, context: ProjectContext, tasks: list[dict]) ->
         **queued,
     }
     return jsonify(body), 202
+
+
+REJECTED_WEBHOOKS_KEY = "dws:rejected-webhooks"
+
+
+def _count_rejected_webhook(redis: Redis) -> None:
+    try:
+        pipe = redis.pipeline()
+        pipe.hincrby(REJECTED_WEBHOOKS_KEY, "count", 1)
+        pipe.hset(REJECTED_WEBHOOKS_KEY, "last_at", time.time())
+        pipe.execute()
+    except RedisError:
+        pass
+
+
+def _rejected_webhooks(redis: Redis) -> dict | None:
+    """Webhook calls refused for missing basic auth, with what to do about them."""
+    raw = {k.decode(): v.decode() for k, v in redis.hgetall(REJECTED_WEBHOOKS_KEY).items()}
+    if not raw:
+        return None
+    return {"count": int(raw["count"]), "last_at": float(raw["last_at"]),
+            "fix": "add the header 'Authorization: Basic <base64 user:pass>' to the project's webhook (Project -> "
+                   "Settings -> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to do it"}
+
+
+def _queue_backfill(backend: Backend, context: ProjectContext) -> None:
+    """Read the project's existing annotations from Label Studio, once per project record."""
+    if context.has_api and backend.store.claim_flag(context.project, "backfill_queued"):
+        enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
+                timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
+
+
+def _webhook_auth_due(backend: Backend, pid: int) -> bool:
+    """True unless the webhook already has our header, or a check ran in the last minute."""
+    project = backend.store.project(pid) or {}
+    if project.get("webhook_auth", "").startswith(("added", "already")):
+        return False
+    return backend.redis.set(f"dws:webhook-auth-check:{pid}", 1, nx=True, ex=60) is True
 
 
 def _backfill_state(project: dict[str, str], context: ProjectContext) -> dict:

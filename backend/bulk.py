@@ -9,7 +9,7 @@ from redis import Redis
 
 from .context import ProjectContext
 from .ledger import QUEUED, DeliveryLedger, bulk_may_take
-from .queues import QUEUE_BULK, enqueue, job_alive
+from .queues import QUEUE_BULK, RETRY_INTERVALS_S, enqueue, job_alive
 from .settings import Settings
 from .store import PREFIX
 
@@ -32,7 +32,7 @@ class Progress:
         if not same or finished:
             pipe.delete(self.key, self.failed_key)
             pipe.hset(self.key, mapping={"version": version, "revision": revision, "started_at": time.time(),
-                                         "total": 0, "done": 0, "failed": 0, "skipped": 0})
+                                         "total": 0, "done": 0, "skipped": 0})
         pipe.hincrby(self.key, "total", total)
         pipe.hincrby(self.key, "skipped", skipped)
         pipe.hset(self.key, "updated_at", time.time())
@@ -47,16 +47,17 @@ class Progress:
         pipe.execute()
 
     def mark_failed(self, task_id: int, message: str) -> None:
-        """Record a task that could not be predicted or delivered, with why."""
+        """Record a task that could not be predicted or delivered, with why (until it succeeds)."""
         pipe = self.redis.pipeline()
         pipe.hset(self.failed_key, task_id, message)
-        pipe.hincrby(self.key, "failed", 1)
         pipe.hset(self.key, mapping={"last_error": message, "updated_at": time.time()})
         pipe.execute()
 
     def read(self) -> dict:
-        """Current counters, with numbers as numbers."""
+        """Current counters, with numbers as numbers; "failed" counts the tasks failing now."""
         raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(self.key).items()}
+        if raw:
+            raw["failed"] = int(self.redis.hlen(self.failed_key))
         for name in ("total", "done", "failed", "skipped", "revision"):
             if name in raw:
                 raw[name] = int(raw[name])
@@ -108,7 +109,7 @@ def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks:
             continue
         batch = [by_id[c.task_id] for c in claims]
         enqueue(redis, QUEUE_BULK, "backend.jobs.prelabel_batch", args=(context.to_job(), batch),
-                timeout_s=settings.job_timeout_s, job_id=job_id, retries=2,
+                timeout_s=settings.job_timeout_s, job_id=job_id, retries=len(RETRY_INTERVALS_S),
                 meta={"project": context.project, "tasks": len(batch)})
         jobs.append(job_id)
         queued += len(batch)

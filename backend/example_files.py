@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from PIL import Image
 
 from .annotations import label_masks
 from .media import MediaFetcher
 from .store import Example, SupportStore, write_atomic
+
+logger = logging.getLogger(__name__)
 
 
 class ExampleFiles:
@@ -18,12 +22,15 @@ class ExampleFiles:
         self.fetcher = fetcher
 
     def image_bytes(self, pid: int, task_id: int, url: str) -> bytes:
-        """A task's image, from the disk cache or fetched (and then cached)."""
-        path = self.store.image_path(pid, task_id)
+        """A task's image, from the disk cache or fetched (and then cached, if the disk lets us)."""
+        path = self.store.image_path(pid, task_id, url)
         if path.is_file():
             return path.read_bytes()
         data = self.fetcher.fetch(url, task_id)
-        write_atomic(path, data)
+        try:
+            write_atomic(path, data)
+        except OSError as exc:  # MODEL_DIR full or read-only: the prediction still has its bytes
+            logger.warning("project %s: cannot cache the image of task %s (%s); using it uncached", pid, task_id, exc)
         return data
 
     def example_mask(self, pid: int, example: Example, label: str) -> np.ndarray:
@@ -32,7 +39,10 @@ class ExampleFiles:
         if path.is_file():
             return np.asarray(Image.open(path).convert("L")) > 0
         mask = label_masks(example.regions)[label]
-        self.store.save_mask(pid, example, label, mask)
+        try:
+            self.store.save_mask(pid, example, label, mask)
+        except OSError as exc:
+            logger.warning("project %s: cannot cache a mask of annotation %s (%s)", pid, example.annotation_id, exc)
         return mask
 
     def prepare(self, pid: int, example: Example) -> None:

@@ -11,11 +11,13 @@ import time
 
 from rq import get_current_job
 
+from .admission import record_click_seconds
 from .bulk import Progress, held_predictions, queue_bulk
 from .context import ProjectContext
 from .errors import BackendError, BadRequest
 from .ingest import ingest
 from .ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
+from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
 from .queues import job_alive, server_time
 from .worker import WorkerContext, get_context, report_progress
 
@@ -95,6 +97,37 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
     return {"done": done, "failed": failed}
 
 
+def secure_webhook(context: dict, backend_host: str) -> str:
+    """Add our basic-auth header to the project's webhook(s) at `backend_host`; records and returns what it did."""
+    import base64
+    from urllib.parse import urlparse
+
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    settings = ctx.settings
+    expected = "Basic " + base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
+    api = ctx.api(project)
+    hooks = api.call("listing the project's webhooks",
+                     lambda: list(api.client.webhooks.list(project=project.project, request_options=ONCE)))
+    ours = [h for h in hooks if urlparse(h.url).netloc == backend_host and urlparse(h.url).path.rstrip("/").endswith("/webhook")]
+    if not ours:  # Label Studio makes it just after the /setup that queued this: RQ retries the job shortly
+        state = f"no webhook to {backend_host}/webhook in the project yet; looking again"
+        ctx.store.set_project_field(project.project, "webhook_auth", state)
+        raise BackendError(state)
+    else:
+        changed = []
+        for hook in ours:
+            headers = dict(hook.headers or {}) if isinstance(hook.headers, dict) else {}
+            if headers.get("Authorization") != expected:
+                api.call(f"adding basic auth to webhook {hook.id}",
+                         lambda: api.client.webhooks.update(hook.id, headers={**headers, "Authorization": expected},
+                                                            request_options=ONCE))
+                changed.append(hook.id)
+        state = f"added basic auth to webhook(s) {changed}" if changed else "already set on the project's webhook"
+    ctx.store.set_project_field(project.project, "webhook_auth", state)
+    logger.info("project %s: %s", project.project, state)
+    return state
+
+
 # ---- clicks: /predict ------------------------------------------------------------------------
 
 
@@ -112,6 +145,15 @@ def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
     out = {"model_version": project.model_version, "predictions": [None] * len(tasks), "failures": {}, "skipped": {}}
     if server_time(ctx.redis) >= deadline:
         return {**out, "delivered": "dropped"}
+    started = time.monotonic()
+    try:
+        return _predict_and_deliver(ctx, project, tasks, deadline, job_id, out)
+    finally:
+        record_click_seconds(ctx.redis, time.monotonic() - started)
+
+
+def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: list[dict], deadline: float, job_id: str,
+                         out: dict) -> dict:
     ensure_backfilled(ctx, project)
     ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
     held = held_predictions(tasks, project.model_version)
@@ -146,28 +188,39 @@ def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, c
           predictions: dict[int, dict], revision: int, progress: Progress | None) -> tuple[int, dict[int, str]]:
     """Post each claimed prediction through the API as the task's only one of its version.
 
-    Returns how many were posted and, per task that could not be, why (its claim is given back).
+    Returns how many were posted and, per task that was not, why; its claim is given back, so the next
+    run (a job retry, the next prelabel) delivers it. Once Label Studio is unavailable the remaining
+    tasks are not tried: they all wait for the retry.
     """
     api = ctx.api_or_none(project)
     posted, failed = 0, {}
+    down: str | None = None if api is not None else (
+        "no Label Studio API access to post predictions (LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY)")
     for tid, claim in claims.items():
-        try:
-            if api is None:
-                raise BackendError("no Label Studio API access to post predictions (LABEL_STUDIO_URL / _API_KEY)")
-            ls_id = api.replace_prediction(tid, predictions[tid])
-        except Exception as exc:
-            ledger.release(claim)
-            message = f"posting to Label Studio failed: {type(exc).__name__}: {exc}"
-            logger.warning("project %s task %s: %s", project.project, tid, message)
-            failed[tid] = message
-            if progress is not None:
-                progress.mark_failed(tid, message)
-            continue
-        ledger.record(claim, via=VIA_POSTED, ls_id=ls_id, revision=revision)
-        posted += 1
+        if down is None:
+            try:
+                ls_id = api.replace_prediction(tid, predictions[tid])
+            except LabelStudioUnavailable as exc:
+                down = exc.message
+            except LabelStudioRefused as exc:
+                ledger.release(claim)
+                failed[tid] = f"Label Studio refused it: {exc.message}"
+                if progress is not None:
+                    progress.mark_failed(tid, failed[tid])
+                continue
+            else:
+                ledger.record(claim, via=VIA_POSTED, ls_id=ls_id, revision=revision)
+                posted += 1
+                if progress is not None:
+                    progress.mark_done(tid)
+                    report_progress(done=posted)
+                continue
+        ledger.release(claim)
+        failed[tid] = f"not posted yet: {down}"
         if progress is not None:
-            progress.mark_done(tid)
-            report_progress(done=posted)
+            progress.mark_failed(tid, failed[tid])
+    if down is not None:
+        logger.warning("project %s: %d predictions not posted: %s", project.project, len(failed), down)
     return posted, failed
 
 
@@ -231,4 +284,7 @@ def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
     posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress)
     failed.update(post_failed)
     report_progress(done=posted, failed=len(failed))
+    unreachable = [m for m in post_failed.values() if m.startswith("not posted yet")]
+    if unreachable:  # RQ retries the batch later (RETRY_INTERVALS_S); what was posted stays recorded
+        raise LabelStudioUnavailable(f"{len(unreachable)} of {len(tasks)} predictions not posted: {unreachable[0]}")
     return {"posted": posted, "skipped": skipped, "failed": failed}

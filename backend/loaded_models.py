@@ -19,11 +19,13 @@ logger = logging.getLogger(__name__)
 class LoadedModels:
     """The base model and the most recently used fine-tuned versions of one process."""
 
-    def __init__(self, base_name: str, load_base: Callable[[], object], registry: VersionRegistry, device: str | None):
+    def __init__(self, base_name: str, load_base: Callable[[], object], registry: VersionRegistry, device: str | None,
+                 support_cache_bytes: int):
         self.base_name = base_name
         self._load_base = load_base
         self.registry = registry
         self.device = device
+        self.support_cache_bytes = support_cache_bytes
         self._base = None
         self._versions: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.RLock()
@@ -56,6 +58,9 @@ class LoadedModels:
                 loaded = load_version(folder, device=self.device)
             except DiffewSError as exc:
                 raise VersionUnavailable(f"model version {version!r} in {folder} cannot be loaded: {exc}") from None
+            from model.support import SupportCache
+
+            loaded.support_cache = SupportCache(self.support_cache_bytes)
             logger.info("loaded model version %s from %s", version, folder)
             self._versions[version] = loaded
             while len(self._versions) > MAX_LOADED_VERSIONS:

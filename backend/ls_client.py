@@ -3,26 +3,55 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import requests
 
 from .context import LS_FROM_SETTINGS, ProjectContext
-from .errors import ServiceUnavailable
+from .errors import BackendError, ServiceUnavailable
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
 API_TIMEOUT_S = 30
+BLIP_RETRIES_S = (0.5, 1.5)
+"""Pauses before the second and third try of a call that failed for a passing reason (network, 5xx, 429).
+Longer outages are left to the job's own retries (backend.queues.RETRY_INTERVALS_S)."""
+
+T = TypeVar("T")
+ONCE = {"max_retries": 0}
+"""SDK request options: the SDK would repeat 5xx answers by itself (twice), also a POST that Label Studio
+stored before failing; `LabelStudioAPI.call` and `replace_prediction` decide what is repeated instead."""
+
+
+class LabelStudioUnavailable(ServiceUnavailable):
+    """Label Studio is down, overloaded, or refuses our credential: the same call can work later."""
+
+
+class LabelStudioRefused(BackendError):
+    """Label Studio answered this particular call with a client error (4xx): repeating it will not help."""
+
+    status = 502
+
+    def __init__(self, message: str, status_code: int):
+        super().__init__(message)
+        self.status_code = status_code
 
 
 class LabelStudioAPI:
-    """A thin wrapper over label-studio-sdk: it takes a Personal Access Token or a legacy token alike."""
+    """A thin wrapper over label-studio-sdk: it takes a Personal Access Token or a legacy token alike.
 
-    def __init__(self, url: str, api_key: str):
+    Every call goes through `call`, which retries passing failures briefly and turns the rest into
+    LabelStudioUnavailable (try later) or LabelStudioRefused (do not repeat), naming the credential on 401.
+    """
+
+    def __init__(self, url: str, api_key: str, credential: str = "LABEL_STUDIO_API_KEY"):
         from label_studio_sdk import LabelStudio
 
         self.url = url.rstrip("/")
+        self.credential = credential
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=API_TIMEOUT_S)
 
     @classmethod
@@ -34,9 +63,10 @@ class LabelStudioAPI:
                 "(a Personal Access Token from Account & Settings) for the web process and every worker"
             )
         if context.ls_access == LS_FROM_SETTINGS:
-            url, key = settings.label_studio_url, settings.label_studio_api_key
+            url, key, credential = settings.label_studio_url, settings.label_studio_api_key, "LABEL_STUDIO_API_KEY"
         else:
             url, key = (project or {}).get("hostname", ""), (project or {}).get("access_token", "")
+            credential = "the access token Label Studio sent in /setup (set LABEL_STUDIO_API_KEY to a Personal Access Token)"
         if not key or url.rstrip("/") != context.ls_url:
             raise ServiceUnavailable(
                 f"this worker has no credential for Label Studio at {context.ls_url}: give it the same "
@@ -44,12 +74,43 @@ class LabelStudioAPI:
             )
         if not url.startswith(("http://", "https://")):
             raise ServiceUnavailable(f"Label Studio URL {url!r} must start with http:// or https://")
-        return cls(url, key)
+        return cls(url, key, credential)
+
+    def refused_credential(self, status: int, detail: str = "") -> LabelStudioUnavailable:
+        """The error for a 401/403: which credential Label Studio refused, and what to do."""
+        return LabelStudioUnavailable(
+            f"Label Studio at {self.url} refused {self.credential} (HTTP {status}{': ' + detail if detail else ''}); "
+            "create a new Personal Access Token in Label Studio (Account & Settings) and restart the backend with it"
+        )
+
+    def call(self, what: str, fn: Callable[[], T], *, retry: bool = True) -> T:
+        """Run one API call: passing failures are retried briefly (unless `retry` is False, for calls that
+        may have taken effect), the rest mapped to a typed error."""
+        import httpx
+        from label_studio_sdk.core.api_error import ApiError
+
+        for pause in (*BLIP_RETRIES_S, None) if retry else (None,):
+            try:
+                return fn()
+            except ApiError as exc:
+                status, detail = exc.status_code or 0, _detail(exc.body)
+                if status in (401, 403):
+                    raise self.refused_credential(status, detail) from None
+                if status != 429 and status < 500:
+                    raise LabelStudioRefused(f"Label Studio refused {what}: HTTP {status} {detail}".strip(), status) from None
+                problem = f"HTTP {status} {detail}".strip()
+            except (httpx.TransportError, requests.RequestException) as exc:
+                problem = f"{type(exc).__name__}: {exc}"
+            if pause is None:
+                raise LabelStudioUnavailable(f"Label Studio at {self.url} failed while {what} ({problem})")
+            logger.info("Label Studio %s failed (%s); trying again in %.1f s", what, problem, pause)
+            time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def auth_headers(self) -> dict[str, str]:
         """Authorization header for plain HTTP downloads: the SDK exchanges a PAT for a fresh access token."""
         # The SDK keeps its token refresh behind its client wrapper; reusing it avoids a second refresh loop.
-        headers = self.client._client_wrapper.get_headers()
+        headers = self.call("refreshing the access token", self.client._client_wrapper.get_headers)
         return {"Authorization": headers["Authorization"]}
 
     def get(self, path_or_url: str, *, stream: bool = True, allow_redirects: bool = True) -> requests.Response:
@@ -59,41 +120,64 @@ class LabelStudioAPI:
                             allow_redirects=allow_redirects)
 
     def tasks(self, project_id: int, *, only_annotated: bool = False) -> Iterator[dict]:
-        """Every task of a project with its data and annotations."""
-        pager = self.client.tasks.list(project=project_id, fields="all", page_size=100, only_annotated=only_annotated or None)
-        for task in pager:
-            yield task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
+        """Every task of a project with its data, annotations and predictions (read in full, then yielded)."""
+
+        def read() -> list[dict]:
+            pager = self.client.tasks.list(project=project_id, fields="all", page_size=100,
+                                           only_annotated=only_annotated or None, request_options=ONCE)
+            return [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t) for t in pager]
+
+        yield from self.call(f"listing the tasks of project {project_id}", read)
 
     def task(self, task_id: int) -> dict:
         """One task with its data."""
-        task = self.client.tasks.get(id=str(task_id))
+        task = self.call(f"reading task {task_id}", lambda: self.client.tasks.get(id=str(task_id), request_options=ONCE))
         return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
 
     def create_prediction(self, task_id: int, result: list[dict], score: float, model_version: str) -> int:
         """POST /api/predictions; returns the new prediction's id."""
-        prediction = self.client.predictions.create(task=task_id, result=result, score=score, model_version=model_version)
+        # Not repeated on failure: Label Studio may have stored it and failed afterwards (replace_prediction
+        # repeats the whole delete-then-post instead).
+        prediction = self.call(f"posting a prediction for task {task_id}", lambda: self.client.predictions.create(
+            task=task_id, result=result, score=score, model_version=model_version, request_options=ONCE), retry=False)
         return int(prediction.id)
 
     def prediction_ids(self, task_id: int, model_version: str) -> list[int]:
         """Ids of the task's stored predictions of one model version."""
-        return [int(p.id) for p in self.client.predictions.list(task=task_id) if p.model_version == model_version]
+        stored = self.call(f"reading the predictions of task {task_id}",
+                            lambda: list(self.client.predictions.list(task=task_id, request_options=ONCE)))
+        return [int(p.id) for p in stored if p.model_version == model_version]
 
     def delete_prediction(self, prediction_id: int) -> None:
         """DELETE /api/predictions/<id>; a prediction already gone is fine."""
-        from label_studio_sdk.core.api_error import ApiError
-
         try:
-            self.client.predictions.delete(id=prediction_id)
-        except ApiError as exc:
+            self.call(f"deleting prediction {prediction_id}", lambda: self.client.predictions.delete(id=prediction_id, request_options=ONCE))
+        except LabelStudioRefused as exc:
             if exc.status_code != 404:
                 raise
 
     def replace_prediction(self, task_id: int, prediction: dict) -> int:
         """Make this the task's only prediction of its model version: delete the stored ones, then post it.
 
-        Deleting first keeps at most one at every moment; a retry after a crash between the two steps finds
-        none (or the one it posted) and ends with exactly one again.
+        Deleting first keeps at most one at every moment; a retry after a crash between the two steps, or
+        after a post that was stored but answered with an error, finds none (or that one) and ends with
+        exactly one again.
         """
-        for stale in self.prediction_ids(task_id, prediction["model_version"]):
-            self.delete_prediction(stale)
-        return self.create_prediction(task_id, prediction["result"], prediction["score"], prediction["model_version"])
+        for pause in (*BLIP_RETRIES_S, None):
+            try:
+                for stale in self.prediction_ids(task_id, prediction["model_version"]):
+                    self.delete_prediction(stale)
+                return self.create_prediction(task_id, prediction["result"], prediction["score"],
+                                              prediction["model_version"])
+            except LabelStudioUnavailable:
+                if pause is None:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+
+def _detail(body: object) -> str:
+    """The human part of a Label Studio error body."""
+    if isinstance(body, dict):
+        return str(body.get("detail") or body.get("validation_errors") or "")[:200]
+    return str(body or "")[:200]

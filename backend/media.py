@@ -1,4 +1,10 @@
-"""Fetch task images: Label Studio uploads and local files, presigned cloud URLs, allowed http(s) hosts."""
+"""Fetch task images: Label Studio uploads and local files, presigned cloud URLs, allowed http(s) hosts.
+
+No SSRF into the backend's network: every hop of a download (the first URL and each redirect) goes to
+Label Studio itself or to a host whose every address is public (ALLOW_PRIVATE_MEDIA lifts that), and the
+connection is made to the address that was checked (no second DNS answer). Credentials go to Label
+Studio's own host only.
+"""
 
 from __future__ import annotations
 
@@ -7,29 +13,63 @@ import binascii
 import io
 import ipaddress
 import socket
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 import requests
 from PIL import Image, UnidentifiedImageError
+from requests.adapters import HTTPAdapter
 
 from .errors import MediaError
 from .settings import Settings
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://", "azure-spi://")
 """Cloud URIs Label Studio resolves through /tasks/<id>/presign/."""
+MAX_REDIRECTS = 5
+TIMEOUT_S = (5, 30)
 
 
-def _private(host: str) -> bool:
-    """True if any address the host resolves to is loopback, private, link-local or reserved."""
+def _is_private(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified
+
+
+def resolve_checked(host: str, allow_private: bool) -> str:
+    """One address of `host` to connect to; MediaError if any of its addresses is private (unless allowed)."""
     try:
-        infos = socket.getaddrinfo(host, None)
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
     except OSError as exc:
         raise MediaError(f"cannot resolve media host {host!r} ({exc})") from None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or ip.is_unspecified:
-            return True
-    return False
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not addresses:
+        raise MediaError(f"media host {host!r} has no address")
+    if not allow_private and any(_is_private(a) for a in addresses):
+        raise MediaError(f"host {host!r} resolves to a private address; set ALLOW_PRIVATE_MEDIA=true to allow")
+    return str(addresses[0])
+
+
+class _PinnedTLS(HTTPAdapter):
+    """HTTPS to an IP address while checking the certificate (and sending SNI) for the original host name."""
+
+    def __init__(self, hostname: str):
+        self.hostname = hostname
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args, **kwargs):
+        kwargs.update(server_hostname=self.hostname, assert_hostname=self.hostname)
+        super().init_poolmanager(*args, **kwargs)
+
+
+def pinned_get(url: str, address: str, headers: dict[str, str] | None = None) -> requests.Response:
+    """GET `url` by connecting to `address` (already checked), never following redirects or proxies."""
+    parsed = urlparse(url)
+    host = f"[{address}]" if ":" in address else address
+    target = parsed._replace(netloc=host + (f":{parsed.port}" if parsed.port else "")).geturl()
+    session = requests.Session()
+    session.trust_env = False  # an environment proxy would resolve the name again
+    if parsed.scheme == "https":
+        session.mount("https://", _PinnedTLS(parsed.hostname or ""))
+    host_header = parsed.hostname + (f":{parsed.port}" if parsed.port else "")
+    return session.get(target, headers={**(headers or {}), "Host": host_header}, stream=True, timeout=TIMEOUT_S,
+                       allow_redirects=False)
 
 
 def check_image(data: bytes, settings: Settings, url: str) -> bytes:
@@ -103,20 +143,35 @@ class MediaFetcher:
             raise MediaError(f"data URI is not valid base64 ({exc})") from None
 
     def _from_ls(self, path: str, shown: str) -> bytes:
+        """From Label Studio, with its credential; redirects (presigned cloud URLs) are checked hop by hop."""
         if self.api is None:
             raise MediaError(
                 f"{shown}: this image lives in Label Studio; set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY"
             )
-        # Redirects are followed only here: Label Studio's presign endpoint sends us to cloud storage.
-        with self.api.get(path) as response:
-            return check_image(_read_limited(response, self.settings, shown), self.settings, shown)
+        url = path if path.startswith(("http://", "https://")) else self.api.url + path
+        for _ in range(MAX_REDIRECTS + 1):
+            parsed = urlparse(url)
+            if parsed.netloc.lower() == self._ls_host():  # Label Studio itself: trusted, and the only one with auth
+                response = self.api.get(url, allow_redirects=False)
+            else:
+                if parsed.scheme not in ("http", "https") or not parsed.hostname:
+                    raise MediaError(f"{shown}: Label Studio redirected to an unsupported URL {url!r}")
+                address = resolve_checked(parsed.hostname, self.settings.allow_private_media)
+                response = pinned_get(url, address)
+            with response:
+                if response.is_redirect:
+                    url = urljoin(url, response.headers.get("Location", ""))
+                    continue
+                if response.status_code in (401, 403) and parsed.netloc.lower() == self._ls_host():
+                    raise MediaError(f"{shown}: {self.api.refused_credential(response.status_code).message}")
+                return check_image(_read_limited(response, self.settings, shown), self.settings, shown)
+        raise MediaError(f"{shown}: more than {MAX_REDIRECTS} redirects")
 
     def _from_allowed_host(self, url: str, host: str) -> bytes:
         if host not in self.settings.media_hosts:
             raise MediaError(f"{url}: host {host!r} is not allowed; add it to MEDIA_HOSTS to fetch from it")
-        if not self.settings.allow_private_media and _private(host):
-            raise MediaError(f"{url}: host {host!r} resolves to a private address; set ALLOW_PRIVATE_MEDIA=true to allow")
-        with requests.get(url, stream=True, timeout=(5, 30), allow_redirects=False) as response:
+        address = resolve_checked(host, self.settings.allow_private_media)
+        with pinned_get(url, address) as response:
             if response.is_redirect:
                 raise MediaError(f"{url}: redirects are not followed for external media hosts")
             return check_image(_read_limited(response, self.settings, url), self.settings, url)

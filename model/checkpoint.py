@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import pickle
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,7 +19,13 @@ from safetensors.torch import load_file
 from .config import CONFIG_NAME, EMBEDS_NAME, DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .tiny import build_tiny_components
-from .unet_ref import add_conv_in_ref_by_surgery, load_conv_in_ref, read_ref_tensors
+from .unet_ref import (
+    add_conv_in_ref_by_surgery,
+    load_conv_in_ref,
+    pickled_objects_message,
+    read_ref_tensors,
+    unet_weight_file,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,8 @@ def load_unet(folder: Path) -> tuple[UNet2DConditionModel, str]:
     try:
         with quiet_diffusers():
             unet = UNet2DConditionModel.from_pretrained(folder)
+    except pickle.UnpicklingError:
+        raise InvalidCheckpointError(pickled_objects_message(unet_weight_file(folder) or folder)) from None
     except (OSError, ValueError, RuntimeError) as exc:
         raise InvalidCheckpointError(f"{folder}: cannot load the UNet ({exc})") from None
     if unet.config.in_channels != 4 or unet.config.out_channels != 4:

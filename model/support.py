@@ -123,6 +123,11 @@ class SupportCache:
                 _, evicted = self._items.popitem(last=False)
                 total -= evicted.nbytes
 
+    def discard(self, key: str) -> None:
+        """Forget one memory (a support set that no longer exists); absent keys are fine."""
+        with self._lock:
+            self._items.pop(key, None)
+
     def clear(self) -> None:
         """Forget every cached memory (callers holding one keep theirs)."""
         with self._lock:

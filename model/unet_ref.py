@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -58,6 +59,13 @@ def unet_weight_file(folder: Path) -> Path | None:
     return None
 
 
+def pickled_objects_message(path: Path) -> str:
+    """Why a .bin holding more than tensors is refused, and what to do instead (never "weights_only=False")."""
+    return (f"{path}: holds Python objects besides tensors, and such pickles can run code when loaded, so it is "
+            "not loaded; use the checkpoint's .safetensors weights, or re-save the weights as safetensors where "
+            "you trust the file")
+
+
 def read_ref_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
     """The `conv_in_ref.*` tensors of a UNet folder, or None if its weights have none.
 
@@ -83,6 +91,8 @@ def read_ref_tensors(folder: Path) -> dict[str, torch.Tensor] | None:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             found = {k: state[k] for k in REF_KEYS if k in state}
+    except pickle.UnpicklingError:
+        raise InvalidCheckpointError(pickled_objects_message(path)) from None
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise InvalidCheckpointError(f"{path}: cannot read UNet weights ({exc})") from None
     if not found:

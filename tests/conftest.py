@@ -84,10 +84,15 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture
 def redis(redis_server):
-    """The session's Redis, flushed around each test."""
-    redis_server.flushall()
-    yield redis_server
-    redis_server.flushall()
+    """A plain pooled client of the session's Redis (as the backend uses it), flushed around each test."""
+    from backend.queues import socket_client
+
+    client = socket_client(redis_server.socket_file)
+    client.socket_file = redis_server.socket_file  # where worker processes started by tests connect
+    client.flushall()
+    yield client
+    client.flushall()
+    client.close()
 
 
 @pytest.fixture
@@ -95,7 +100,8 @@ def settings(tmp_path):
     """Backend settings for tests: tiny model at 64 px, files under tmp_path."""
     from backend.settings import Settings
 
-    return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2)
+    return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2,
+                    job_heartbeat_ttl_s=12)
 
 
 @pytest.fixture
@@ -193,8 +199,8 @@ def live_backend(settings, redis, tiny_model, label_studio):
     made = []
 
     def make(model=None, **overrides) -> LiveBackend:
-        configured = replace(settings, label_studio_url=label_studio.url, label_studio_api_key=label_studio.pat,
-                             **overrides)
+        configured = replace(settings, **{"label_studio_url": label_studio.url, "label_studio_api_key": label_studio.pat,
+                                          **overrides})
         made.append(LiveBackend(configured, redis, model or tiny_model))
         return made[-1]
 

@@ -242,3 +242,21 @@ def test_separate_unet_missing(tmp_path):
         DiffewS.from_pretrained(root, unet=tmp_path / "missing")
     with pytest.raises(InvalidCheckpointError, match="tiny"):
         DiffewS.from_pretrained("tiny", unet=root / "unet")
+
+
+class _Payload:
+    """An object a pickle may carry besides tensors (it could run code when unpickled)."""
+
+
+def test_zip_pickle_bin_is_refused_without_unsafe_advice(tmp_path):
+    """A .bin holding Python objects: InvalidCheckpointError naming the file, never advice to drop weights_only."""
+    root = write_official_layout(tmp_path / "official")
+    unet_dir = root / "unet"
+    state = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+    torch.save({**state, "extra": _Payload()}, unet_dir / "diffusion_pytorch_model.bin")
+    (unet_dir / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(InvalidCheckpointError) as info:
+        DiffewS.from_pretrained(root, device="cpu")
+    message = str(info.value)
+    assert str(unet_dir / "diffusion_pytorch_model.bin") in message and "not loaded" in message
+    assert "weights_only=False" not in message

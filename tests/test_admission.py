@@ -1,0 +1,86 @@
+"""Admission control: clicks that cannot be answered in time get 503 + Retry-After at once, not a late 504."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
+
+import pytest
+from rq import Queue
+
+from backend.admission import CLICK_SECONDS_KEY, admit_click, expected_wait_s, record_click_seconds
+from backend.errors import Overloaded
+
+from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+
+SETUP = {"project": "1.1", "schema": CONFIG_XML}
+
+
+def _click(client, task_id: int = 300):
+    query, _ = square_scene(5)
+    return client.post("/predict", json={"project": "1.1", "label_config": CONFIG_XML,
+                                         "tasks": [{"id": task_id, "data": {"image": png_data_uri(query)}}]})
+
+
+def test_queue_deeper_than_the_workers_can_answer_is_refused(redis, settings):
+    """Five queued clicks at 10 s each for one worker: a new one would wait 60 s > 30 s, refused with Retry-After."""
+    redis.set(CLICK_SECONDS_KEY, 10)
+    queue = Queue("predict-high", connection=redis)
+    for _ in range(2):
+        queue.enqueue("backend.worker.noop")
+    admit_click(redis, settings, workers=1)  # (2 + 1) * 10 = 30 s: just within
+    for _ in range(3):
+        queue.enqueue("backend.worker.noop")
+    with pytest.raises(Overloaded) as refused:
+        admit_click(redis, settings, workers=1)
+    assert refused.value.retry_after == 30 and "5 predictions are queued for 1 worker" in refused.value.message
+    admit_click(redis, settings, workers=2)  # two workers work it off in 30 s
+    assert expected_wait_s(redis, 2) == (30.0, 5, 10.0)
+
+
+def test_click_seconds_are_a_moving_average(redis):
+    """The first measurement sets the average; later ones move it by a fifth."""
+    record_click_seconds(redis, 2.0)
+    record_click_seconds(redis, 7.0)
+    assert float(redis.get(CLICK_SECONDS_KEY)) == pytest.approx(3.0)
+
+
+def test_overloaded_click_gets_503_with_retry_after(client, worker, redis):
+    """When recent clicks took longer than PREDICT_WAIT_S, /predict says so at once (503, Retry-After)."""
+    client.post("/setup", json=SETUP)
+    client.post("/webhook", json=annotation_event(10, 100, *square_scene(0)))
+    redis.set(CLICK_SECONDS_KEY, 100)
+    started = time.monotonic()
+    r = _click(client)
+    assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1 and "PREDICT_WAIT_S" in r.json["error"]
+    assert time.monotonic() - started < 2
+    redis.delete(CLICK_SECONDS_KEY)
+    assert _click(client).status_code == 200
+
+
+def test_waiting_clicks_per_process_are_bounded(redis, settings, tiny_model):
+    """PREDICT_CONCURRENCY=1: while one click waits, a second is refused at once; the first is answered."""
+    from backend.app import create_app
+
+    from .conftest import LiveBackend
+    from .test_delivery import SlowModel
+
+    configured = replace(settings, predict_concurrency=1)
+    backend = LiveBackend(configured, redis, SlowModel(tiny_model, 2.0))
+    try:
+        client = create_app(configured, redis).test_client()
+        client.post("/setup", json=SETUP)
+        client.post("/webhook", json=annotation_event(10, 100, *square_scene(0)))
+        first = {}
+        thread = threading.Thread(target=lambda: first.setdefault("r", _click(client, 301)))
+        thread.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        second = _click(client, 302)
+        assert second.status_code == 503 and "PREDICT_CONCURRENCY=1" in second.json["error"]
+        assert time.monotonic() - started < 1 and second.headers["Retry-After"] == "2"
+        thread.join(30)
+        assert first["r"].status_code == 200
+    finally:
+        backend.stop()

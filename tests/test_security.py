@@ -1,0 +1,150 @@
+"""Credentials go only where they belong; basic auth reaches Label Studio's webhook; Redis exposure is warned about."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import io
+import threading
+
+import pytest
+import requests
+from PIL import Image
+
+from .conftest import CONFIG_XML, annotation_event, square_scene
+from .ls_server import brush_result, create_project, wait_for
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(square_scene(3)[0]).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class Recorder:
+    """An HTTP server on 127.0.0.1 that serves a PNG for any path and records each request's Authorization."""
+
+    def __init__(self):
+        self.seen: list[tuple[str, str | None]] = []
+        body, seen = _png(), self.seen
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                seen.append((self.path, self.headers.get("Authorization")))
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def hosts():
+    made = [Recorder(), Recorder()]
+    yield made
+    for host in made:
+        host.close()
+
+
+def _predict_upload(client) -> requests.Response:
+    """Two support examples (data URIs), then a click on a task whose image lives in Label Studio."""
+    for i in range(2):
+        client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i)))
+    return client.post("/predict", json={"project": "1.1", "label_config": CONFIG_XML,
+                                         "tasks": [{"id": 7, "data": {"image": "/data/upload/1/a.png"}}]})
+
+
+def test_configured_label_studio_wins_over_setup_hostname(redis, settings, tiny_model, hosts, worker):
+    """LABEL_STUDIO_URL set: /setup's hostname and token are not kept, the key never leaves for that host."""
+    from dataclasses import replace
+
+    from backend.app import create_app
+    from backend.worker import get_context
+
+    ls, attacker = hosts
+    configured = replace(settings, label_studio_url=ls.url, label_studio_api_key="key-of-ls")
+    get_context().settings = configured
+    client = create_app(configured, redis).test_client()
+    client.post("/setup", json={"project": "1.1", "schema": CONFIG_XML, "hostname": attacker.url, "access_token": "t"})
+    assert "hostname" not in client.get("/status/1").json and client.get("/status/1").json["label_studio_api"] == ls.url
+    assert _predict_upload(client).status_code == 200
+    assert attacker.seen == [] and ("/data/upload/1/a.png", "Token key-of-ls") in ls.seen
+    assert {auth for _, auth in ls.seen} == {"Token key-of-ls"}
+
+
+def test_setup_cannot_move_a_known_project_to_another_host(client, worker, hosts, caplog):
+    """Without LABEL_STUDIO_URL: the first /setup's host is kept; a later one naming another host is ignored."""
+    ls, attacker = hosts
+    client.post("/setup", json={"project": "1.1", "schema": CONFIG_XML, "hostname": ls.url, "access_token": "tok-ls"})
+    client.post("/setup", json={"project": "1.1", "schema": CONFIG_XML, "hostname": attacker.url,
+                                "access_token": "tok-attacker"})
+    assert "ignored" in caplog.text and attacker.url in caplog.text
+    assert client.get("/status/1").json["label_studio_api"] == ls.url
+    assert _predict_upload(client).status_code == 200
+    assert attacker.seen == [] and ("/data/upload/1/a.png", "Token tok-ls") in ls.seen
+    assert {auth for _, auth in ls.seen} == {"Token tok-ls"}
+
+
+def test_rejected_webhooks_are_counted_in_health(redis, tmp_path):
+    """With basic auth on, webhooks without it get 401 and /health counts them with the fix."""
+    from backend.app import create_app
+    from backend.settings import Settings
+
+    client = create_app(Settings(model_dir=tmp_path, basic_auth_user="u", basic_auth_pass="p"), redis).test_client()
+    assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 401
+    rejected = client.get("/health").json["rejected_webhooks"]
+    assert rejected["count"] == 1 and "Authorization: Basic" in rejected["fix"]
+
+
+@pytest.mark.parametrize("url,warned", [
+    ("", None), ("unix:///tmp/r.sock", None), ("redis://127.0.0.1:6379/0", None), ("redis://localhost/0", None),
+    ("redis://redis:6379/0", "without a password"), ("redis://:pw@10.0.0.5:6379/0", "without TLS"),
+    ("rediss://:pw@redis.example.com:6380/0", None),
+], ids=["embedded", "unix", "loopback", "localhost", "no-password", "no-tls", "tls"])
+def test_redis_url_warnings(url, warned):
+    """A REDIS_URL reachable from other machines without a password (or TLS) is warned about, naming why."""
+    from backend.queues import redis_url_warning
+
+    warning = redis_url_warning(url)
+    assert (warning is None) if warned is None else (warned in warning and "pickles" in warning or "TLS" in warning)
+
+
+def test_health_warns_about_a_redis_without_persistence(client, redis):
+    """CONFIG says no AOF and no snapshots: /health says what that means."""
+    redis.config_set("save", "")
+    try:
+        assert any("keeps no data over a restart" in w for w in client.get("/health").json["warnings"])
+    finally:
+        redis.config_set("save", "3600 1")
+
+
+@pytest.mark.label_studio
+def test_basic_auth_is_added_to_label_studios_webhook(label_studio, live_backend):
+    """BASIC_AUTH on: the backend adds its header to the webhook Label Studio made, so annotations arrive."""
+    backend = live_backend(basic_auth_user="ls", basic_auth_pass="secret-pass")
+    auth = ("ls", "secret-pass")
+    scenes = [square_scene(i) for i in range(3)]
+    pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
+    ml = label_studio.json("POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "DiffewS",
+                                                    "auth_method": "BASIC_AUTH", "basic_auth_user": auth[0],
+                                                    "basic_auth_pass": auth[1]})
+    assert ml["auth_method"] == "BASIC_AUTH"
+    # Label Studio makes the webhook after /setup answered; the job that adds the header looks again shortly.
+    status = wait_for(lambda: ((s := requests.get(f"{backend.url}/status/{pid}", auth=auth, timeout=10).json())
+                      .get("webhook_auth") or "").startswith("added") and s, 60, "the header on the webhook")
+    [hook] = label_studio.json("GET", f"/api/webhooks/?project={pid}")
+    expected = "Basic " + base64.b64encode(b"ls:secret-pass").decode()
+    assert hook["headers"]["Authorization"] == expected and status["webhook_auth"].startswith("added")
+    label_studio.request("POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": brush_result(scenes[0][1])})
+    wait_for(lambda: requests.get(f"{backend.url}/status/{pid}", auth=auth, timeout=10).json()["examples"], 30,
+             "the annotation through the authenticated webhook")
+    assert requests.get(f"{backend.url}/health", timeout=10).json()["rejected_webhooks"] is None
