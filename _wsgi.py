@@ -34,6 +34,14 @@ def _log_warnings(app) -> None:
         logger.warning("cannot check Redis at start: %s", exc)
 
 
+def _leave_a_core_for_the_web(settings: Settings) -> None:
+    """On the CPU, let the model use all cores but one: the web threads of this process need one to answer."""
+    import torch
+
+    if settings.device == "cpu" or not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
@@ -57,6 +65,10 @@ def main() -> None:
 
             backend = app.config["BACKEND"]
             context = WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir))
+            # Web and model share this process: hand the GIL over sooner, so /health and /webhook threads are
+            # not kept waiting behind the workers' Python code (the default interval is 5 ms).
+            sys.setswitchinterval(0.0005)
+            _leave_a_core_for_the_web(settings)
             workers = EmbeddedWorkers(context).start()
             app.config["EMBEDDED_WORKERS"] = workers
             logger.info("no REDIS_URL: embedded Redis under %s and one in-process worker per queue (%s)",

@@ -2,8 +2,8 @@
 
 Two limits. Per web process, at most PREDICT_CONCURRENCY requests wait for their job, so waiting clicks
 never take every server thread from /health and /webhook (keep it below gunicorn's --threads). Across
-all processes, a click is refused when the predict-high queue is deeper than the live workers can work
-off within PREDICT_WAIT_S, estimated from how long recent click jobs took.
+all processes, a click is refused when more clicks are pending than the live workers can work off within
+PREDICT_WAIT_S, estimated from how long recent click jobs took.
 """
 
 from __future__ import annotations
@@ -14,13 +14,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from redis import Redis
-from rq import Queue
 
 from .errors import Overloaded
-from .queues import QUEUE_HIGH
 from .settings import Settings
 from .store import PREFIX
 
+PENDING_KEY = f"{PREFIX}:clicks:pending"
+"""Sorted set of click job ids by deadline: the clicks queued or running now (ingestion jobs share the queue
+but not this count; an entry whose deadline has passed no longer counts, so a crash cannot inflate it)."""
 CLICK_SECONDS_KEY = f"{PREFIX}:stats:click-seconds"
 """Moving average of a click job's run time (seconds), kept by the workers."""
 FIRST_GUESS_S = 1.0
@@ -46,19 +47,35 @@ class ClickSlots:
             self._free.release()
 
 
-def expected_wait_s(redis: Redis, workers: int) -> tuple[float, int, float]:
-    """(seconds a new click would wait to finish, clicks queued, seconds per click) with `workers` serving them."""
-    queued = Queue(QUEUE_HIGH, connection=redis).count
-    per_click = float(redis.get(CLICK_SECONDS_KEY) or FIRST_GUESS_S)
-    return (queued + 1) * per_click / max(workers, 1), queued, per_click
+def expected_wait_s(redis: Redis, workers: int, now: float) -> tuple[float, int, float]:
+    """(seconds a new click would wait to finish, clicks pending, seconds per click) with `workers` serving them."""
+    pipe = redis.pipeline()
+    pipe.zremrangebyscore(PENDING_KEY, "-inf", now)
+    pipe.zcard(PENDING_KEY)
+    pipe.get(CLICK_SECONDS_KEY)
+    _, pending, per_click = pipe.execute()
+    per_click = float(per_click or FIRST_GUESS_S)
+    return (pending + 1) * per_click / max(workers, 1), int(pending), per_click
 
 
-def admit_click(redis: Redis, settings: Settings, workers: int) -> None:
-    """Overloaded (503, Retry-After) when the queue cannot be worked off within PREDICT_WAIT_S."""
-    wait, queued, per_click = expected_wait_s(redis, workers)
+def click_started(redis: Redis, job_id: str, deadline: float) -> None:
+    """Count a click job as pending until click_ended or its deadline."""
+    redis.zadd(PENDING_KEY, {job_id: deadline})
+
+
+def click_ended(redis: Redis, job_id: str) -> None:
+    """A click job finished (or was dropped): it no longer counts."""
+    redis.zrem(PENDING_KEY, job_id)
+
+
+def admit_click(redis: Redis, settings: Settings, workers: int, now: float) -> None:
+    """Overloaded (503, Retry-After) when the pending clicks cannot be worked off within PREDICT_WAIT_S."""
+    if not settings.admission_control:
+        return
+    wait, queued, per_click = expected_wait_s(redis, workers, now)
     if wait > settings.predict_wait_s:
         raise Overloaded(
-            f"{queued} predictions are queued for {workers} worker(s) at about {per_click:.1f} s each: a new one "
+            f"{queued} predictions are pending for {workers} worker(s) at about {per_click:.1f} s each: a new one "
             f"would take about {wait:.0f} s, more than PREDICT_WAIT_S={settings.predict_wait_s:.0f}; try again later",
             retry_after=max(1, math.ceil(wait - settings.predict_wait_s)),
         )

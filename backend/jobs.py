@@ -11,7 +11,7 @@ import time
 
 from rq import get_current_job
 
-from .admission import record_click_seconds
+from .admission import click_ended, record_click_seconds
 from .bulk import Progress, held_predictions, queue_bulk
 from .context import ProjectContext
 from .errors import BackendError, BadRequest
@@ -139,17 +139,17 @@ def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
     through the API. A job that starts after its deadline is dropped (its caller is gone).
     Per task the answer is a prediction, or None (failed, or being delivered by another job).
     """
-    ctx, project = get_context(), ProjectContext.from_job(context)
-    job = get_current_job()
-    job_id = job.id if job is not None else f"inline-{time.time()}"
+    ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
     out = {"model_version": project.model_version, "predictions": [None] * len(tasks), "failures": {}, "skipped": {}}
-    if server_time(ctx.redis) >= deadline:
-        return {**out, "delivered": "dropped"}
     started = time.monotonic()
     try:
-        return _predict_and_deliver(ctx, project, tasks, deadline, job_id, out)
-    finally:
+        if server_time(ctx.redis) >= deadline:
+            return {**out, "delivered": "dropped"}
+        delivered = _predict_and_deliver(ctx, project, tasks, deadline, job_id, out)
         record_click_seconds(ctx.redis, time.monotonic() - started)
+        return delivered
+    finally:
+        click_ended(ctx.redis, job_id)
 
 
 def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: list[dict], deadline: float, job_id: str,
@@ -164,16 +164,8 @@ def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: lis
         if tid not in claims:
             out["skipped"][tid] = ("Label Studio holds a prediction of this version" if held.get(tid)
                                    else "another job is delivering this task's prediction")
-    try:
-        run = ctx.segmenter(project).predict(project.project, [t for t in tasks if int(t["id"]) in claims],
-                                             project.config)
-    except BaseException:
-        for claim in claims.values():
-            ledger.release(claim)
-        raise
-    for failure in run.failures:
-        out["failures"][failure.task_id] = failure.message
-        ledger.release(claims.pop(failure.task_id))
+    run = _predict_claimed(ctx, project, ledger, claims, tasks)
+    out["failures"].update({f.task_id: f.message for f in run.failures})
     if server_time(ctx.redis) < deadline:
         for tid, claim in claims.items():
             ledger.record(claim, via=VIA_RETURNED, revision=run.revision)
@@ -182,6 +174,26 @@ def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: lis
     posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress=None)
     out["failures"].update(post_failed)
     return {**out, "delivered": "posted", "posted": posted}
+
+
+def _job_id() -> str:
+    job = get_current_job()
+    return job.id if job is not None else f"inline-{time.time()}"
+
+
+def _predict_claimed(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, claims: dict[int, Claim],
+                     tasks: list[dict]):
+    """Predict the claimed tasks; every claim is given back if the model fails, a failed task's claim too."""
+    try:
+        run = ctx.segmenter(project).predict(project.project, [t for t in tasks if int(t["id"]) in claims],
+                                             project.config)
+    except BaseException:
+        for claim in claims.values():
+            ledger.release(claim)
+        raise
+    for failure in run.failures:
+        ledger.release(claims.pop(failure.task_id))
+    return run
 
 
 def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, claims: dict[int, Claim],
@@ -258,9 +270,7 @@ def prelabel_request(project_id: int, task_ids: list[int] | None = None) -> dict
 
 def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
     """Predict a batch of tasks and post each as its task's only prediction of the version (idempotent)."""
-    ctx, project = get_context(), ProjectContext.from_job(context)
-    job = get_current_job()
-    job_id = job.id if job is not None else f"inline-{time.time()}"
+    ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
     progress = Progress(ctx.redis, project.project)
     ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
     claims = {c.task_id: c for c in ledger.claim([int(t["id"]) for t in tasks], job_id, project.revision,
@@ -269,16 +279,9 @@ def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
     report_progress(total=len(tasks), skipped=skipped, done=0)
     if not claims:
         return {"posted": 0, "skipped": skipped, "failed": {}}
-    try:
-        run = ctx.segmenter(project).predict(project.project, [t for t in tasks if int(t["id"]) in claims],
-                                             project.config)
-    except BaseException:
-        for claim in claims.values():
-            ledger.release(claim)
-        raise
+    run = _predict_claimed(ctx, project, ledger, claims, tasks)
     failed = {f.task_id: f.message for f in run.failures}
     for failure in run.failures:
-        ledger.release(claims.pop(failure.task_id))
         progress.mark_failed(failure.task_id, failure.message)
     report_progress(failed=len(failed))
     posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress)

@@ -129,7 +129,7 @@ class DeliveryLedger:
     def claim(self, task_ids: Iterable[int], job: str, revision: int, may_take: MayTake, state: str = DELIVERING,
               tries: int = 3) -> list[Claim]:
         """Claim the tasks whose current entry `may_take` accepts, atomically per task; returns the claims won."""
-        wanted = list(dict.fromkeys(int(t) for t in task_ids))
+        wanted = order = list(dict.fromkeys(int(t) for t in task_ids))
         claims: dict[int, Claim] = {}
         for _ in range(tries):  # a lost compare-and-set means someone else wrote: look again
             current = {t: self.redis.hget(self.key, t) for t in wanted} if len(wanted) < 64 else self.raw()
@@ -148,7 +148,7 @@ class DeliveryLedger:
             if not lost:
                 break
             wanted = sorted(lost)
-        return list(claims.values())
+        return [claims[t] for t in order if t in claims]  # in the order asked for: tasks are posted in it
 
     def record(self, claim: Claim, *, via: str, ls_id: int | None = None, revision: int | None = None) -> bool:
         """Mark a claimed task delivered; False (nothing written) if the claim was taken over meanwhile."""

@@ -240,16 +240,31 @@ WORKER_ALIVE_S = 90
 
 
 def live_workers(redis: Redis) -> dict[str, int]:
-    """Number of workers listening on each queue whose heartbeat is recent (a killed one drops out)."""
+    """Number of workers listening on each queue whose heartbeat is recent (a killed one drops out).
+
+    Two round trips whatever the number of workers (RQ's Worker.all reads each worker separately):
+    /health is polled often and must stay fast under load.
+    """
     from datetime import datetime, timezone
 
+    from rq import worker_registration
+    from rq.utils import utcparse
+
     counts = {name: 0 for name in ALL_QUEUES}
+    keys = sorted(worker_registration.get_keys(connection=redis))
+    if not keys:
+        return counts
+    pipe = redis.pipeline()
+    for key in keys:
+        pipe.hmget(key, "queues", "last_heartbeat")
     now = datetime.now(timezone.utc)
-    for worker in Worker.all(connection=redis):
-        beat = worker.last_heartbeat
-        if beat is None or (now - beat.replace(tzinfo=beat.tzinfo or timezone.utc)).total_seconds() > WORKER_ALIVE_S:
+    for queues, beat in pipe.execute():
+        if not queues or not beat:
             continue
-        for name in worker.queue_names():
+        age = (now - utcparse(beat.decode()).replace(tzinfo=timezone.utc)).total_seconds()
+        if age > WORKER_ALIVE_S:
+            continue
+        for name in queues.decode().split(","):
             if name in counts:
                 counts[name] += 1
     return counts
@@ -258,3 +273,10 @@ def live_workers(redis: Redis) -> dict[str, int]:
 def queue_lengths(redis: Redis) -> dict[str, int]:
     """Jobs waiting in each queue."""
     return {name: Queue(name, connection=redis).count for name in ALL_QUEUES}
+
+
+def running_jobs(redis: Redis) -> dict[str, int]:
+    """Jobs being run from each queue now (RQ's started-job registries)."""
+    from rq.registry import StartedJobRegistry
+
+    return {name: StartedJobRegistry(name, connection=redis).count for name in ALL_QUEUES}

@@ -50,9 +50,12 @@ class Settings:
     """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
     predict_wait_s: float = 80.0
     """PREDICT_WAIT_S: seconds /predict waits for its job (Label Studio gives up at 100 s)."""
-    predict_concurrency: int = 6
+    predict_concurrency: int = 32
     """PREDICT_CONCURRENCY: /predict requests one web process lets wait for their job at once; more get 503 with
     Retry-After. Keep it below gunicorn's --threads so /health and /webhook always find a thread."""
+    admission_control: bool = True
+    """ADMISSION_CONTROL: refuse a click (503, Retry-After) that the workers cannot answer within PREDICT_WAIT_S;
+    turn off only to measure what happens without it (bench/bench_load.py)."""
     bulk_batch_size: int = 8
     """BULK_BATCH_SIZE: tasks per bulk pre-annotation job."""
     model_batch_size: int = 4
@@ -112,7 +115,7 @@ class Settings:
             "max_shots": "MAX_SHOTS", "support_policy": "SUPPORT_POLICY",
             "prelabel_min_examples": "PRELABEL_MIN_EXAMPLES", "sync_max_tasks": "SYNC_MAX_TASKS",
             "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
-            "predict_concurrency": "PREDICT_CONCURRENCY",
+            "predict_concurrency": "PREDICT_CONCURRENCY", "admission_control": "ADMISSION_CONTROL",
             "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
             "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
             "max_request_bytes": "MAX_REQUEST_BYTES", "job_heartbeat_ttl_s": "JOB_HEARTBEAT_TTL_S",

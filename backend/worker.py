@@ -237,6 +237,7 @@ class EmbeddedWorkers:
         self.workers: dict[tuple[str, ...], InProcessWorker] = {}
         self.restarts = 0
         self._stopping = threading.Event()
+        self._lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
     def start(self) -> EmbeddedWorkers:
@@ -251,9 +252,12 @@ class EmbeddedWorkers:
         return self
 
     def _supervise(self, queues: tuple[str, ...]) -> None:
-        while not self._stopping.is_set():
+        while True:
             worker = make_worker(self.context, queues)
-            self.workers[queues] = worker
+            with self._lock:  # stop() either sees this worker, or this thread sees stop()
+                if self._stopping.is_set():
+                    return
+                self.workers[queues] = worker
             try:
                 worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
             except Exception:
@@ -265,8 +269,10 @@ class EmbeddedWorkers:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Let each worker finish its job and leave; wait up to `timeout` seconds for the threads."""
-        self._stopping.set()
-        for worker in list(self.workers.values()):
+        with self._lock:
+            self._stopping.set()
+            workers = list(self.workers.values())
+        for worker in workers:
             try:
                 worker.stop()
             except (RedisError, OSError):

@@ -23,6 +23,7 @@ class FaultyProxy:
         self.upstream = upstream
         self.mode, self.method, self.prefix = PASS, "", ""
         self.hits = 0
+        self.upstream_statuses = []
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -31,6 +32,7 @@ class FaultyProxy:
     def fault(self, mode: str, method: str = "", prefix: str = "") -> None:
         """Answer requests of `method` (any if "") whose path starts with `prefix` according to `mode`."""
         self.mode, self.method, self.prefix, self.hits = mode, method, prefix, 0
+        self.upstream_statuses: list[int] = []
 
     def refuse(self) -> None:
         """Stop listening: connections are refused until accept()."""
@@ -67,7 +69,9 @@ class FaultyProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 upstream = requests.request(self.command, proxy.upstream + self.path, headers=headers, data=body,
                                             allow_redirects=False, timeout=60)
-                if mode == STORE_THEN_500:
+                if matched:
+                    proxy.upstream_statuses.append(upstream.status_code)
+                if mode == STORE_THEN_500 and upstream.ok:
                     return self._answer(500, b'{"detail": "injected fault after storing"}', "application/json")
                 self._answer(upstream.status_code, upstream.content, upstream.headers.get("Content-Type", ""),
                              upstream.headers.get("Location"))

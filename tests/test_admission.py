@@ -7,9 +7,15 @@ import time
 from dataclasses import replace
 
 import pytest
-from rq import Queue
 
-from backend.admission import CLICK_SECONDS_KEY, admit_click, expected_wait_s, record_click_seconds
+from backend.admission import (
+    CLICK_SECONDS_KEY,
+    admit_click,
+    click_ended,
+    click_started,
+    expected_wait_s,
+    record_click_seconds,
+)
 from backend.errors import Overloaded
 
 from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
@@ -23,20 +29,23 @@ def _click(client, task_id: int = 300):
                                          "tasks": [{"id": task_id, "data": {"image": png_data_uri(query)}}]})
 
 
-def test_queue_deeper_than_the_workers_can_answer_is_refused(redis, settings):
-    """Five queued clicks at 10 s each for one worker: a new one would wait 60 s > 30 s, refused with Retry-After."""
+def test_more_pending_clicks_than_the_workers_can_answer_are_refused(redis, settings):
+    """Five pending clicks at 10 s each for one worker: a new one would wait 60 s > 30 s, refused with Retry-After."""
     redis.set(CLICK_SECONDS_KEY, 10)
-    queue = Queue("predict-high", connection=redis)
-    for _ in range(2):
-        queue.enqueue("backend.worker.noop")
-    admit_click(redis, settings, workers=1)  # (2 + 1) * 10 = 30 s: just within
-    for _ in range(3):
-        queue.enqueue("backend.worker.noop")
+    now = 1000.0
+    for i in range(2):
+        click_started(redis, f"c{i}", deadline=now + 30)
+    admit_click(redis, settings, workers=1, now=now)  # (2 + 1) * 10 = 30 s: just within
+    for i in range(2, 5):
+        click_started(redis, f"c{i}", deadline=now + 30)
+    click_started(redis, "stale", deadline=now - 1)  # past its deadline: no longer counts
     with pytest.raises(Overloaded) as refused:
-        admit_click(redis, settings, workers=1)
-    assert refused.value.retry_after == 30 and "5 predictions are queued for 1 worker" in refused.value.message
-    admit_click(redis, settings, workers=2)  # two workers work it off in 30 s
-    assert expected_wait_s(redis, 2) == (30.0, 5, 10.0)
+        admit_click(redis, settings, workers=1, now=now)
+    assert refused.value.retry_after == 30 and "5 predictions are pending for 1 worker" in refused.value.message
+    admit_click(redis, settings, workers=2, now=now)  # two workers work it off in 30 s
+    click_ended(redis, "c0")
+    assert expected_wait_s(redis, 1, now) == (50.0, 4, 10.0)
+    admit_click(redis, replace(settings, admission_control=False), workers=1, now=now)  # off: never refuses
 
 
 def test_click_seconds_are_a_moving_average(redis):

@@ -1,0 +1,123 @@
+"""Annotation webhooks and what they trigger: support examples, auto pre-label and training, backfill, webhook auth."""
+
+from __future__ import annotations
+
+import time
+
+from flask import Response, jsonify
+from redis import Redis
+from redis.exceptions import RedisError
+
+from .bodies import int_id
+from .context import ProjectContext, resolve_project
+from .errors import BadRequest
+from .ingest import ingest
+from .queues import QUEUE_HIGH, enqueue
+from .services import Backend
+
+REJECTED_WEBHOOKS_KEY = "dws:rejected-webhooks"
+
+
+def count_rejected_webhook(redis: Redis) -> None:
+    try:
+        pipe = redis.pipeline()
+        pipe.hincrby(REJECTED_WEBHOOKS_KEY, "count", 1)
+        pipe.hset(REJECTED_WEBHOOKS_KEY, "last_at", time.time())
+        pipe.execute()
+    except RedisError:
+        pass
+
+
+def rejected_webhooks(redis: Redis) -> dict | None:
+    """Webhook calls refused for missing basic auth, with what to do about them."""
+    raw = {k.decode(): v.decode() for k, v in redis.hgetall(REJECTED_WEBHOOKS_KEY).items()}
+    if not raw:
+        return None
+    return {"count": int(raw["count"]), "last_at": float(raw["last_at"]),
+            "fix": "add the header 'Authorization: Basic <base64 user:pass>' to the project's webhook (Project -> "
+                   "Settings -> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to do it"}
+
+
+def queue_backfill(backend: Backend, context: ProjectContext) -> None:
+    """Read the project's existing annotations from Label Studio, once per project record."""
+    if context.has_api and backend.store.claim_flag(context.project, "backfill_queued"):
+        enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
+                timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
+
+
+def webhook_auth_due(backend: Backend, pid: int) -> bool:
+    """True unless the webhook already has our header, or a check ran in the last minute."""
+    project = backend.store.project(pid) or {}
+    if project.get("webhook_auth", "").startswith(("added", "already")):
+        return False
+    return backend.redis.set(f"dws:webhook-auth-check:{pid}", 1, nx=True, ex=60) is True
+
+
+def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
+    """Whether the project's existing annotations were read from Label Studio, and if not, why."""
+    if project.get("backfilled"):
+        return {"done": True, "at": float(project["backfilled"]), "annotations": int(project.get("backfill_annotations", 0)),
+                "errors": int(project.get("backfill_errors", 0))}
+    if not context.has_api:
+        reason = "no Label Studio API access: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read existing annotations"
+    else:
+        reason = project.get("backfill_error") or "queued"
+    return {"done": False, "reason": reason}
+
+
+def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> Response | tuple:
+    """Store or replace the support examples of annotation events; queue their caching. Redis writes only."""
+    annotations, tasks = body.get("annotation"), body.get("task")
+    if action == "ANNOTATIONS_CREATED":
+        if not isinstance(annotations, list) or not isinstance(tasks, list):
+            raise BadRequest("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
+        by_id = {int_id(t.get("id")): t for t in tasks if isinstance(t, dict)}
+        pairs = [(a, by_id.get(int_id(a.get("task"))) if isinstance(a, dict) else None) for a in annotations]
+    else:
+        if not isinstance(annotations, dict) or not isinstance(tasks, dict):
+            raise BadRequest(f"{action} needs 'annotation' and 'task' objects")
+        pairs = [(annotations, tasks)]
+    config = context.config
+    report = ingest(backend.store, context.project, config, pairs, backend.settings.max_image_pixels)
+    if report.errors and not (report.stored or report.unchanged or report.removed):
+        raise BadRequest("; ".join(f"annotation {aid}: {msg}" for aid, msg in report.errors.items()))
+    job_id = None
+    if report.stored:
+        job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.ingest_examples", args=(context.to_job(), report.stored),
+                      timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
+        job_id = job.id
+    out = {"status": "ok", "action": action, **report.as_dict(), "revision": backend.store.revision(context.project),
+           "job": job_id}
+    out.update(maybe_prelabel(backend, context, config.labels))
+    out.update(maybe_train(backend, context, len(report.stored)))
+    return jsonify(out)
+
+
+def maybe_train(backend: Backend, context: ProjectContext, new_examples: int) -> dict:
+    """With TRAIN_EVERY=m, queue fine-tuning once m new examples arrived since the last trigger."""
+    every, pid = backend.settings.train_every, context.project
+    if every <= 0 or not new_examples:
+        return {}
+    count = backend.store.incr_project_field(pid, "new_since_train", new_examples)
+    if count < every:
+        return {}
+    backend.store.set_project_field(pid, "new_since_train", 0)
+    from .training import enqueue_training
+
+    return {"training": enqueue_training(backend.redis, backend.settings, context, f"{count} new annotations")}
+
+
+def maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str, ...]) -> dict:
+    """Once every label has PRELABEL_MIN_EXAMPLES examples, queue "pre-label the rest" (once per project)."""
+    need, pid = backend.settings.prelabel_min_examples, context.project
+    if need <= 0 or not context.has_api:
+        return {}
+    counts = backend.store.label_counts(pid)
+    if any(counts.get(label, 0) < need for label in labels):
+        return {}
+    if not backend.store.claim_flag(pid, "prelabel_triggered"):
+        return {}
+    context = resolve_project(backend.settings, backend.store, pid)  # the revision after this event
+    job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
+                  timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": pid})
+    return {"prelabel_job": job.id}
