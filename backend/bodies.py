@@ -8,6 +8,7 @@ from .errors import BadRequest
 
 
 def json_body() -> dict:
+    """The request's JSON object; BadRequest if it is not one (or nests too deeply to parse)."""
     try:
         body = request.get_json(silent=True)
     except RecursionError:

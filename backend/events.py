@@ -14,11 +14,13 @@ from .errors import BadRequest
 from .ingest import ingest
 from .queues import QUEUE_HIGH, enqueue
 from .services import Backend
+from .store import PREFIX
 
-REJECTED_WEBHOOKS_KEY = "dws:rejected-webhooks"
+REJECTED_WEBHOOKS_KEY = f"{PREFIX}:rejected-webhooks"
 
 
 def count_rejected_webhook(redis: Redis) -> None:
+    """Count a webhook refused for missing basic auth (Label Studio itself logs nothing about it)."""
     try:
         pipe = redis.pipeline()
         pipe.hincrby(REJECTED_WEBHOOKS_KEY, "count", 1)
@@ -50,7 +52,7 @@ def webhook_auth_due(backend: Backend, pid: int) -> bool:
     project = backend.store.project(pid) or {}
     if project.get("webhook_auth", "").startswith(("added", "already")):
         return False
-    return backend.redis.set(f"dws:webhook-auth-check:{pid}", 1, nx=True, ex=60) is True
+    return backend.redis.set(f"{PREFIX}:webhook-auth-check:{pid}", 1, nx=True, ex=60) is True
 
 
 def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
@@ -65,7 +67,7 @@ def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
     return {"done": False, "reason": reason}
 
 
-def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> Response | tuple:
+def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> Response:
     """Store or replace the support examples of annotation events; queue their caching. Redis writes only."""
     annotations, tasks = body.get("annotation"), body.get("task")
     if action == "ANNOTATIONS_CREATED":

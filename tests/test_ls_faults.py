@@ -52,8 +52,10 @@ def test_failed_posts_are_reported_and_resume_when_label_studio_recovers(label_s
     assert _counts(label_studio, tasks) == [0] * len(tasks)
     proxy.accept()  # Label Studio is back
     wait_for(lambda: _counts(label_studio, tasks) == [1] * len(tasks), 90, "the scheduled retry to post them")
-    status = backend.get(f"/status/{pid}")
-    assert status["failures"] == {} and status["progress"]["failed"] == 0
+    # the worker marks a task done just after Label Studio stores it: give /status that moment
+    status = wait_for(lambda: (s := backend.get(f"/status/{pid}"))["failures"] == {} and s, 10,
+                      "the failures to be cleared")
+    assert status["progress"]["failed"] == 0 and _counts(label_studio, tasks) == [1] * len(tasks)
 
 
 def test_refused_connections_then_recovery(label_studio, live_backend, proxy):
