@@ -86,7 +86,7 @@ class Settings:
     train_mode: str = "full"
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
     train_lr: float | None = None
-    """TRAIN_LR: learning rate; empty = 1e-5 for trained weights, 1e-3 for the tiny UNet."""
+    """TRAIN_LR: learning rate; empty = 1e-5 for SD 2.x weights, 1e-3 for the tiny UNet and its versions."""
     train_augment: bool = False
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
     train_seed: int | None = None

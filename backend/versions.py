@@ -8,6 +8,11 @@ from pathlib import Path
 
 from .settings import Settings
 
+# Where a ModelScope download of zzzmmz/Diffews keeps its base pipeline and default UNet (as model/checkpoint.py;
+# repeated here because the web process imports no torch).
+MODELSCOPE_BASE = "weight/stable-diffusion-2-1-ref8inchannels-tag4inchannels"
+MODELSCOPE_DEFAULT_UNET = "weight/incontext/unet"
+
 TINY_WARNING = (
     "DIFFEWS_MODEL is not set (or is 'tiny'): running the tiny DiffewS model, untrained on real pictures (pre-trained on "
     "synthetic shapes only). Its masks are rough colour matches until it is fine-tuned on accepted labels; "
@@ -44,15 +49,33 @@ def describe_model(settings: Settings) -> dict:
     if settings.model_spec == "tiny":
         info.update(trained=False, warning=TINY_WARNING)
         return info
-    config = Path(settings.model_spec) / "diffews_config.json"
-    trained = True
+    trained = _declared_trained(settings)
+    info["trained"] = trained
+    if not trained:
+        info["warning"] = PLAIN_SD_WARNING
+    return info
+
+
+PLAIN_SD_WARNING = ("the configured weights are not trained for segmentation (a plain Stable Diffusion folder, whose "
+                    "conv_in_ref is derived from conv_in): fine-tune on accepted labels before relying on its masks")
+
+
+def _declared_trained(settings: Settings) -> bool:
+    """Trained or not, from the files alone: diffews_config.json, else whether the UNet ships conv_in_ref."""
+    spec = Path(settings.model_spec)
+    base = spec / MODELSCOPE_BASE if (spec / MODELSCOPE_BASE).is_dir() else spec
+    config = base / "diffews_config.json"
     if config.is_file():
         try:
-            trained = bool(json.loads(config.read_text()).get("trained", True))
+            return bool(json.loads(config.read_text()).get("trained", True))
         except (OSError, ValueError):
-            pass
-    info["trained"] = trained
-    return info
+            return True
+    unet = Path(settings.model_unet) if settings.model_unet else (
+        spec / MODELSCOPE_DEFAULT_UNET if base != spec else base / "unet")
+    try:
+        return "in_channels_ref" in json.loads((unet / "config.json").read_text())
+    except (OSError, ValueError):
+        return True  # a hub id or an unreadable folder: the worker's load says what it is
 
 
 def current_version(settings: Settings, project: dict[str, str] | None) -> str:

@@ -4,7 +4,8 @@
     python -m bench.bench_learning_curve --n 5 25 --steps 200 --episodes 100
     python -m bench.bench_learning_curve --train-seeds 0 1 2     # mean and sd over three training runs per n
 
-Compares against (a) the untrained model (the tiny model as shipped: pre-trained on synthetic
+Compares against the predictors that know nothing of the query (copy the support masks, all foreground,
+empty: model.scoring.BASELINES, on the same val episodes), (a) the untrained model (the tiny model as shipped: pre-trained on synthetic
 episodes only, no real picture), (b) a supervised baseline of about the same size (a diffusers
 UNet2DModel on space-to-depth pixels, trained with cross-entropy on the same frames for the same
 number of steps, with the same augmentation; it predicts a class map and ignores the supports) and
@@ -34,6 +35,7 @@ from diffusers import UNet2DModel
 from model import DiffewS
 from model.data import Sample, load_label_map
 from model.evaluate import episodes, evaluate, format_table
+from model.scoring import BASELINES
 from model.images import rgb_to_tensor
 from model.train import TrainConfig, colour_change, finetune, flip_scale_crop, recolour
 
@@ -152,16 +154,24 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"augment {args.augment}, {args.order} order, {args.episodes} val episodes per setting, seed {args.seed}, "
           f"training seeds {args.train_seeds}", flush=True)
 
-    def few_shot(model: DiffewS) -> dict:
-        results = [evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed) for k in (1, 5)]
+    def few_shot(model: DiffewS, baselines: bool = False) -> dict:
+        results = [evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed,
+                            baselines=baselines) for k in (1, 5)]
         if args.per_class:
             print(format_table(results), flush=True)
-        return {f"{r.shots}-shot mIoU": r.miou for r in results}
+        figures = {f"{r.shots}-shot mIoU": r.miou for r in results}
+        if baselines:  # the predictors that know nothing of the query, on the same episodes
+            figures["baselines"] = {name: {f"{r.shots}-shot mIoU": b.miou for r in results for b in r.baselines
+                                           if b.predictor == name} for name in BASELINES}
+        return figures
 
     rows = []
     untrained = DiffewS.tiny(resolution=args.resolution)
-    rows.append(Row("untrained", {"n": 0, "method": "DiffewS tiny as shipped, no fine-tuning"}, few_shot(untrained)))
-    print_table(rows[-1:], ["1-shot mIoU", "5-shot mIoU"])
+    figures = few_shot(untrained, baselines=True)
+    for name, scores in figures.pop("baselines").items():
+        rows.append(Row(f"baseline: {name}", {"n": 0, "method": "knows nothing of the query"}, scores))
+    rows.append(Row("untrained", {"n": 0, "method": "DiffewS tiny as shipped, no fine-tuning"}, figures))
+    print_table(rows, ["1-shot mIoU", "5-shot mIoU"])
 
     def fine_tuned(n: int, pretrained: bool, seed: int) -> dict:
         start = time.perf_counter()

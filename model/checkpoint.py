@@ -8,7 +8,7 @@ import logging
 import pickle
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -131,7 +131,8 @@ def _empty_prompt_embeds(root: Path) -> torch.Tensor:
 
     try:
         tokenizer = CLIPTokenizer.from_pretrained(root / "tokenizer")
-        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=None)
+        # float32 always: transformers 5 keeps the stored dtype, and an fp16 encoder moves the embedding ~2e-3
+        encoder = CLIPTextModel.from_pretrained(root / "text_encoder", use_safetensors=None, dtype=torch.float32)
     except (OSError, ValueError, RuntimeError) as exc:
         raise InvalidCheckpointError(f"{root}: cannot load text_encoder/ or tokenizer/ ({exc})") from None
     # The release embeds "" in its 2-token form: BOS, EOS, no padding.
@@ -163,7 +164,7 @@ def _from_hub(repo_id: str) -> Path:
 def tiny_components(pretrained: bool = True) -> Components:
     """The tiny model's components (its UNet freshly initialised with `pretrained=False`), marked untrained."""
     vae, unet, embeds = build_tiny_components(pretrained=pretrained)
-    return Components(vae, unet, embeds, DiffewSConfig(trained=False, name="tiny"), TINY_SPEC, "tiny")
+    return Components(vae, unet, embeds, DiffewSConfig(trained=False, name="tiny", family="tiny"), TINY_SPEC, "tiny")
 
 
 def load_components(spec: str | Path, unet: str | Path | None = None) -> Components:
@@ -206,8 +207,10 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
     embeds = _empty_prompt_embeds(root)
     _check_fit(vae, loaded_unet, embeds, root, unet_folder)
     source = str(root) if unet is None else f"{root} + {unet_folder}"
-    if ref_origin == "surgery":
-        logger.warning("%s has no conv_in_ref: derived from conv_in (plain SD weights; fine-tune before use)", unet_folder)
+    if ref_origin == "surgery":  # plain SD weights: not a segmenter until fine-tuned on labels
+        config = replace(config, trained=False)
+        logger.warning("%s has no conv_in_ref: derived from conv_in (plain SD weights, untrained for segmentation; "
+                       "fine-tune before use)", unet_folder)
     return Components(vae, loaded_unet, embeds, config, source, ref_origin)
 
 

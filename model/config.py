@@ -26,12 +26,17 @@ class DiffewSConfig:
     """False for models not trained as segmenters (the tiny demo, a plain SD folder) until fine-tuned on labels."""
     name: str = "diffews"
     """Human-readable model name, reported as part of model versions."""
+    family: str = "sd"
+    """The architecture the weights belong to: "sd" (Stable Diffusion 2.x) or "tiny"; picks fine-tuning's
+    default learning rate (independent of `trained`)."""
 
     def __post_init__(self) -> None:
         if self.resolution < 8 or self.resolution % 8:
             raise InvalidCheckpointError(f"resolution must be a positive multiple of 8, got {self.resolution}")
         if not 0.0 < self.threshold_ratio < 1.0:
             raise InvalidCheckpointError(f"threshold_ratio must be in (0, 1), got {self.threshold_ratio}")
+        if self.family not in ("sd", "tiny"):
+            raise InvalidCheckpointError(f"family must be 'sd' or 'tiny', got {self.family!r}")
         if self.support_token_shots is not None and self.support_token_shots < 1:
             raise InvalidCheckpointError(f"support_token_shots must be >= 1 or null, got {self.support_token_shots}")
 

@@ -9,21 +9,24 @@ import argparse
 import json
 import random
 import sys
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from .data import Sample, load_label_map
-from .errors import InvalidInputError
+from .errors import DiffewSError, InvalidInputError
 from .pipeline import DiffewS
+from .scoring import BASELINES, Tally
+from .tiny import TINY_RESOLUTION
 
 
 @dataclass
 class EvalResult:
-    """Scores of one evaluation run (IoUs in percent)."""
+    """Scores of one evaluation run of one predictor (IoUs and foreground fractions in percent)."""
 
     shots: int
     episodes: int
@@ -31,10 +34,39 @@ class EvalResult:
     fbiou: float
     per_class: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    predictor: str = "model"
+    fg_predicted: float = 0.0
+    """Percent of the scored query pixels predicted foreground."""
+    fg_true: float = 0.0
+    """Percent of the scored query pixels that are truly foreground."""
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Classes that got no episode, with the reason (too few images for this many shots, or too few episodes)."""
+    baselines: list[EvalResult] = field(default_factory=list)
+    """The trivial predictors (scoring.BASELINES) on exactly the same episodes, when asked for."""
 
 
 def _having(samples: Sequence[Sample], c: str) -> list[int]:
     return [i for i, s in enumerate(samples) if c in s.masks and s.masks[c].any()]
+
+
+def eligible_classes(samples: Sequence[Sample], classes: Sequence[str], shots: int,
+                     support_pool: Sequence[Sample] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The classes that can make `shots`-shot episodes, and each other class with why it cannot."""
+    eligible, dropped = [], {}
+    for c in classes:
+        queries = len(_having(samples, c))
+        if support_pool is None:
+            if queries >= shots + 1:
+                eligible.append(c)
+            else:
+                dropped[c] = f"{queries} image{'s' * (queries != 1)} hold it; {shots}-shot needs {shots + 1}"
+        else:
+            pool = len(_having(support_pool, c))
+            if queries and pool >= shots:
+                eligible.append(c)
+            else:
+                dropped[c] = f"{queries} query and {pool} support images hold it; {shots}-shot needs 1 and {shots}"
+    return eligible, dropped
 
 
 def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, count: int, seed: int,
@@ -45,14 +77,11 @@ def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, coun
     `support_pool` (indices then refer to it; a class needs one query image and `shots` pool images).
     """
     rng = random.Random(seed)
-    queries = {c: _having(samples, c) for c in classes}
-    pool = {c: _having(support_pool, c) for c in classes} if support_pool is not None else None
-    if pool is None:
-        eligible = [c for c in classes if len(queries[c]) >= shots + 1]
-    else:
-        eligible = [c for c in classes if queries[c] and len(pool[c]) >= shots]
+    eligible, _ = eligible_classes(samples, classes, shots, support_pool)
     if not eligible:
         raise InvalidInputError(f"no class has a query and {shots} support images: cannot build {shots}-shot episodes")
+    queries = {c: _having(samples, c) for c in eligible}
+    pool = {c: _having(support_pool, c) for c in eligible} if support_pool is not None else None
     out = []
     for n in range(count):
         c = eligible[n % len(eligible)]
@@ -66,45 +95,127 @@ def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, coun
 
 def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], *, shots: int = 1,
              episode_count: int = 1000, seed: int = 0, progress: bool = False,
-             support_pool: Sequence[Sample] | None = None) -> EvalResult:
+             support_pool: Sequence[Sample] | None = None, baselines: bool = False) -> EvalResult:
     """Run few-shot episodes and score masks at the working resolution against the (nearest-resized) truth.
 
-    With `support_pool`, queries come from `samples` and supports from the pool (held-out scoring).
+    With `support_pool`, queries come from `samples` and supports from the pool (held-out scoring). With
+    `baselines`, the predictors of scoring.BASELINES are scored on the same episodes (in `.baselines`).
     """
     if any(s.image.shape[0] != model.config.resolution for s in [*samples, *(support_pool or [])]):
         raise InvalidInputError(f"samples must be at the model's working resolution {model.config.resolution}")
     plan = episodes(samples, classes, shots, episode_count, seed, support_pool)
+    _, dropped = eligible_classes(samples, classes, shots, support_pool)
+    drawn = {c for c, _, _ in plan}
+    dropped.update({c: f"no episode drawn ({episode_count} episodes, classes taken in turn)"
+                    for c in classes if c not in drawn and c not in dropped})
     pool = support_pool if support_pool is not None else samples
-    inter: dict[str, int] = {}
-    union: dict[str, int] = {}
-    fb_i, fb_u = np.zeros(2), np.zeros(2)
+    tallies = {"model": Tally(), **({name: Tally() for name in BASELINES} if baselines else {})}
     for c, query, supports in tqdm(plan, desc=f"{shots}-shot", disable=not progress):
-        memory = model.encode_support([pool[i].image for i in supports], [pool[i].masks[c] for i in supports])
+        support_masks = [pool[i].masks[c] for i in supports]
+        memory = model.encode_support([pool[i].image for i in supports], support_masks)
         out = model.segment([samples[query].image], memory)[0]
-        pred = out.probability > out.threshold
         truth = samples[query].masks[c]
         valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
-        inter[c] = inter.get(c, 0) + int((pred & truth & valid).sum())
-        union[c] = union.get(c, 0) + int(((pred | truth) & valid).sum())
-        for j, (p, t) in enumerate(((~pred, ~truth), (pred, truth))):  # background, foreground
-            fb_i[j] += (p & t & valid).sum()
-            fb_u[j] += ((p | t) & valid).sum()
-    per_class = {c: 100.0 * inter[c] / union[c] if union[c] else 0.0 for c in inter}
-    return EvalResult(
-        shots=shots, episodes=len(plan), miou=float(np.mean(list(per_class.values()))),
-        fbiou=float(100.0 * np.mean(fb_i / np.maximum(fb_u, 1))), per_class=per_class, seed=seed,
-    )
+        tallies["model"].add(c, out.probability > out.threshold, truth, valid)
+        for name in BASELINES if baselines else ():
+            tallies[name].add(c, BASELINES[name](support_masks, truth.shape), truth, valid)
+
+    def result(name: str, tally: Tally) -> EvalResult:
+        per_class = tally.per_class()
+        fg_predicted, fg_true = tally.foreground()
+        return EvalResult(shots=shots, episodes=len(plan), miou=float(np.mean(list(per_class.values()))),
+                          fbiou=tally.fbiou(), per_class=per_class, seed=seed, predictor=name,
+                          fg_predicted=fg_predicted, fg_true=fg_true, dropped=dict(dropped))
+
+    main_result = result("model", tallies.pop("model"))
+    main_result.baselines = [result(name, tally) for name, tally in tallies.items()]
+    return main_result
+
+
+def common_classes(results: Sequence[EvalResult]) -> list[str]:
+    """The classes every result scored (so that 1-shot and 5-shot mIoU can be compared)."""
+    sets = [set(r.per_class) for r in results]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def common_miou(result: EvalResult, classes: Sequence[str]) -> float:
+    """mIoU over `classes` only."""
+    return float(np.mean([result.per_class[c] for c in classes])) if classes else float("nan")
 
 
 def format_table(results: Sequence[EvalResult]) -> str:
-    """Markdown table: one row per shot count, one column per class."""
-    classes = sorted({c for r in results for c in r.per_class})
-    lines = ["| shots | episodes | mIoU | FB-IoU | " + " | ".join(classes) + " |", "|" + "---|" * (4 + len(classes))]
-    for r in results:
-        cells = [str(r.shots), str(r.episodes), f"{r.miou:.2f}", f"{r.fbiou:.2f}"]
+    """Markdown table: a row per shot count and predictor (the model, then its baselines), a column per
+    class; then the dropped classes of each shot count."""
+    rows = [row for r in results for row in (r, *r.baselines)]
+    classes = sorted({c for r in rows for c in r.per_class})
+    common = common_classes(results)
+    header = ["shots", "predictor", "episodes", "mIoU", f"mIoU on {len(common)} common", "FB-IoU",
+              "fg predicted %", "fg true %", *classes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [str(r.shots), r.predictor, str(r.episodes), f"{r.miou:.2f}", f"{common_miou(r, common):.2f}",
+                 f"{r.fbiou:.2f}", f"{r.fg_predicted:.1f}", f"{r.fg_true:.1f}"]
         cells += [f"{r.per_class[c]:.2f}" if c in r.per_class else "-" for c in classes]
         lines.append("| " + " | ".join(cells) + " |")
+    for r in results:
+        if r.dropped:
+            lines.append(f"\n{r.shots}-shot dropped: " + "; ".join(f"{c} ({why})" for c, why in r.dropped.items()))
     return "\n".join(lines)
+
+
+class UsageError(Exception):
+    """A bad command-line argument: printed as one line, exit status 2."""
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if min(args.shots) < 1:
+        raise UsageError(f"--shots must be at least 1, got {min(args.shots)}")
+    if args.episodes < 1:
+        raise UsageError(f"--episodes must be at least 1, got {args.episodes}")
+    if args.limit is not None and args.limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {args.limit}")
+    if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
+        raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: its folder does not exist")
+    data = Path(args.data)
+    if data.is_file():
+        raise UsageError(f"--data {args.data} is a file; it takes a label-map folder (classes.txt, <split>/images, "
+                         "<split>/labels). A Label Studio JSON export with brush labels converts to one with: python -m "
+                         f"backend labelmap --export {args.data} --images <folder of its images> --out <new folder>")
+    if not data.is_dir():
+        raise UsageError(f"--data {args.data}: no such folder")
+    if not (data / "classes.txt").is_file():
+        raise UsageError(f"--data {args.data}: classes.txt is missing (a label-map folder has classes.txt, "
+                         "<split>/images, <split>/labels)")
+    if not (data / args.split / "images").is_dir():
+        splits = sorted(p.name for p in data.iterdir() if (p / "images").is_dir())
+        raise UsageError(f"--split {args.split}: no such split in {args.data}; it has: {', '.join(splits) or 'none'}")
+
+
+def _check_shots(samples: Sequence[Sample], classes: Sequence[str], shots: Sequence[int], split: str) -> None:
+    for k in shots:
+        if not eligible_classes(samples, classes, k)[0]:
+            most = max(((len(_having(samples, c)), c) for c in classes), default=(0, "none"))
+            raise UsageError(f"--shots {k}: needs a class held by {k + 1} images of split {split}; the most is "
+                             f"{most[0]} ({most[1]})")
+
+
+def estimate_seconds(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], shots: int,
+                     episode_count: int, seed: int) -> float:
+    """Expected seconds for `episode_count` episodes: one warm-up episode, then one timed."""
+    plan = episodes(samples, classes, shots, 2, seed)
+    seconds = 0.0
+    for c, query, supports in plan:
+        start = time.perf_counter()
+        memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[c] for i in supports])
+        model.segment([samples[query].image], memory)
+        seconds = time.perf_counter() - start
+    return seconds * episode_count
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,28 +224,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--model", default="tiny", help="model spec: tiny, a DiffewS / SD folder, a version folder")
     parser.add_argument("--unet", default=None)
-    parser.add_argument("--resolution", type=int, default=None, help="working resolution (default: the model's)")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help=f"working resolution (default: the model's; {TINY_RESOLUTION} for tiny)")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--episodes", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
-    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--no-baselines", dest="baselines", action="store_false",
+                        help="leave out the copy-support, all-foreground and empty predictors")
+    parser.add_argument("--json", default=None, help="write the results here as JSON (after each shot setting)")
     args = parser.parse_args(argv)
-    if Path(args.data).is_file():
-        parser.error(f"--data {args.data} is a file; it takes a label-map folder (classes.txt, <split>/images, "
-                     "<split>/labels). A Label Studio JSON export with brush labels converts to one with: python -m "
-                     f"backend labelmap --export {args.data} --images <folder of its images> --out <new folder>")
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     from .versions import load_model_or_version
 
-    model = load_model_or_version(args.model, unet=args.unet, resolution=args.resolution)
-    classes, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
+    _check_arguments(args)
+    try:
+        model = load_model_or_version(args.model, unet=args.unet, resolution=args.resolution)
+    except DiffewSError as exc:
+        raise UsageError(f"--model {args.model}: {exc}") from None
+    try:
+        classes, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
+    except InvalidInputError as exc:
+        raise UsageError(f"--data {args.data}: {exc}") from None
+    _check_shots(samples, classes, args.shots, args.split)
     print(f"seed {args.seed}; {len(samples)} images, {len(classes)} classes; model {model.describe()}", file=sys.stderr)
-    results = [evaluate(model, samples, classes, shots=k, episode_count=args.episodes, seed=args.seed, progress=True)
-               for k in args.shots]
-    print(format_table(results))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump([r.__dict__ for r in results], f, indent=2)
+    expected = {k: estimate_seconds(model, samples, classes, k, args.episodes, args.seed) for k in args.shots}
+    print(f"expected run time: about {_duration(sum(expected.values()))} ("
+          + ", ".join(f"{k}-shot {_duration(t)}" for k, t in expected.items()) + ")", file=sys.stderr, flush=True)
+    results = []
+    for k in args.shots:
+        try:
+            results.append(evaluate(model, samples, classes, shots=k, episode_count=args.episodes, seed=args.seed,
+                                    progress=True, baselines=args.baselines))
+        except DiffewSError as exc:
+            kept = f"; {args.json} keeps the finished settings" if args.json and results else ""
+            raise UsageError(f"--shots {k}: {exc}{kept}") from None
+        print(format_table(results[-1:]), flush=True)
+        if args.json:  # each finished setting is on disk before the next starts
+            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    if len(results) > 1:
+        print("\nall settings:\n" + format_table(results))
     return 0
 
 

@@ -87,13 +87,25 @@ def to_rgb(image: ImageInput, what: str = "image") -> np.ndarray:
     return rgb
 
 
+def _mask_band(mask: Image.Image) -> np.ndarray:
+    """The band that holds the mask: alpha when it varies (a cut-out), else the grey level of the colours."""
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        alpha = np.asarray(mask.convert("RGBA").getchannel("A"))
+        if alpha.min() != alpha.max():
+            return alpha
+        mask = mask.convert("RGB")  # opaque everywhere: the mask is drawn in the colours
+    if mask.mode in ("RGB", "P", "CMYK", "LA"):
+        return np.asarray(mask.convert("L"))
+    return np.asarray(mask)
+
+
 def to_mask(mask: MaskInput, what: str = "mask") -> np.ndarray:
     """Any accepted mask -> HxW bool (non-zero = foreground), EXIF orientation applied."""
     if isinstance(mask, (bytes, str, os.PathLike)):
         mask = _open(mask, what)
     if isinstance(mask, Image.Image):
         mask = ImageOps.exif_transpose(mask)
-        arr = np.asarray(mask.getchannel("A") if mask.mode in ("RGBA", "LA") else mask.convert("L") if mask.mode in ("RGB", "P", "CMYK") else mask)
+        arr = _mask_band(mask)
     elif isinstance(mask, np.ndarray):
         arr = mask
     else:
@@ -113,12 +125,20 @@ def resize_rgb(rgb: np.ndarray, size: int) -> np.ndarray:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    """HxW bool -> size x size bool by nearest neighbour; a mask that nearest drops keeps any covered cell."""
-    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.NEAREST)) > 127
+    """HxW bool -> size x size bool as the release resizes masks (torch `interpolate(mode="nearest")`:
+    source index floor(i * in / out)); a mask that nearest drops keeps every cell it touches."""
+    small = _nearest(mask, size)
     if not small.any() and mask.any():
-        # Objects thinner than one working-resolution cell vanish under nearest; keep every touched cell.
+        # Objects thinner than one working-resolution cell vanish under nearest (the release then trains on an
+        # empty support); keep every touched cell instead.
         small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BOX)) > 0
     return small
+
+
+def _nearest(mask: np.ndarray, size: int) -> np.ndarray:
+    # torch itself, not index arithmetic: its float scale rounding is what the release's masks went through
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
+    return torch.nn.functional.interpolate(tensor, size=(size, size), mode="nearest")[0, 0].numpy().astype(bool)
 
 
 def rgb_to_tensor(rgb: np.ndarray) -> torch.Tensor:

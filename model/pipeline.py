@@ -22,6 +22,7 @@ from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
 from .support import SupportCache, SupportMemory
+from .tiny import TINY_RESOLUTION
 from .unet_ref import reference_input
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ class DiffewS:
         return model
 
     @classmethod
-    def tiny(cls, *, resolution: int = 512, device: torch.device | str | None = "cpu", pretrained: bool = True,
+    def tiny(cls, *, resolution: int = TINY_RESOLUTION, device: torch.device | str | None = "cpu", pretrained: bool = True,
              **kwargs) -> DiffewS:
         """The tiny model (never trained on real pictures) at the given working resolution.
 

@@ -12,6 +12,10 @@ from .unet_ref import add_conv_in_ref_by_surgery
 
 TINY_CROSS_DIM = 32
 
+TINY_RESOLUTION = 256
+"""Working resolution of the tiny model unless told otherwise (16x16 latents at 128 px are too coarse for
+anything but large regions; 512 is slow on a CPU for no gain, since its UNet saw 64 px synthetic episodes)."""
+
 TINY_UNET_CONFIG = dict(
     sample_size=8,
     in_channels=4,

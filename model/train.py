@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .data import Sample
-from .errors import InvalidInputError
+from .errors import DiffewSError, InvalidInputError
 from .images import mask_to_tensor, rgb_to_tensor
 from .pipeline import DiffewS
 
@@ -33,7 +33,7 @@ class TrainConfig:
     max_shots: int = 5
     """Episodes draw k ~ U{1..max_shots} supports (the paper's multi-shot training)."""
     lr: float | None = None
-    """AdamW learning rate; None = 1e-5 (published) for trained weights, 1e-3 for the tiny UNet."""
+    """AdamW learning rate; None = 1e-5 (published) for SD-family weights, 1e-3 for the tiny UNet and versions of it."""
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -53,8 +53,9 @@ class TrainConfig:
     """Save a resumable training state every this many steps (0 = only at the end)."""
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.max_shots < 1 or self.grad_accum < 1:
-            raise InvalidInputError("steps, max_shots and grad_accum must all be >= 1")
+        for name in ("steps", "max_shots", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.mode not in ("full", "lora"):
             raise InvalidInputError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
@@ -266,7 +267,7 @@ def finetune(
     gen = torch.Generator().manual_seed(config.seed)
     aug_rng = random.Random(config.seed + 1)
     params = _trainable(model, config)
-    lr = config.lr if config.lr is not None else (1e-5 if model.config.trained else 1e-3)
+    lr = config.lr if config.lr is not None else (1e-3 if model.config.family == "tiny" else 1e-5)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     updates = math.ceil(config.steps / config.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates))  # linear decay
@@ -400,21 +401,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images")
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--resolution", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="working resolution (default: the model's)")
     parser.add_argument("--out", required=True, help="folder of versions; the new one is written inside it")
     parser.add_argument("--name", required=True)
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=1000,
+                        help="episodes drawn (one forward and backward pass each); optimizer updates are "
+                             "steps / --grad-accum")
+    parser.add_argument("--grad-accum", type=int, default=1,
+                        help="episodes per optimizer update (the released recipe: 4)")
+    parser.add_argument("--max-shots", type=int, default=5, help="episodes draw k ~ U{1..max-shots} supports")
     parser.add_argument("--mode", choices=["full", "lora"], default="full")
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--augment", action="store_true")
+    parser.add_argument("--augment", action="store_true",
+                        help="flips, scale-crops and one colour change per episode (recommended with few images)")
     parser.add_argument("--state-dir", default=None, help="resumable training state (continues a killed run)")
     args = parser.parse_args(argv)
-    model = load_model_or_version(args.model, resolution=args.resolution)
-    _, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
-    config = TrainConfig(steps=args.steps, mode=args.mode, lr=args.lr, seed=args.seed, augment=args.augment,
-                         checkpoint_every=100 if args.state_dir else 0)
-    print(f"seed {args.seed}; {len(samples)} images", flush=True)
+    try:
+        config = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, max_shots=args.max_shots, mode=args.mode,
+                             lr=args.lr, seed=args.seed, augment=args.augment,
+                             checkpoint_every=100 if args.state_dir else 0)
+        model = load_model_or_version(args.model, resolution=args.resolution)
+        _, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
+    except DiffewSError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    print(f"seed {args.seed}; {len(samples)} images; {config.steps} episodes, "
+          f"{math.ceil(config.steps / config.grad_accum)} optimizer updates", flush=True)
     with tqdm(total=config.steps, desc="fine-tune") as bar:
         def on_step(step: int, loss: float) -> None:
             bar.n = step

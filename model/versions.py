@@ -13,9 +13,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .checkpoint import quiet_diffusers
 from .config import DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .pipeline import DiffewS
+from .tiny import TINY_RESOLUTION
 
 VERSION_FILE = "version.json"
 WEIGHTS_FILE = "unet.safetensors"
@@ -100,8 +102,9 @@ def load_version(folder: str | Path, *, device: torch.device | str | None = None
             model.unet.load_state_dict(load_file(folder / WEIGHTS_FILE))
         except (RuntimeError, FileNotFoundError) as exc:
             raise InvalidCheckpointError(f"{folder / WEIGHTS_FILE}: does not fit the base UNet ({exc})") from None
-    model.unet.to(model.device, model.dtype).eval().requires_grad_(False)
-    model.config = config
+    with quiet_diffusers():  # diffusers notes every dtype cast, even of models that keep no fp32 modules
+        model.unet.to(model.device, model.dtype).eval().requires_grad_(False)
+    model.config = replace(config, family=model.config.family)  # folders written before `family` existed
     model.source = str(folder)
     return model
 
@@ -112,7 +115,7 @@ def load_model_or_version(spec: str, *, unet: str | None = None, resolution: int
     if (Path(spec) / VERSION_FILE).is_file():
         model = load_version(spec, device=device)
     elif spec == "tiny":
-        model = DiffewS.tiny(resolution=resolution or 512, device=device or "cpu")
+        model = DiffewS.tiny(resolution=resolution or TINY_RESOLUTION, device=device or "cpu")
     else:
         model = DiffewS.from_pretrained(spec, unet=unet, device=device)
     if resolution and resolution != model.config.resolution:

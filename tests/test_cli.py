@@ -56,7 +56,7 @@ def test_labelmap_cli_then_evaluate(tmp_path, capsys):
     assert evaluate_main(["--data", str(tmp_path / "ds"), "--model", "tiny", "--resolution", "64", "--shots", "1",
                           "--episodes", "4", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
-    assert "| shots | episodes | mIoU | FB-IoU |" in out
+    assert "| shots | predictor | episodes | mIoU |" in out and "| 1 | model | 4 |" in out
     [result] = json.loads((tmp_path / "r.json").read_text())
     assert result["shots"] == 1 and result["episodes"] == 4 and 0 <= result["miou"] <= 100
 
@@ -74,21 +74,10 @@ def test_export_errors(tmp_path):
         export_to_label_map(tmp_path / "nobrush.json", images, tmp_path / "ds")
 
 
-def test_evaluate_errors(tmp_path):
-    """model.evaluate on a folder that is not a label-map dataset says what is missing."""
-    from model import InvalidInputError
-    from model.evaluate import main as evaluate_main
-
-    with pytest.raises(InvalidInputError, match="classes.txt is missing"):
-        evaluate_main(["--data", str(tmp_path), "--model", "tiny", "--resolution", "64"])
-
-
 def test_evaluate_on_an_export_file_names_the_converter(tmp_path, capsys):
     """model.evaluate handed a Label Studio export (a file) exits 2 and says how to convert it."""
     from model.evaluate import main as evaluate_main
 
     export, _ = _export(tmp_path, n=2)
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate_main(["--data", str(export), "--model", "tiny"])
-    assert exit_info.value.code == 2
+    assert evaluate_main(["--data", str(export), "--model", "tiny"]) == 2
     assert f"python -m backend labelmap --export {export}" in capsys.readouterr().err

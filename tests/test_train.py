@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -216,7 +217,24 @@ def test_train_cli_writes_a_loadable_version(tmp_path, capsys):
     for i, s in enumerate(shape_task(4, 9)):
         Image.fromarray(s.image).save(tmp_path / "ds" / "train" / "images" / f"{i}.png")
         Image.fromarray(s.masks["disc"].astype(np.uint8)).save(tmp_path / "ds" / "train" / "labels" / f"{i}.png")
-    assert main(["--data", str(tmp_path / "ds"), "--resolution", "64", "--out", str(tmp_path / "v"), "--name", "cli1",
-                 "--steps", "3"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    common = ["--data", str(tmp_path / "ds"), "--resolution", "64", "--out", str(tmp_path / "v")]
+    assert main([*common, "--name", "cli1", "--steps", "4", "--grad-accum", "2", "--max-shots", "2", "--augment"]) == 0
+    out = capsys.readouterr().out
+    assert "4 episodes, 2 optimizer updates" in out and "wrote" in out
     assert load_version(tmp_path / "v" / "cli1").config.name == "cli1"
+    summary = json.loads((tmp_path / "v" / "cli1" / "version.json").read_text())
+    assert summary["summary"]["steps"] == 4
+
+
+@pytest.mark.parametrize("args,message", [(["--grad-accum", "0"], "grad_accum must be >= 1, got 0"),
+                                          (["--max-shots", "0"], "max_shots must be >= 1, got 0"),
+                                          (["--resolution", "60"], "resolution must be a positive multiple of 8")])
+def test_train_cli_bad_arguments_exit_2(tmp_path, capsys, args, message):
+    """A bad argument ends the CLI with exit status 2 and one line naming it, before any training."""
+    from model.train import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(tmp_path), "--out", str(tmp_path / "v"), "--name", "x", *args])
+    assert exit_info.value.code == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert message in line

@@ -1,0 +1,66 @@
+"""HSNet-style running sums of masks against truth, and the trivial predictors every model is shown beside."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Baseline = Callable[[Sequence[np.ndarray], tuple[int, int]], np.ndarray]
+"""A predictor that never looks at the query: (support masks, query shape) -> boolean mask."""
+
+
+def copy_support(support_masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """The support prior: pixels that are foreground in more than half of the support masks."""
+    return np.mean(np.stack([m.astype(np.float32) for m in support_masks]), axis=0) > 0.5
+
+
+def all_foreground(support_masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """Every pixel is the class."""
+    return np.ones(shape, dtype=bool)
+
+
+def empty(support_masks: Sequence[np.ndarray], shape: tuple[int, int]) -> np.ndarray:
+    """No pixel is the class."""
+    return np.zeros(shape, dtype=bool)
+
+
+BASELINES: dict[str, Baseline] = {"copy support": copy_support, "all foreground": all_foreground, "empty": empty}
+"""Predictors that know nothing of the query, scored on the model's own episodes."""
+
+
+class Tally:
+    """One predictor's sums over episodes: per-class intersections and unions, FB-IoU terms, foreground pixels."""
+
+    def __init__(self) -> None:
+        self.inter: dict[str, int] = {}
+        self.union: dict[str, int] = {}
+        self.fb_inter = np.zeros(2)
+        self.fb_union = np.zeros(2)
+        self.predicted = 0
+        self.true = 0
+        self.scored = 0
+
+    def add(self, label: str, pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> None:
+        """Count one episode's mask against its truth, void pixels (valid False) left out."""
+        self.inter[label] = self.inter.get(label, 0) + int((pred & truth & valid).sum())
+        self.union[label] = self.union.get(label, 0) + int(((pred | truth) & valid).sum())
+        for j, (p, t) in enumerate(((~pred, ~truth), (pred, truth))):  # background, foreground
+            self.fb_inter[j] += (p & t & valid).sum()
+            self.fb_union[j] += ((p | t) & valid).sum()
+        self.predicted += int((pred & valid).sum())
+        self.true += int((truth & valid).sum())
+        self.scored += int(valid.sum())
+
+    def per_class(self) -> dict[str, float]:
+        """IoU in percent per class: sum of intersections over sum of unions."""
+        return {c: 100.0 * self.inter[c] / self.union[c] if self.union[c] else 0.0 for c in self.inter}
+
+    def fbiou(self) -> float:
+        """Mean of background and foreground IoU, in percent."""
+        return float(100.0 * np.mean(self.fb_inter / np.maximum(self.fb_union, 1)))
+
+    def foreground(self) -> tuple[float, float]:
+        """Percent of the scored pixels predicted foreground, and percent truly foreground."""
+        scored = max(self.scored, 1)
+        return 100.0 * self.predicted / scored, 100.0 * self.true / scored
