@@ -98,7 +98,8 @@ def mask_regions(result: Iterable[dict], config: LabelConfig, max_pixels: int = 
 
 def _polygon(points: list[list[float]], width: int, height: int) -> np.ndarray:
     canvas = Image.new("1", (width, height), 0)
-    xy = [(x / 100.0 * width, y / 100.0 * height) for x, y in points]
+    # rounded to 1e-6 px: a vertex written as x / width * 100 must land back on pixel x, not 1e-14 short of it
+    xy = [(round(x / 100.0 * width, 6), round(y / 100.0 * height, 6)) for x, y in points]
     ImageDraw.Draw(canvas).polygon(xy, fill=1, outline=1)
     return np.asarray(canvas, dtype=bool)
 

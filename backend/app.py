@@ -20,9 +20,10 @@ from rq.results import Result
 from .admission import ClickSlots, admit_click, click_started
 from .bodies import annotation_ids, json_body, tasks_of, text_field
 from .bulk import Progress
-from .clicks import GRACE_S, answer, answer_bulk, late, wait
+from .clicks import GRACE_S, answer, answer_bulk, answer_interactive, late, wait
 from .context import resolve_project
 from .errors import BackendError, BadRequest, NotFound, Overloaded, ServiceUnavailable
+from .interactive import interactive_regions, parse_prompts
 from .events import (
     backfill_state,
     count_rejected_webhook,
@@ -204,8 +205,16 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
         slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)},
                  "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
                                  for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
-        if len(tasks) > settings.sync_max_tasks:
+        smart = interactive_regions(body)
+        if smart is not None:  # a smart tool: refined regions for one task, returned only (see interactive.py)
+            if len(tasks) != 1:
+                raise BadRequest(f"an interactive request (params.context) takes exactly one task, got {len(tasks)}")
+            parse_prompts(smart, context.config)  # a malformed prompt is a 400 now, not a failed job
+            func, args = "backend.jobs.predict_interactive", (context.to_job(), slim[0], smart)
+        elif len(tasks) > settings.sync_max_tasks:
             return answer_bulk(backend, context, slim)
+        else:
+            func, args = "backend.jobs.predict_tasks", (context.to_job(), slim)
         workers = live_workers(redis)[QUEUE_HIGH]
         if workers == 0:
             raise ServiceUnavailable(
@@ -217,14 +226,16 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
             deadline = now + settings.predict_wait_s
             job_id = f"click-{pid}-{uuid.uuid4().hex[:12]}"
             click_started(redis, job_id, deadline)
-            job = enqueue(redis, QUEUE_HIGH, "backend.jobs.predict_tasks", args=(context.to_job(), slim, deadline),
+            job = enqueue(redis, QUEUE_HIGH, func, args=(*args, deadline),
                           timeout_s=settings.job_timeout_s, at_front=True, job_id=job_id,
                           ttl_s=int(settings.predict_wait_s + GRACE_S) + 1, meta={"project": pid, "tasks": len(tasks)})
             outcome = wait(job, deadline + GRACE_S - server_time(redis))
         if outcome is None:
-            raise late(job, context, settings.predict_wait_s)
+            raise late(job, context, settings.predict_wait_s, posts_later=smart is None)
         if outcome.type != Result.Type.SUCCESSFUL:
             raise ServiceUnavailable(f"prediction job {job.id} failed: {(outcome.exc_string or '').strip().splitlines()[-1:]}")
+        if smart is not None:
+            return answer_interactive(job, outcome.return_value, context, settings.predict_wait_s)
         return answer(job, outcome.return_value, context, settings.predict_wait_s)
 
     @app.post("/webhook")

@@ -36,11 +36,14 @@ def wait(job: Job, seconds: float) -> Result | None:
         pause = min(pause * 1.5, 0.5)
 
 
-def late(job: Job, context: ProjectContext, wait_s: float) -> BackendError:
+def late(job: Job, context: ProjectContext, wait_s: float, posts_later: bool = True) -> BackendError:
     """The error for a click job with no result by its deadline: not started (dropped) or still running."""
     if job.get_status(refresh=True) in (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED):
         return Overloaded(f"no worker could start prediction job {job.id} within {wait_s:.0f} s; it is dropped, "
                           "nothing will be posted: try again shortly", retry_after=int(wait_s) // 4 or 1)
+    if not posts_later:
+        return PredictionTimeout(f"interactive job {job.id} is still running after {wait_s:.0f} s; its answer is "
+                                 "dropped (nothing is posted): try again")
     if not context.has_api:
         return PredictionTimeout(f"prediction job {job.id} is still running after {wait_s:.0f} s and this backend has no "
                                  "Label Studio API access to post it later: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY")
@@ -85,3 +88,13 @@ def answer_bulk(backend: Backend, context: ProjectContext, tasks: list[dict]) ->
         **queued,
     }
     return jsonify(body), 202
+
+
+def answer_interactive(job: Job, value: dict, context: ProjectContext, wait_s: float) -> Response:
+    """A smart-tool job's outcome as /predict's answer: one prediction with the refined regions."""
+    if value["delivered"] == "dropped":
+        raise Overloaded(f"interactive job {job.id} started after its {wait_s:.0f} s deadline and was dropped; try again",
+                         retry_after=1)
+    if value["delivered"] == "error":
+        raise (MediaError if value.get("status") == MediaError.status else BadRequest)(value["error"])
+    return jsonify(results=[value["prediction"]], model_version=context.model_version)

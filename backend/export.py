@@ -35,7 +35,7 @@ def _config_from_results(tasks: list[dict]) -> LabelConfig:
     brush = next(c for c in made if c.kind == "brush")
     labels = tuple(sorted({lb for c in made for lb in c.labels}))
     brush = Control(brush.name, "brush", brush.to_name, labels)
-    return LabelConfig(brush=brush, image_name=brush.to_name, image_key="", mask_controls=tuple(made))
+    return LabelConfig(outputs=(brush,), image_name=brush.to_name, image_key="", mask_controls=tuple(made))
 
 
 def _find_image(url: str, images: Path) -> Path:

@@ -152,6 +152,31 @@ def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
         click_ended(ctx.redis, job_id)
 
 
+def predict_interactive(context: dict, task: dict, regions: list[dict], deadline: float) -> dict:
+    """A smart-tool request: the refined regions of one task, returned to the waiting web process only.
+
+    Nothing is posted or recorded in the ledger: Label Studio shows the answer in the editor, and the
+    annotator accepts it as an annotation. A job that starts after its deadline is dropped.
+    """
+    from .interactive import parse_prompts
+
+    ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
+    started = time.monotonic()
+    try:
+        if server_time(ctx.redis) >= deadline:
+            return {"delivered": "dropped"}
+        ensure_backfilled(ctx, project)
+        try:
+            prompts = parse_prompts(regions, project.config)
+            prediction = ctx.segmenter(project).predict_interactive(project.project, task, project.config, prompts)
+        except BackendError as exc:  # the web answers it with its status and message
+            return {"delivered": "error", "status": exc.status, "error": exc.message}
+        record_click_seconds(ctx.redis, time.monotonic() - started)
+        return {"delivered": "returned", "prediction": prediction}
+    finally:
+        click_ended(ctx.redis, job_id)
+
+
 def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: list[dict], deadline: float, job_id: str,
                          out: dict) -> dict:
     ensure_backfilled(ctx, project)

@@ -1,4 +1,4 @@
-"""Read a Label Studio labeling config: which brush control paints which image, with which labels."""
+"""Read a Label Studio labeling config: which controls label which image with which labels, and its smart tools."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from defusedxml import ElementTree
 from .errors import BadRequest
 
 MASK_CONTROLS = {"brushlabels": "brush", "polygonlabels": "polygon", "rectanglelabels": "rectangle"}
-"""Controls whose regions can be turned into masks (support examples); only brushes are predicted."""
+"""Controls whose regions can be turned into masks (support examples) and that predictions can be written to."""
+PROMPT_CONTROLS = {"keypointlabels": "keypoint", "rectanglelabels": "rectangle"}
+"""Controls that, with smart="true", are Label Studio's interactive tools: they say where to segment."""
 
 
 @dataclass(frozen=True)
@@ -18,32 +20,49 @@ class Control:
     """One labeling control attached to an image."""
 
     name: str
-    kind: str  # "brush", "polygon" or "rectangle"
+    kind: str  # "brush", "polygon", "rectangle" or "keypoint"
     to_name: str
     labels: tuple[str, ...]
+    smart: bool = False
+    """smart="true" or smartOnly="true": an interactive tool (a prompt), not where predictions go."""
 
 
 @dataclass(frozen=True)
 class LabelConfig:
     """The parts of a labeling config this backend uses."""
 
-    brush: Control
-    """The BrushLabels control predictions are written to."""
+    outputs: tuple[Control, ...]
+    """The brush, polygon and rectangle controls (not smart tools) that predictions are written to."""
     image_name: str
-    """The <Image name=...> the brush paints on."""
+    """The <Image name=...> they label."""
     image_key: str
     """The task data key of that image (`value="$image"` -> "image")."""
     mask_controls: tuple[Control, ...]
     """Every brush/polygon/rectangle control on that image (sources of support masks)."""
+    prompts: tuple[Control, ...] = ()
+    """The smart keypoint and rectangle tools on that image (interactive prompts)."""
+
+    @property
+    def brush(self) -> Control | None:
+        """The first BrushLabels output, if any."""
+        return next((c for c in self.outputs if c.kind == "brush"), None)
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """The brush labels, in config order."""
-        return self.brush.labels
+        """The labels predictions can carry (those of the output controls), in config order."""
+        return tuple(dict.fromkeys(label for c in self.outputs for label in c.labels))
+
+    def outputs_for(self, label: str) -> list[Control]:
+        """The output controls that carry `label`."""
+        return [c for c in self.outputs if label in c.labels]
+
+
+def _is_smart(el) -> bool:
+    return any((el.get(attr) or "").lower() == "true" for attr in ("smart", "smartOnly"))
 
 
 def parse_label_config(xml: str) -> LabelConfig:
-    """Parse a labeling config; BadRequest if it has no <BrushLabels> on an <Image>."""
+    """Parse a labeling config; BadRequest if no brush, polygon or rectangle control labels an <Image>."""
     if not isinstance(xml, str) or not xml.strip():
         raise BadRequest("label config is empty: expected the project's XML labeling config")
     try:
@@ -55,23 +74,29 @@ def parse_label_config(xml: str) -> LabelConfig:
         for el in root.iter()
         if el.tag.lower() == "image" and el.get("name")
     }
-    controls = []
+    controls, prompts = [], []
     for el in root.iter():
-        kind = MASK_CONTROLS.get(el.tag.lower())
-        if kind is None or el.get("toName") not in images:
+        tag = el.tag.lower()
+        if el.get("toName") not in images or tag not in (*MASK_CONTROLS, *PROMPT_CONTROLS):
             continue
         labels = tuple(c.get("value") for c in el if c.tag.lower() == "label" and c.get("value"))
-        controls.append(Control(el.get("name", ""), kind, el.get("toName"), labels))
-    brushes = [c for c in controls if c.kind == "brush"]
-    if not brushes:
-        raise BadRequest(
-            "label config has no <BrushLabels> control attached to an <Image>: this backend predicts brush masks"
-        )
-    brush = brushes[0]
-    if not brush.labels:
-        raise BadRequest(f"<BrushLabels name={brush.name!r}> has no <Label value=...> children")
-    value = images[brush.to_name]
+        smart = _is_smart(el)
+        if tag in MASK_CONTROLS:
+            controls.append(Control(el.get("name", ""), MASK_CONTROLS[tag], el.get("toName"), labels, smart))
+        if tag in PROMPT_CONTROLS and (smart or tag == "keypointlabels"):
+            prompts.append(Control(el.get("name", ""), PROMPT_CONTROLS[tag], el.get("toName"), labels, True))
+    outputs = [c for c in controls if not c.smart]
+    if not outputs:
+        raise BadRequest("label config has no <BrushLabels>, <PolygonLabels> or <RectangleLabels> control (other than "
+                         "smart tools) attached to an <Image>: this backend predicts masks, polygons or boxes there")
+    image = outputs[0].to_name
+    outputs = [c for c in outputs if c.to_name == image]
+    for control in outputs:
+        if not control.labels:
+            raise BadRequest(f"<{control.kind.capitalize()}Labels name={control.name!r}> has no <Label value=...> children")
+    value = images[image]
     if not value.startswith("$") or len(value) < 2:
-        raise BadRequest(f"<Image name={brush.to_name!r}> needs value=\"$key\" naming a task data field, got {value!r}")
-    on_image = tuple(c for c in controls if c.to_name == brush.to_name)
-    return LabelConfig(brush=brush, image_name=brush.to_name, image_key=value[1:], mask_controls=on_image)
+        raise BadRequest(f"<Image name={image!r}> needs value=\"$key\" naming a task data field, got {value!r}")
+    return LabelConfig(outputs=tuple(outputs), image_name=image, image_key=value[1:],
+                       mask_controls=tuple(c for c in controls if c.to_name == image),
+                       prompts=tuple(p for p in prompts if p.to_name == image))

@@ -55,7 +55,7 @@ class LoadedModels:
 
             folder = self.registry.folder(version)
             try:
-                loaded = load_version(folder, device=self.device)
+                loaded = load_version(folder, device=self.device, dtype=self.base.dtype)  # DIFFEWS_DTYPE
             except DiffewSError as exc:
                 raise VersionUnavailable(f"model version {version!r} in {folder} cannot be loaded: {exc}") from None
             from model.support import SupportCache

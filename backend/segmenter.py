@@ -7,7 +7,6 @@ route and fit() is backend.training.train_project.
 from __future__ import annotations
 
 import logging
-import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,10 +14,10 @@ import numpy as np
 from model import DiffewS, InvalidInputError, SupportMemory
 from model.images import to_rgb
 
-from .errors import BackendError, MediaError
+from .errors import BackendError, BadRequest, MediaError
 from .example_files import ExampleFiles
 from .label_config import LabelConfig
-from .rle import mask_to_rle
+from .regions import mask_regions_for
 from .settings import Settings
 from .store import SupportStore
 
@@ -42,21 +41,10 @@ class PredictionRun:
     revision: int
 
 
-def brush_region(config: LabelConfig, label: str, mask: np.ndarray, score: float) -> dict:
-    """A Label Studio brushlabels region for one predicted mask at the image's natural size."""
-    height, width = mask.shape
-    return {
-        "id": uuid.uuid4().hex[:10],
-        "from_name": config.brush.name,
-        "to_name": config.image_name,
-        "type": "brushlabels",
-        "original_width": width,
-        "original_height": height,
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]},
-        "score": round(float(score), 4),
-        "readonly": False,
-    }
+def label_regions(config: LabelConfig, label: str, mask: np.ndarray, score: float) -> list[dict]:
+    """A label's mask as regions of every output control that carries the label (brush, polygons, boxes)."""
+    return [region for control in config.outputs_for(label)
+            for region in mask_regions_for(control, config.image_name, label, mask, score)]
 
 
 def summarise(regions: list[dict], model_version: str) -> dict:
@@ -80,10 +68,11 @@ class FewShotSegmenter:
 
     # ---- support ----------------------------------------------------------------------------
 
-    def supports(self, pid: int, config: LabelConfig) -> dict[str, SupportMemory]:
-        """Encoded support memory per label that has usable examples (policy: SUPPORT_POLICY, at most MAX_SHOTS)."""
+    def supports(self, pid: int, config: LabelConfig, labels: list[str] | None = None) -> dict[str, SupportMemory]:
+        """Encoded support memory per label (of `labels`, default all) that has usable examples (policy:
+        SUPPORT_POLICY, at most MAX_SHOTS); a support set already encoded comes from the model's cache."""
         memories = {}
-        for label in config.labels:
+        for label in labels if labels is not None else config.labels:
             images, masks = [], []
             for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
                 try:
@@ -141,6 +130,27 @@ class FewShotSegmenter:
             return run
         outputs = self.model.segment_many(images, memories, batch_size=self.settings.model_batch_size)
         for task, per_label in zip(ok_tasks, outputs):
-            regions = [brush_region(config, label, out.mask, out.score) for label, out in per_label.items() if out.mask.any()]
+            regions = [region for label, out in per_label.items() if out.mask.any()
+                       for region in label_regions(config, label, out.mask, out.score)]
             run.predictions[int(task["id"])] = summarise(regions, self.model_version)
         return run
+
+    def predict_interactive(self, pid: int, task: dict, config: LabelConfig, prompts: dict) -> dict:
+        """One prediction with the regions the smart-tool prompts (interactive.LabelPrompt per label) refine."""
+        from .interactive import refine
+
+        memories = self.supports(pid, config, list(prompts))
+        missing = [label for label in prompts if label not in memories]
+        if missing:
+            raise BadRequest(f"project {pid} has no usable support examples of {missing[0]!r} yet: label a few "
+                             "images with it first (the backend learns them from annotation webhooks, or from "
+                             "Label Studio's API when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are set)")
+        _, images, failures = self.load_queries(pid, [task], config)
+        if failures:
+            raise MediaError(failures[0].message)
+        regions = []
+        for label, prompt in prompts.items():
+            mask, score = refine(self.model, images[0], memories[label], prompt)
+            if mask.any():
+                regions += label_regions(config, label, mask, score)
+        return summarise(regions, self.model_version)

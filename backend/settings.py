@@ -27,6 +27,10 @@ class Settings:
     """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
     device: str = ""
     """DIFFEWS_DEVICE: "cuda", "cpu" or empty for CUDA when available."""
+    dtype: str = "auto"
+    """DIFFEWS_DTYPE: working precision of the UNet and VAE encoder: auto (bf16 on CUDA, fp32 on CPU), fp32
+    (as the release evaluates), bf16, or fp16 (with the fused attention in fp32). The VAE decode and the
+    threshold always run in fp32."""
     support_cache_mb: int = 1024
     """SUPPORT_CACHE_MB: memory per loaded model for encoded support sets (K/V banks), least recently used
     evicted first; a project's replaced support set is dropped at once."""
@@ -108,7 +112,7 @@ class Settings:
         env = dict(os.environ if env is None else env)
         names = {
             "redis_url": "REDIS_URL", "redis_max_connections": "REDIS_MAX_CONNECTIONS", "model_dir": "MODEL_DIR", "model_spec": "DIFFEWS_MODEL",
-            "model_unet": "DIFFEWS_UNET", "device": "DIFFEWS_DEVICE", "tiny_resolution": "DIFFEWS_TINY_RESOLUTION",
+            "model_unet": "DIFFEWS_UNET", "device": "DIFFEWS_DEVICE", "dtype": "DIFFEWS_DTYPE", "tiny_resolution": "DIFFEWS_TINY_RESOLUTION",
             "support_cache_mb": "SUPPORT_CACHE_MB",
             "basic_auth_user": "BASIC_AUTH_USER", "basic_auth_pass": "BASIC_AUTH_PASS",
             "label_studio_url": "LABEL_STUDIO_URL", "label_studio_api_key": "LABEL_STUDIO_API_KEY",
@@ -158,6 +162,8 @@ class Settings:
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if self.support_policy not in ("ground_truth_first", "newest", "oldest"):
             raise ValueError(f"SUPPORT_POLICY must be ground_truth_first, newest or oldest, got {self.support_policy!r}")
+        if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"DIFFEWS_DTYPE must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.support_cache_mb < 0:
             raise ValueError(f"SUPPORT_CACHE_MB must be >= 0, got {self.support_cache_mb}")
         if self.predict_concurrency < 1:

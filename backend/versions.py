@@ -12,6 +12,7 @@ from .settings import Settings
 # repeated here because the web process imports no torch).
 MODELSCOPE_BASE = "weight/stable-diffusion-2-1-ref8inchannels-tag4inchannels"
 MODELSCOPE_DEFAULT_UNET = "weight/incontext/unet"
+RELEASE_ID = "zzzmmz/Diffews"
 
 TINY_WARNING = (
     "DIFFEWS_MODEL is not set (or is 'tiny'): running the tiny DiffewS model, untrained on real pictures (pre-trained on "
@@ -30,11 +31,12 @@ def base_version(settings: Settings) -> str:
         return f"diffews-tiny-r{settings.tiny_resolution}-untrained"
     spec = Path(settings.model_spec)
     name = spec.name if spec.name not in ("", ".") else settings.model_spec
-    if (spec / "weight" / "incontext").is_dir() and not settings.model_unet:
+    if ((spec / "weight" / "incontext").is_dir() or settings.model_spec.lower() == RELEASE_ID.lower()) \
+            and not settings.model_unet:
         name = "incontext"
     if settings.model_unet:
         unet = Path(settings.model_unet)
-        name = unet.parent.name if unet.name == "unet" else unet.name
+        name = unet.parent.name if unet.name == "unet" else unet.name  # coco_fold0 for .../coco_fold0/unet or "coco_fold0"
     return f"diffews-{_slug(name)}"
 
 
@@ -62,6 +64,8 @@ PLAIN_SD_WARNING = ("the configured weights are not trained for segmentation (a 
 
 def _declared_trained(settings: Settings) -> bool:
     """Trained or not, from the files alone: diffews_config.json, else whether the UNet ships conv_in_ref."""
+    if settings.model_spec.lower() == RELEASE_ID.lower():
+        return True  # the official weights, downloaded by the worker
     spec = Path(settings.model_spec)
     base = spec / MODELSCOPE_BASE if (spec / MODELSCOPE_BASE).is_dir() else spec
     config = base / "diffews_config.json"

@@ -81,16 +81,18 @@ def report_progress(**meta) -> None:
 
 
 def load_model(settings: Settings):
-    """Load DiffewS as configured (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE)."""
+    """Load DiffewS as configured (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE, DIFFEWS_DTYPE)."""
     from model import DiffewS
+    from model.pipeline import parse_dtype
 
     device = settings.device or None
     cache = settings.support_cache_mb << 20
     if settings.model_spec == "tiny":
         logger.warning("DIFFEWS_MODEL not set: tiny model, untrained on real pictures (synthetic pre-training only) until fine-tuned")
-        return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu", support_cache_bytes=cache)
+        return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu", support_cache_bytes=cache,
+                            dtype=parse_dtype(settings.dtype, device or "cpu"))
     return DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device,
-                                   support_cache_bytes=cache)
+                                   dtype=parse_dtype(settings.dtype, device), support_cache_bytes=cache)
 
 
 _context: WorkerContext | None = None

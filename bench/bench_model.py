@@ -2,6 +2,10 @@
 
     python -m bench.bench_model                 # tiny model on CPU (and SD 2.1 random weights if a GPU is present)
     python -m bench.bench_model --arch sd21 --device cuda --dtype bfloat16 float32
+
+With --labels L (3 by default) it also compares, per shot count, L labels per query segmented by the
+per-label loop against one UNet batch of (query, label) pairs across labels (segment_many), with the
+share of mask pixels on which the two disagree.
 """
 
 from __future__ import annotations
@@ -77,6 +81,37 @@ def run_mode(model: DiffewS, mode: str, shots: int, queries: list[np.ndarray], b
             "median_s": statistics.median(seconds), **mem}
 
 
+def run_labels(model: DiffewS, shots: int, queries: list[np.ndarray], labels: int, batch: int, repeats: int) -> list[dict]:
+    """Several labels per query: the per-label loop (each label's memory against the encoded queries) vs one
+    batch of (query, label) pairs across labels (segment_many); figures per mode, with the masks' agreement."""
+    memories = {}
+    for j in range(labels):
+        images, masks = synthetic_set(shots, model.config.resolution, seed=10 + j)
+        memories[f"label{j}"] = model.encode_support(images, masks)
+    results: dict[str, list] = {}
+
+    def per_label() -> None:
+        encoded = model.encode_queries(queries, batch_size=batch)
+        outs = {label: model.segment_encoded(encoded, memory, batch_size=batch) for label, memory in memories.items()}
+        results["per-label loop"] = [{label: outs[label][i] for label in memories} for i in range(len(queries))]
+
+    def across_labels() -> None:
+        results["batched across labels"] = model.segment_many(queries, memories, batch_size=batch)
+
+    figures = []
+    for mode, work in (("per-label loop", per_label), ("batched across labels", across_labels)):
+        work()  # warm-up
+        with peak_memory(model.device) as mem:
+            seconds = timed(work, model.device, repeats)
+        pairs = len(queries) * labels
+        figures.append({"mode": mode, "pairs_per_s": pairs / min(seconds), "queries_per_s": len(queries) / min(seconds), **mem})
+    loop, batched = results["per-label loop"], results["batched across labels"]
+    differing = np.mean([(a[label].mask != b[label].mask).mean() for a, b in zip(loop, batched) for label in a])
+    for f in figures:
+        f["mask_pixels_differing"] = float(differing)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", choices=["tiny", "sd21"], nargs="+", default=None)
@@ -87,6 +122,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--labels", type=int, default=3, help="labels per query in the across-labels comparison (0: skip)")
     parser.add_argument("--csv", type=Path, default=Path("bench/results/model.csv"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -120,9 +156,16 @@ def main(argv: list[str] | None = None) -> list[Row]:
                         figures["speedup_vs_naive"] = figures["queries_per_s"] / naive_qps
                     rows.append(Row(f"{arch}/{shots}-shot/{mode}", params, figures))
                     print_table(rows[-1:], ["queries_per_s", "speedup_vs_naive", "peak_mib"])
+                if args.labels:
+                    for figures in run_labels(model, shots, queries, args.labels, args.batch, args.repeats):
+                        mode = figures.pop("mode")
+                        params = {"arch": arch, "dtype": dtype_name, "shots": shots, "mode": f"{args.labels} labels, {mode}"}
+                        rows.append(Row(f"{arch}/{shots}-shot/{args.labels} labels/{mode}", params, figures))
+                        print_table(rows[-1:], ["pairs_per_s", "mask_pixels_differing", "peak_mib"])
             del model
     print()
-    print_table(rows, ["queries_per_s", "s_per_query", "speedup_vs_naive", "peak_mib", "peak_over_start_mib"])
+    print_table(rows, ["queries_per_s", "s_per_query", "speedup_vs_naive", "pairs_per_s", "mask_pixels_differing",
+                       "peak_mib", "peak_over_start_mib"])
     write_csv(rows, args.csv)
     return rows
 

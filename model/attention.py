@@ -28,6 +28,8 @@ class FusionState:
 
     mode: FusionMode = FusionMode.OFF
     bank: KVBank = field(default_factory=dict)
+    upcast: bool = False
+    """Compute the fused attention in float32 (for fp16 weights)."""
 
 
 def _shots_to_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -98,9 +100,12 @@ class KVFusionAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
+        dtype = query.dtype
+        if self.state.upcast:  # fp16: attention logits over 4096 x 24576 tokens overflow its range
+            query, key, value = query.float(), key.float(), value.float()
         hidden_states = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
         hidden_states = hidden_states.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = hidden_states.to(dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:
@@ -119,12 +124,13 @@ def bank_per_sample(bank: KVBank, batch: int) -> KVBank:
     return {name: (k.reshape(batch, -1, k.shape[-1]), v.reshape(batch, -1, v.shape[-1])) for name, (k, v) in bank.items()}
 
 
-def install_kv_fusion(unet: UNet2DConditionModel) -> FusionState:
+def install_kv_fusion(unet: UNet2DConditionModel, upcast: bool = False) -> FusionState:
     """Put a KV-fusion processor on every `attn1` and AttnProcessor2_0 on everything else.
 
-    Returns the state object the processors share; the caller sets its mode and bank.
+    Returns the state object the processors share; the caller sets its mode and bank. With `upcast` the
+    fused self-attention is computed in float32 (for fp16 weights).
     """
-    state = FusionState()
+    state = FusionState(upcast=upcast)
     processors = {}
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):

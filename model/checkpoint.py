@@ -177,6 +177,12 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
         if unet is not None:
             raise InvalidCheckpointError("a separate UNet cannot be combined with the tiny model")
         return tiny_components()
+    from .download import RELEASE_UNETS, download_release, is_release_id
+
+    if is_release_id(spec_str) and not Path(spec_str).exists():  # the official weights, fetched once into the cache
+        named = str(unet) if unet is not None and str(unet) in RELEASE_UNETS else None
+        spec_str = str(download_release(unets=[named or "incontext"]))
+        unet = Path(spec_str) / "weight" / named / "unet" if named else unet
     root = Path(spec_str).expanduser()
     if not root.exists():
         if HUB_ID.match(spec_str) and not spec_str.startswith((".", "/", "~")):
@@ -185,9 +191,9 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
             raise CheckpointNotFoundError(f"model folder {root} does not exist")
     if not root.is_dir():
         raise InvalidCheckpointError(f"{root} is a file; expected a model folder")
-    if unet is None and (root / MODELSCOPE_BASE).is_dir():
-        default_unet = root / MODELSCOPE_DEFAULT_UNET
-        unet = default_unet if default_unet.is_dir() else None
+    if (root / MODELSCOPE_BASE).is_dir():  # a ModelScope download: its base pipeline, and its in-context UNet unless told
+        if unet is None and (root / MODELSCOPE_DEFAULT_UNET).is_dir():
+            unet = root / MODELSCOPE_DEFAULT_UNET
         root = root / MODELSCOPE_BASE
     if not _is_pipeline_folder(root):
         if (root / "config.json").is_file() and "UNet" in (root / "config.json").read_text():

@@ -15,12 +15,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from .data import Sample, load_label_map
 from .errors import DiffewSError, InvalidInputError
 from .pipeline import DiffewS
-from .scoring import BASELINES, Tally
+from .scoring import BASELINES, Tally, contrast_score, episode_iou, margin_score, mask_agreement, ranking_quality
+from .prompts import box_of_mask, point_inside, segment_box, select_components
+from .support import split_tokens
 from .tiny import TINY_RESOLUTION
 
 
@@ -43,6 +46,18 @@ class EvalResult:
     """Classes that got no episode, with the reason (too few images for this many shots, or too few episodes)."""
     baselines: list[EvalResult] = field(default_factory=list)
     """The trivial predictors (scoring.BASELINES) on exactly the same episodes, when asked for."""
+    prompted: list[EvalResult] = field(default_factory=list)
+    """The model given a prompt from the truth (a box around it, or a point inside it), same episodes."""
+    score_ranking: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per candidate mask score (SCORES): how well it ranks the episodes' IoUs, when asked for."""
+
+
+SCORES = {
+    "contrast": "mean map inside the mask minus outside (the score before margin)",
+    "margin": "mean height of the map above the threshold inside the mask, over the room above it (the default)",
+    "agreement": "mean IoU with the masks from two disjoint random halves of the support tokens",
+}
+"""Candidate per-mask scores for active learning, compared by `evaluate(score_ranking=True)`."""
 
 
 def _having(samples: Sequence[Sample], c: str) -> list[int]:
@@ -95,12 +110,19 @@ def episodes(samples: Sequence[Sample], classes: Sequence[str], shots: int, coun
 
 def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], *, shots: int = 1,
              episode_count: int = 1000, seed: int = 0, progress: bool = False,
-             support_pool: Sequence[Sample] | None = None, baselines: bool = False) -> EvalResult:
+             support_pool: Sequence[Sample] | None = None, baselines: bool = False,
+             score_ranking: bool = False, prompt: str | None = None) -> EvalResult:
     """Run few-shot episodes and score masks at the working resolution against the (nearest-resized) truth.
 
     With `support_pool`, queries come from `samples` and supports from the pool (held-out scoring). With
-    `baselines`, the predictors of scoring.BASELINES are scored on the same episodes (in `.baselines`).
+    `baselines`, the predictors of scoring.BASELINES are scored on the same episodes (in `.baselines`). With
+    `score_ranking`, each candidate of SCORES is rated on how it ranks the episodes' IoUs (two extra query
+    passes per episode, for "agreement"). With `prompt` "box" (the bounding box of the true mask: the query
+    is cropped to it) or "point" (one point inside the true mask: components of the model's mask are kept by
+    it), the prompted model is scored too (in `.prompted`).
     """
+    if prompt not in (None, "box", "point"):
+        raise InvalidInputError(f"prompt must be 'box' or 'point', got {prompt!r}")
     if any(s.image.shape[0] != model.config.resolution for s in [*samples, *(support_pool or [])]):
         raise InvalidInputError(f"samples must be at the model's working resolution {model.config.resolution}")
     plan = episodes(samples, classes, shots, episode_count, seed, support_pool)
@@ -110,15 +132,32 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
                     for c in classes if c not in drawn and c not in dropped})
     pool = support_pool if support_pool is not None else samples
     tallies = {"model": Tally(), **({name: Tally() for name in BASELINES} if baselines else {})}
+    prompted = Tally()
+    ranked: dict[str, list[float]] = {name: [] for name in ("iou", *SCORES)} if score_ranking else {}
+    generator = torch.Generator().manual_seed(seed)
     for c, query, supports in tqdm(plan, desc=f"{shots}-shot", disable=not progress):
         support_masks = [pool[i].masks[c] for i in supports]
         memory = model.encode_support([pool[i].image for i in supports], support_masks)
-        out = model.segment([samples[query].image], memory)[0]
+        encoded = model.encode_queries([samples[query].image])
+        out = model.segment_encoded(encoded, memory)[0]
+        pred = out.probability > out.threshold
         truth = samples[query].masks[c]
         valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
-        tallies["model"].add(c, out.probability > out.threshold, truth, valid)
+        tallies["model"].add(c, pred, truth, valid)
         for name in BASELINES if baselines else ():
             tallies[name].add(c, BASELINES[name](support_masks, truth.shape), truth, valid)
+        if prompt == "box":
+            box = box_of_mask(truth & valid) or box_of_mask(truth)
+            prompted.add(c, segment_box(model, samples[query].image, memory, box)[0], truth, valid)
+        elif prompt == "point":
+            point = point_inside(truth & valid) or point_inside(truth)
+            prompted.add(c, select_components(pred, [point]) if pred.any() else pred, truth, valid)
+        if score_ranking:
+            halves = [model.segment_encoded(encoded, part)[0] for part in split_tokens(memory, 2, generator)]
+            ranked["iou"].append(episode_iou(pred, truth, valid))
+            ranked["contrast"].append(contrast_score(out.probability, pred))
+            ranked["margin"].append(margin_score(out.probability, out.threshold, pred))
+            ranked["agreement"].append(mask_agreement(pred, [h.probability > h.threshold for h in halves]))
 
     def result(name: str, tally: Tally) -> EvalResult:
         per_class = tally.per_class()
@@ -129,7 +168,18 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
 
     main_result = result("model", tallies.pop("model"))
     main_result.baselines = [result(name, tally) for name, tally in tallies.items()]
+    main_result.prompted = [result(f"model + {prompt} prompt", prompted)] if prompt else []
+    main_result.score_ranking = {name: ranking_quality(ranked[name], ranked["iou"]) for name in SCORES} if ranked else {}
     return main_result
+
+
+def format_score_ranking(results: Sequence[EvalResult]) -> str:
+    """Markdown table: per shot count and candidate score, Spearman with IoU and AUROC for IoU < 0.5."""
+    lines = ["| shots | score | Spearman with IoU | AUROC, IoU < 0.5 | episodes with IoU < 0.5 |", "|---|---|---|---|---|"]
+    for r in results:
+        for name, q in r.score_ranking.items():
+            lines.append(f"| {r.shots} | {name} | {q['spearman']:.3f} | {q['auroc']:.3f} | {100 * q['bad_share']:.0f} % |")
+    return "\n".join(lines)
 
 
 def common_classes(results: Sequence[EvalResult]) -> list[str]:
@@ -146,7 +196,7 @@ def common_miou(result: EvalResult, classes: Sequence[str]) -> float:
 def format_table(results: Sequence[EvalResult]) -> str:
     """Markdown table: a row per shot count and predictor (the model, then its baselines), a column per
     class; then the dropped classes of each shot count."""
-    rows = [row for r in results for row in (r, *r.baselines)]
+    rows = [row for r in results for row in (r, *r.prompted, *r.baselines)]
     classes = sorted({c for r in rows for c in r.per_class})
     common = common_classes(results)
     header = ["shots", "predictor", "episodes", "mIoU", f"mIoU on {len(common)} common", "FB-IoU",
@@ -202,14 +252,11 @@ def _check_shots(samples: Sequence[Sample], classes: Sequence[str], shots: Seque
 
 
 def estimate_seconds(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], shots: int,
-                     episode_count: int, seed: int) -> float:
-    """Expected seconds for `episode_count` episodes: one warm-up episode, then one timed."""
-    plan = episodes(samples, classes, shots, 2, seed)
-    seconds = 0.0
-    for c, query, supports in plan:
+                     episode_count: int, seed: int, **options) -> float:
+    """Expected seconds for `episode_count` episodes of evaluate(**options): one warm-up episode, then one timed."""
+    for _ in range(2):
         start = time.perf_counter()
-        memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[c] for i in supports])
-        model.segment([samples[query].image], memory)
+        evaluate(model, samples, classes, shots=shots, episode_count=1, seed=seed, **options)
         seconds = time.perf_counter() - start
     return seconds * episode_count
 
@@ -219,7 +266,8 @@ def _duration(seconds: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m model.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="label-map dataset folder (classes.txt, <split>/images, <split>/labels)")
     parser.add_argument("--split", default="val")
     parser.add_argument("--model", default="tiny", help="model spec: tiny, a DiffewS / SD folder, a version folder")
@@ -232,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="use only the first N images of the split")
     parser.add_argument("--no-baselines", dest="baselines", action="store_false",
                         help="leave out the copy-support, all-foreground and empty predictors")
+    parser.add_argument("--prompt", choices=["box", "point"], default=None,
+                        help="also score the model given the true mask's bounding box (the query cropped to it) or "
+                             "one point inside it (the components under it kept), on the same episodes")
+    parser.add_argument("--score-ranking", action="store_true",
+                        help="also rate candidate mask scores on how they rank errors (Spearman, AUROC for IoU < 0.5)")
     parser.add_argument("--json", default=None, help="write the results here as JSON (after each shot setting)")
     args = parser.parse_args(argv)
     try:
@@ -255,22 +308,33 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: {exc}") from None
     _check_shots(samples, classes, args.shots, args.split)
     print(f"seed {args.seed}; {len(samples)} images, {len(classes)} classes; model {model.describe()}", file=sys.stderr)
-    expected = {k: estimate_seconds(model, samples, classes, k, args.episodes, args.seed) for k in args.shots}
+    expected = {}
+    for k in args.shots:
+        try:
+            expected[k] = estimate_seconds(model, samples, classes, k, args.episodes, args.seed,
+                                           score_ranking=args.score_ranking, prompt=args.prompt)
+        except DiffewSError as exc:
+            raise UsageError(f"--shots {k}: {exc}") from None
     print(f"expected run time: about {_duration(sum(expected.values()))} ("
           + ", ".join(f"{k}-shot {_duration(t)}" for k, t in expected.items()) + ")", file=sys.stderr, flush=True)
     results = []
     for k in args.shots:
         try:
             results.append(evaluate(model, samples, classes, shots=k, episode_count=args.episodes, seed=args.seed,
-                                    progress=True, baselines=args.baselines))
+                                    progress=True, baselines=args.baselines, score_ranking=args.score_ranking,
+                                    prompt=args.prompt))
         except DiffewSError as exc:
             kept = f"; {args.json} keeps the finished settings" if args.json and results else ""
             raise UsageError(f"--shots {k}: {exc}{kept}") from None
         print(format_table(results[-1:]), flush=True)
+        if args.score_ranking:
+            print("\n" + format_score_ranking(results[-1:]), flush=True)
         if args.json:  # each finished setting is on disk before the next starts
             Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
     if len(results) > 1:
         print("\nall settings:\n" + format_table(results))
+        if args.score_ranking:
+            print("\n" + format_score_ranking(results))
     return 0
 
 

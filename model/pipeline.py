@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -21,6 +22,7 @@ from .checkpoint import load_components, quiet_diffusers, tiny_components
 from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
+from .scoring import margin_score
 from .support import SupportCache, SupportMemory
 from .tiny import TINY_RESOLUTION
 from .unet_ref import reference_input
@@ -38,8 +40,10 @@ class SegmentationOutput:
     """One predicted mask.
 
     mask: [H, W] bool at the query's original size (after EXIF orientation).
-    score: confidence in [0, 1]: mean decoded foreground probability inside the mask minus that outside
-        it; 0 for an empty or full mask. Low scores are the predictions most worth a reviewer's look.
+    score: confidence in [0, 1]: how far the decoded map rises above the threshold inside the mask, on
+        average, as a share of the room above it (scoring.margin_score); 0 for an empty or full mask.
+        Low scores are the predictions most worth a reviewer's look (it ranked CamVid masks by IoU best of
+        the candidates model.evaluate --score-ranking compares).
     probability: [R, R] float32 in [0, 1], the decoded map at the working resolution R.
     threshold: the absolute threshold applied to `probability` (threshold_ratio * its peak).
     """
@@ -66,6 +70,21 @@ def default_device() -> torch.device:
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on CUDA (SD 2.1 attention overflows in plain fp16), float32 elsewhere."""
     return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""Names of the working precisions (DIFFEWS_DTYPE); the VAE decode and thresholding always run in float32."""
+
+
+def parse_dtype(name: str | None, device: torch.device | str | None = None) -> torch.dtype:
+    """"fp32", "bf16", "fp16" (also "float32", "bfloat16", "float16"), or "auto"/None: default_dtype(device)."""
+    if name in (None, "", "auto"):
+        return default_dtype(torch.device(device) if device is not None else default_device())
+    aliases = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+    key = aliases.get(str(name).lower(), str(name).lower())
+    if key not in DTYPES:
+        raise InvalidInputError(f"dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+    return DTYPES[key]
 
 
 def _content_key(parts: Sequence[np.ndarray], extra: str) -> str:
@@ -96,10 +115,16 @@ class DiffewS:
         self.dtype = dtype or default_dtype(self.device)
         self.source = source
         with quiet_diffusers():
+            # In reduced precision the decode runs on a float32 copy of the VAE (the decoded map is thresholded
+            # relative to its peak, where bf16's 8-bit mantissa would move the mask edge).
+            self.decode_vae = None
+            if self.dtype != torch.float32:
+                self.decode_vae = copy.deepcopy(vae).to(self.device, torch.float32).eval().requires_grad_(False)
+                self.decode_vae.encoder = None  # decode() needs post_quant_conv and the decoder only
             self.vae = vae.to(self.device, self.dtype).eval().requires_grad_(False)
             self.unet = unet.to(self.device, self.dtype).eval().requires_grad_(False)
         self.prompt_embeds = prompt_embeds.to(self.device, self.dtype)
-        self.fusion = install_kv_fusion(self.unet)
+        self.fusion = install_kv_fusion(self.unet, upcast=self.dtype == torch.float16)
         self.support_cache = SupportCache(support_cache_bytes)
         self._lock = threading.RLock()
 
@@ -155,13 +180,14 @@ class DiffewS:
 
     def enable_channels_last(self) -> None:
         """Store conv weights channels-last (faster convolutions on recent GPUs)."""
-        self.unet.to(memory_format=torch.channels_last)
-        self.vae.to(memory_format=torch.channels_last)
+        for module in (self.unet, self.vae, self.decode_vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
 
     def compile(self, mode: str | None = None) -> None:
         """Compile the UNet and VAE forwards in place with torch.compile (first calls are slow)."""
         self.unet.compile(mode=mode)
-        self.vae.decoder.compile(mode=mode)
+        (self.decode_vae or self.vae).decoder.compile(mode=mode)
         self.vae.encoder.compile(mode=mode)
 
     def describe(self) -> dict:
@@ -218,7 +244,8 @@ class DiffewS:
 
     def decode_probability_torch(self, mask_latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask latents -> (probability [B, R, R] in [0, 1], peak [B]) exactly as the release quantises them."""
-        decoded = self.vae.decode(mask_latents / self.vae.config.scaling_factor).sample.float()
+        vae = self.decode_vae or self.vae
+        decoded = vae.decode(mask_latents.float() / vae.config.scaling_factor).sample.float()
         # clip -> [0, 1] -> x255 -> uint8 by truncation -> [0, 1], as the release's image saving does
         image = ((decoded.clamp(-1, 1) + 1) / 2 * 255).to(torch.uint8).float() / 255
         return image.mean(dim=1), image.amax(dim=(1, 2, 3))
@@ -319,6 +346,7 @@ class DiffewS:
             queries, support, threshold_ratio=threshold_ratio, batch_size=batch_size, generator=generator
         )
 
+    @torch.inference_mode()
     def segment_many(
         self,
         images: Sequence[ImageInput],
@@ -327,27 +355,47 @@ class DiffewS:
         threshold_ratio: float | None = None,
         batch_size: int = 8,
     ) -> list[dict[str, SegmentationOutput]]:
-        """Segment query images against several labelled support memories, encoding each query once."""
+        """Segment query images against several labelled support memories: each query encoded once, and
+        (query, label) pairs batched together through the UNet, each sample attending to its own label's
+        supports; one decode per pair."""
+        ratio = self.config.threshold_ratio if threshold_ratio is None else threshold_ratio
+        if not 0.0 < ratio < 1.0:
+            raise InvalidInputError(f"threshold_ratio must be in (0, 1), got {ratio}")
         queries = self.encode_queries(images, batch_size=batch_size)
-        per_label = {
-            label: self.segment_encoded(queries, memory, threshold_ratio=threshold_ratio, batch_size=batch_size)
-            for label, memory in supports.items()
-        }
-        return [{label: outs[i] for label, outs in per_label.items()} for i in range(len(queries.sizes))]
+        banks = {}
+        for label, memory in supports.items():
+            memory.check()
+            if self.config.support_token_shots is not None:
+                memory = memory.subsample(self.config.support_token_shots)
+            banks[label] = memory.to(self.device, self.dtype).kv
+        # Samples of one UNet batch must have as many support tokens each: group labels by that count.
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for label, bank in banks.items():
+            groups.setdefault(tuple(k.shape[1] for k, _ in bank.values()), []).append(label)
+        outputs: list[dict[str, SegmentationOutput]] = [{} for _ in queries.sizes]
+        for labels in groups.values():
+            pairs = [(i, label) for label in labels for i in range(len(queries.sizes))]
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                z_q = queries.latents[[i for i, _ in chunk]]
+                layers = banks[chunk[0][1]]
+                bank = {name: (torch.cat([banks[label][name][0] for _, label in chunk]),
+                               torch.cat([banks[label][name][1] for _, label in chunk])) for name in layers}
+                prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
+                for (i, label), p, k in zip(chunk, prob, peak):
+                    outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i])
+        order = list(supports)
+        return [{label: out[label] for label in order} for out in outputs]
 
 
 def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:
-    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it."""
+    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it (margin_score)."""
     threshold = float(ratio * peak)
     small = prob > threshold  # [R, R] bool
     # Nearest resizing commutes with a pointwise threshold, so resizing the bool mask is the same as
     # resizing the map first (the release's order) and cheaper for large originals.
     full = F.interpolate(small[None, None].to(torch.uint8), size=size, mode="nearest-exact")[0, 0].bool()
-    inside = int(small.sum())
-    if inside == 0 or inside == small.numel():
-        score = 0.0
-    else:
-        score = float((prob[small].mean() - prob[~small].mean()).clamp(0.0, 1.0))
-    return SegmentationOutput(
-        mask=full.cpu().numpy(), score=score, probability=prob.float().cpu().numpy(), threshold=threshold
-    )
+    probability, small_np = prob.float().cpu().numpy(), small.cpu().numpy()
+    inside = int(small_np.sum())
+    score = 0.0 if inside in (0, small_np.size) else margin_score(probability, threshold, small_np)
+    return SegmentationOutput(mask=full.cpu().numpy(), score=score, probability=probability, threshold=threshold)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.stats import mannwhitneyu, spearmanr
 
 Baseline = Callable[[Sequence[np.ndarray], tuple[int, int]], np.ndarray]
 """A predictor that never looks at the query: (support masks, query shape) -> boolean mask."""
@@ -64,3 +65,42 @@ class Tally:
         """Percent of the scored pixels predicted foreground, and percent truly foreground."""
         scored = max(self.scored, 1)
         return 100.0 * self.predicted / scored, 100.0 * self.true / scored
+
+
+def episode_iou(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray) -> float:
+    """One mask's IoU with its truth over the valid pixels (1.0 when both are empty)."""
+    union = int(((pred | truth) & valid).sum())
+    return float((pred & truth & valid).sum() / union) if union else 1.0
+
+
+def contrast_score(probability: np.ndarray, mask: np.ndarray) -> float:
+    """Mean decoded map inside the mask minus outside it (0 for an empty or full mask); the score before margin."""
+    if not mask.any() or mask.all():
+        return 0.0
+    return float(np.clip(probability[mask].mean() - probability[~mask].mean(), 0.0, 1.0))
+
+
+def margin_score(probability: np.ndarray, threshold: float, mask: np.ndarray) -> float:
+    """Mean height of the decoded map above the threshold inside the mask, as a share of the room above it."""
+    if not mask.any() or threshold >= 1.0:
+        return 0.0
+    return float(np.clip((probability[mask] - threshold).mean() / (1.0 - threshold), 0.0, 1.0))
+
+
+def mask_agreement(mask: np.ndarray, others: Sequence[np.ndarray]) -> float:
+    """Mean IoU of `mask` with masks predicted from other support subsets (1.0 when all are empty)."""
+    values = []
+    for other in others:
+        union = (mask | other).sum()
+        values.append(float((mask & other).sum() / union) if union else 1.0)
+    return float(np.mean(values))
+
+
+def ranking_quality(scores: Sequence[float], ious: Sequence[float], bad_below: float = 0.5) -> dict[str, float]:
+    """How well a score ranks errors: Spearman correlation with IoU, and the AUROC of the score for telling
+    masks with IoU >= `bad_below` from worse ones (0.5 = chance, 1 = every bad mask scores below every good one)."""
+    scores, ious = np.asarray(scores, float), np.asarray(ious, float)
+    good, bad = scores[ious >= bad_below], scores[ious < bad_below]
+    rho = float(spearmanr(scores, ious).statistic) if len(scores) > 2 and scores.std() and ious.std() else float("nan")
+    auroc = float(mannwhitneyu(good, bad).statistic / (len(good) * len(bad))) if len(good) and len(bad) else float("nan")
+    return {"spearman": rho, "auroc": auroc, "bad_share": float(len(bad) / max(len(scores), 1))}

@@ -74,6 +74,21 @@ class SupportMemory:
         return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}")
 
 
+def split_tokens(memory: SupportMemory, parts: int, generator: torch.Generator | None = None) -> list[SupportMemory]:
+    """`parts` memories holding disjoint random shares of every layer's support tokens (cheap support subsets)."""
+    memory.check()
+    if parts < 2:
+        raise InvalidInputError(f"split_tokens needs parts >= 2, got {parts}")
+    out: list[dict] = [{} for _ in range(parts)]
+    for name, (k, v) in memory.kv.items():
+        order = torch.randperm(k.shape[1], generator=generator, device="cpu")
+        for j, idx in enumerate(order.chunk(parts)):
+            idx = idx.sort().values.to(k.device)
+            out[j][name] = (k.index_select(1, idx), v.index_select(1, idx))
+    return [SupportMemory(kv=kv, num_shots=memory.num_shots, key=f"{memory.key}:part{j}of{parts}")
+            for j, kv in enumerate(out)]
+
+
 class SupportCache:
     """Least-recently-used cache of support memories keyed by content, bounded in bytes."""
 

@@ -28,9 +28,11 @@ def brush(label: str, mask: np.ndarray, from_name: str = "tag") -> dict:
 
 
 def test_parse_config():
-    """The brush control, its image key and every mask control on that image are found."""
+    """Every output control (brush, polygon, rectangle), their labels, the image key and the mask controls."""
     config = parse_label_config(CONFIG)
-    assert config.brush.name == "tag" and config.labels == ("car", "road")
+    assert config.brush.name == "tag" and config.labels == ("car", "road", "sky")
+    assert [c.name for c in config.outputs] == ["tag", "poly", "box"] and config.prompts == ()
+    assert [c.name for c in config.outputs_for("car")] == ["tag", "poly"]
     assert config.image_name == "img" and config.image_key == "image"
     assert [c.kind for c in config.mask_controls] == ["brush", "polygon", "rectangle"]
 
@@ -65,11 +67,13 @@ def test_brush_polygon_rectangle_union_per_label():
         {"from_name": "box", "to_name": "img", "type": "rectanglelabels", "original_width": 40, "original_height": 20,
          "value": {"x": 0, "y": 0, "width": 25, "height": 50, "rotation": 0, "rectanglelabels": ["road"]}},
         {"from_name": "box", "to_name": "img", "type": "rectanglelabels", "original_width": 40, "original_height": 20,
-         "value": {"x": 0, "y": 0, "width": 5, "height": 5, "rectanglelabels": ["sky"]}},  # not a brush label
+         "value": {"x": 0, "y": 0, "width": 5, "height": 5, "rectanglelabels": ["sky"]}},
+        {"from_name": "box", "to_name": "img", "type": "rectanglelabels", "original_width": 40, "original_height": 20,
+         "value": {"x": 0, "y": 0, "width": 5, "height": 5, "rectanglelabels": ["tree"]}},  # in no control
         {"from_name": "other", "type": "choices", "value": {"choices": ["x"]}},
     ]
     masks = label_masks(mask_regions(result, config))
-    assert set(masks) == {"car", "road"}
+    assert set(masks) == {"car", "road", "sky"}
     assert masks["car"][2:5, 3:9].all() and masks["car"][10:20, 20:30].all() and not masks["car"][15, 5]
     assert masks["road"][:10, :10].all() and masks["road"].sum() == pytest.approx(11 * 11, abs=25)
 

@@ -140,10 +140,10 @@ def test_second_setting_failing_keeps_the_first(tmp_path, capsys, monkeypatch):
 
     real = evaluate_module.evaluate
 
-    def failing_second(*args, shots, **kwargs):
-        if shots == 2:
+    def failing_second(*args, shots, episode_count, **kwargs):
+        if shots == 2 and episode_count == 3:  # the run itself, not the one-episode timing before it
             raise InvalidInputError("a query image could not be read")
-        return real(*args, shots=shots, **kwargs)
+        return real(*args, shots=shots, episode_count=episode_count, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "evaluate", failing_second)
     data, out_json = _dataset(tmp_path / "ds"), tmp_path / "r.json"
@@ -152,3 +152,58 @@ def test_second_setting_failing_keeps_the_first(tmp_path, capsys, monkeypatch):
     assert [r["shots"] for r in json.loads(out_json.read_text())] == [1]
     err = capsys.readouterr().err
     assert "--shots 2: a query image could not be read" in err and "keeps the finished settings" in err
+
+
+def test_ranking_quality_of_perfect_and_reversed_scores():
+    from model.scoring import ranking_quality
+
+    ious = [0.1, 0.2, 0.3, 0.6, 0.8, 0.9]
+    perfect = ranking_quality([0.05, 0.1, 0.2, 0.5, 0.7, 0.9], ious)
+    assert perfect["spearman"] == pytest.approx(1.0) and perfect["auroc"] == 1.0 and perfect["bad_share"] == 0.5
+    reversed_ = ranking_quality([0.9, 0.7, 0.5, 0.2, 0.1, 0.05], ious)
+    assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["auroc"] == 0.0
+    assert np.isnan(ranking_quality([0.5, 0.6], [0.9, 0.8])["auroc"])  # no bad mask: nothing to tell apart
+
+
+def test_split_tokens_partitions_every_layer(model):
+    import torch
+
+    from model.support import split_tokens
+
+    s = _same_mask_samples(3)
+    memory = model.encode_support([x.image for x in s], [x.masks["disc"] for x in s])
+    parts = split_tokens(memory, 2, torch.Generator().manual_seed(0))
+    for name, (k, _) in memory.kv.items():
+        halves = [p.kv[name][0] for p in parts]
+        assert sum(h.shape[1] for h in halves) == k.shape[1]
+        rows = {tuple(r.tolist()) for h in halves for r in h[0]}
+        assert rows == {tuple(r.tolist()) for r in k[0]}  # disjoint and complete
+
+
+def test_score_ranking_rates_each_candidate(model, tmp_path, capsys):
+    from model.evaluate import SCORES
+
+    samples = _same_mask_samples()
+    result = evaluate(model, samples, ["disc", "corner"], shots=1, episode_count=8, seed=0, score_ranking=True)
+    assert set(result.score_ranking) == set(SCORES)
+    for q in result.score_ranking.values():
+        assert set(q) == {"spearman", "auroc", "bad_share"} and 0.0 <= q["bad_share"] <= 1.0
+    data = _dataset(tmp_path / "ds")
+    assert main(["--data", str(data), "--resolution", "64", "--shots", "1", "--episodes", "4", "--score-ranking"]) == 0
+    assert "| 1 | agreement |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("prompt", ["box", "point"])
+def test_prompted_model_on_the_same_episodes(model, prompt):
+    """--prompt adds the prompted model beside the plain one; a box prompt never marks pixels outside the box."""
+    samples = _same_mask_samples()
+    result = evaluate(model, samples, ["disc"], shots=1, episode_count=4, seed=0, prompt=prompt)
+    [prompted] = result.prompted
+    assert prompted.predictor == f"model + {prompt} prompt" and prompted.episodes == result.episodes == 4
+    assert prompted.fg_true == result.fg_true
+    if prompt == "box":  # the disc's box is 31% of the image: nothing predicted beyond it
+        assert prompted.fg_predicted <= 100.0 * (29 * 29) / (64 * 64) + 1e-6
+    table = format_table([result])
+    assert f"| 1 | model + {prompt} prompt |" in table
+    with pytest.raises(Exception, match="prompt must be 'box' or 'point'"):
+        evaluate(model, samples, ["disc"], shots=1, episode_count=1, prompt="scribble")

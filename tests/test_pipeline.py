@@ -94,6 +94,21 @@ def test_segment_many_matches_segment(tiny_model, scenes):
             np.testing.assert_array_equal(many[i][label].mask, out.mask)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_segment_many_batches_labels_with_different_shot_counts(tiny_model, scenes, batch_size):
+    """Labels of 1, 2 and 2 shots, pairs batched across labels in any batch size: the per-label loop's masks."""
+    memories = {"one": tiny_model.encode_support([scenes[0][0]], [scenes[0][1]]),
+                "two": tiny_model.encode_support([scenes[1][0], scenes[2][0]], [scenes[1][1], scenes[2][1]]),
+                "inverse": tiny_model.encode_support([scenes[1][0], scenes[5][0]], [~scenes[1][1], ~scenes[5][1]])}
+    queries = [scenes[3][0], scenes[4][0], scenes[5][0]]
+    many = tiny_model.segment_many(queries, memories, batch_size=batch_size)
+    assert [list(out) for out in many] == [["one", "two", "inverse"]] * 3
+    for label, memory in memories.items():
+        for i, out in enumerate(tiny_model.segment(queries, memory, batch_size=1)):
+            np.testing.assert_allclose(many[i][label].probability, out.probability, atol=1.5 / 255)
+            assert (many[i][label].mask != out.mask).mean() < 0.001 and many[i][label].mask.shape == out.mask.shape
+
+
 def test_support_memory_lifecycle(tiny_model, scenes):
     """A released memory raises SupportNotSetError; to() and subsample() keep shapes consistent."""
     image, mask = scenes[0]
@@ -126,13 +141,15 @@ def test_token_subsampling_config_changes_output(scenes):
 
 
 def test_postprocess_threshold_and_score():
-    """Threshold = ratio x peak; score = mean inside - mean outside; empty or full masks score 0."""
+    """Threshold = ratio x peak; score = mean margin above it inside the mask over the room above it;
+    empty or full masks score 0."""
     prob = torch.zeros(4, 4)
     prob[:2, :2] = 0.8
+    prob[0, 0] = 0.4
     out = _postprocess(prob, torch.tensor(0.8), 0.25, (8, 8))
     assert out.threshold == pytest.approx(0.2)
     assert out.mask.shape == (8, 8) and out.mask[:4, :4].all() and out.mask.sum() == 16
-    assert out.score == pytest.approx(0.8)
+    assert out.score == pytest.approx(((0.4 - 0.2) + 3 * (0.8 - 0.2)) / 4 / 0.8)
     empty = _postprocess(torch.zeros(4, 4), torch.tensor(0.0), 0.25, (3, 5))
     assert empty.score == 0.0 and not empty.mask.any()
     full = _postprocess(torch.full((4, 4), 0.5), torch.tensor(0.5), 0.25, (4, 4))

@@ -1,0 +1,117 @@
+"""model.download: the official release fetched through a stand-in for ModelScope's client (no network)."""
+
+from __future__ import annotations
+
+import shutil
+from fnmatch import fnmatch
+from pathlib import Path
+
+import pytest
+
+from backend.settings import Settings
+from backend.versions import RELEASE_ID as BACKEND_RELEASE_ID
+from backend.versions import base_version, describe_model
+from model import DiffewS
+from model import download as download_module
+from model.checkpoint import MODELSCOPE_BASE
+from model.download import (RELEASE_ID, CheckpointNotFoundError, IncompleteDownloadError, download_release,
+                            missing_files, release_folder, release_patterns)
+
+from .checkpoints import write_official_layout, write_separate_unet
+
+
+class StandInModelScope:
+    """Acts as snapshot_download: copies the files of a tiny release that local_dir lacks (a resumed download
+    fetches only those), records each call and, if told, leaves one file out."""
+
+    def __init__(self, skip: str | None = None):
+        self.calls: list[dict] = []
+        self.fetched: list[str] = []
+        self.skip = skip
+
+    def __call__(self, model_id: str, *, local_dir: str, allow_patterns: list[str]) -> str:
+        self.calls.append({"model_id": model_id, "local_dir": local_dir, "allow_patterns": allow_patterns})
+        remote = Path(local_dir).parent / "remote"
+        if not remote.is_dir():
+            write_official_layout(remote / MODELSCOPE_BASE)
+            for name in ("incontext", "coco_fold0", "coco_fold1", "coco_fold2", "coco_fold3"):
+                write_separate_unet(remote / "weight" / name / "unet")
+        for source in sorted(p for p in remote.rglob("*") if p.is_file()):
+            relative = source.relative_to(remote).as_posix()
+            target = Path(local_dir) / relative
+            if relative == self.skip or target.exists() or not any(fnmatch(relative, p) for p in allow_patterns):
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+            self.fetched.append(relative)
+        return local_dir
+
+
+def test_download_fetches_base_and_unet_then_loads(tmp_path):
+    fake = StandInModelScope()
+    root = download_release(tmp_path, ["incontext"], downloader=fake)
+    assert root == release_folder(tmp_path) and missing_files(root, ["incontext"]) == []
+    [call] = fake.calls
+    assert call["model_id"] == RELEASE_ID == BACKEND_RELEASE_ID
+    assert call["allow_patterns"] == release_patterns(["incontext"]) == [f"{MODELSCOPE_BASE}/*", "weight/incontext/unet/*"]
+    model = DiffewS.from_pretrained(root, device="cpu")
+    assert model.config.trained is True and "incontext" in model.source
+    download_release(tmp_path, ["incontext"], downloader=fake)
+    assert len(fake.calls) == 1  # complete already: the client is not asked again
+
+
+def test_interrupted_download_is_reported_and_resumed(tmp_path):
+    skip = f"{MODELSCOPE_BASE}/text_encoder/model.safetensors"
+    with pytest.raises(IncompleteDownloadError, match="lacks 1 needed files.*text_encoder.*run `python -m model.download` again"):
+        download_release(tmp_path, downloader=StandInModelScope(skip=skip))
+    resumed = StandInModelScope()
+    root = download_release(tmp_path, downloader=resumed)
+    assert resumed.fetched == [skip] and (root / skip).is_file()  # only what was missing
+
+
+def test_fold_unet_and_unknown_unet(tmp_path):
+    fake = StandInModelScope()
+    root = download_release(tmp_path, ["coco_fold2"], downloader=fake)
+    assert (root / "weight" / "coco_fold2" / "unet" / "config.json").is_file()
+    with pytest.raises(CheckpointNotFoundError, match="no UNet 'coco_fold9'; it has incontext, coco_fold0"):
+        download_release(tmp_path, ["coco_fold9"], downloader=fake)
+
+
+def test_client_failure_names_the_release(tmp_path):
+    def offline(model_id, **kwargs):
+        raise OSError("connection refused")
+
+    with pytest.raises(CheckpointNotFoundError, match="could not download zzzmmz/Diffews into .*connection refused"):
+        download_release(tmp_path, downloader=offline)
+
+
+def test_release_id_as_model_spec_downloads_on_first_start(tmp_path, monkeypatch):
+    """DIFFEWS_MODEL=zzzmmz/Diffews: the loader fetches into the cache once, then loads; DIFFEWS_UNET=coco_fold0 too."""
+    fake = StandInModelScope()
+    monkeypatch.setattr(download_module, "DEFAULT_CACHE", tmp_path)
+    monkeypatch.setattr(download_module, "_modelscope_downloader", lambda: fake)
+    monkeypatch.chdir(tmp_path)  # the id must not resolve as a relative folder
+    model = DiffewS.from_pretrained(RELEASE_ID, device="cpu")
+    assert str(release_folder(tmp_path)) in model.source and len(fake.calls) == 1
+    fold = DiffewS.from_pretrained(RELEASE_ID, unet="coco_fold0", device="cpu")
+    assert "coco_fold0" in fold.source
+    assert base_version(Settings(model_spec=RELEASE_ID)) == "diffews-incontext"
+    assert base_version(Settings(model_spec=RELEASE_ID, model_unet="coco_fold0")) == "diffews-coco_fold0"
+    assert describe_model(Settings(model_spec=RELEASE_ID))["trained"] is True
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
+    fake = StandInModelScope()
+    monkeypatch.setattr(download_module, "_modelscope_downloader", lambda: fake)
+    assert download_module.main(["--cache-dir", str(tmp_path), "--unet", "coco_fold1"]) == 0
+    out = capsys.readouterr().out
+    assert f"DIFFEWS_MODEL={release_folder(tmp_path)}" in out and "coco_fold1" in out
+    shutil.rmtree(release_folder(tmp_path))
+
+    def offline(model_id, **kwargs):
+        raise OSError("no route to host")
+
+    monkeypatch.setattr(download_module, "_modelscope_downloader", lambda: offline)
+    assert download_module.main(["--cache-dir", str(tmp_path)]) == 1
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert "no route to host" in line and "resume" in line
