@@ -132,7 +132,7 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
                     for c in classes if c not in drawn and c not in dropped})
     pool = support_pool if support_pool is not None else samples
     tallies = {"model": Tally(), **({name: Tally() for name in BASELINES} if baselines else {})}
-    prompted = Tally()
+    prompted, box_itself = Tally(), Tally()
     ranked: dict[str, list[float]] = {name: [] for name in ("iou", *SCORES)} if score_ranking else {}
     generator = torch.Generator().manual_seed(seed)
     for c, query, supports in tqdm(plan, desc=f"{shots}-shot", disable=not progress):
@@ -149,6 +149,9 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
         if prompt == "box":
             box = box_of_mask(truth & valid) or box_of_mask(truth)
             prompted.add(c, segment_box(model, samples[query].image, memory, box)[0], truth, valid)
+            filled = np.zeros_like(truth)
+            filled[box.y0 : box.y1, box.x0 : box.x1] = True
+            box_itself.add(c, filled, truth, valid)  # what the prompt alone is worth
         elif prompt == "point":
             point = point_inside(truth & valid) or point_inside(truth)
             prompted.add(c, select_components(pred, [point]) if pred.any() else pred, truth, valid)
@@ -169,6 +172,8 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
     main_result = result("model", tallies.pop("model"))
     main_result.baselines = [result(name, tally) for name, tally in tallies.items()]
     main_result.prompted = [result(f"model + {prompt} prompt", prompted)] if prompt else []
+    if prompt == "box":
+        main_result.prompted.append(result("the box itself (all foreground)", box_itself))
     main_result.score_ranking = {name: ranking_quality(ranked[name], ranked["iou"]) for name in SCORES} if ranked else {}
     return main_result
 

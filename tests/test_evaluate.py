@@ -198,7 +198,8 @@ def test_prompted_model_on_the_same_episodes(model, prompt):
     """--prompt adds the prompted model beside the plain one; a box prompt never marks pixels outside the box."""
     samples = _same_mask_samples()
     result = evaluate(model, samples, ["disc"], shots=1, episode_count=4, seed=0, prompt=prompt)
-    [prompted] = result.prompted
+    prompted = result.prompted[0]
+    assert [p.predictor for p in result.prompted[1:]] == (["the box itself (all foreground)"] if prompt == "box" else [])
     assert prompted.predictor == f"model + {prompt} prompt" and prompted.episodes == result.episodes == 4
     assert prompted.fg_true == result.fg_true
     if prompt == "box":  # the disc's box is 31% of the image: nothing predicted beyond it
