@@ -16,6 +16,7 @@ from .bulk import Progress, held_predictions, queue_bulk
 from .context import ProjectContext
 from .errors import BackendError, BadRequest
 from .ingest import ingest
+from .interactive import parse_prompts
 from .ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
 from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
 from .queues import job_alive, server_time
@@ -158,8 +159,6 @@ def predict_interactive(context: dict, task: dict, regions: list[dict], deadline
     Nothing is posted or recorded in the ledger: Label Studio shows the answer in the editor, and the
     annotator accepts it as an annotation. A job that starts after its deadline is dropped.
     """
-    from .interactive import parse_prompts
-
     ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
     started = time.monotonic()
     try:
