@@ -19,16 +19,12 @@ import numpy as np
 import torch
 
 from model.pipeline import DTYPES
+from model.scoring import episode_iou
 
 from .bench_model import build_model, synthetic_set
 from .scenarios import Row, print_table, write_csv
 
 COLUMNS = ["latent_max_abs_diff", "prob_max_abs_diff", "mask_iou_vs_fp32", "s_per_query"]
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    union = (a | b).sum()
-    return float((a & b).sum() / union) if union else 1.0
 
 
 @torch.inference_mode()
@@ -55,7 +51,7 @@ def run(arch: str, device: torch.device, resolution: int, shots: int, queries: i
         figures = {
             "latent_max_abs_diff": float((result["latents"] - reference["latents"]).abs().max()),
             "prob_max_abs_diff": float(np.abs(result["prob"] - reference["prob"]).max()),
-            "mask_iou_vs_fp32": float(np.mean([_iou(a, b) for a, b in zip(result["masks"], reference["masks"])])),
+            "mask_iou_vs_fp32": float(np.mean([episode_iou(a, b, np.ones_like(a)) for a, b in zip(result["masks"], reference["masks"])])),
             "s_per_query": seconds,
         }
         rows.append(Row(f"{arch} {name}", {"arch": arch, "dtype": name, "resolution": resolution, "shots": shots},

@@ -94,7 +94,7 @@ def _mask_band(mask: Image.Image) -> np.ndarray:
         if alpha.min() != alpha.max():
             return alpha
         mask = mask.convert("RGB")  # opaque everywhere: the mask is drawn in the colours
-    if mask.mode in ("RGB", "P", "CMYK", "LA"):
+    if mask.mode in ("RGB", "P", "CMYK"):
         return np.asarray(mask.convert("L"))
     return np.asarray(mask)
 

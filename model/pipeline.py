@@ -316,19 +316,50 @@ class DiffewS:
         generator: torch.Generator | None = None,
     ) -> list[SegmentationOutput]:
         """Segment already-encoded queries with one support memory."""
+        ratio = self._checked_ratio(threshold_ratio)
+        outputs = self._segment_pairs(queries, {"": self._bank(support, generator)}, ratio, batch_size)
+        return [out[""] for out in outputs]
+
+    def _checked_ratio(self, threshold_ratio: float | None) -> float:
         ratio = self.config.threshold_ratio if threshold_ratio is None else threshold_ratio
         if not 0.0 < ratio < 1.0:
             raise InvalidInputError(f"threshold_ratio must be in (0, 1), got {ratio}")
+        return ratio
+
+    def _bank(self, support: SupportMemory, generator: torch.Generator | None = None) -> KVBank:
+        """A memory's K/V on this model's device and dtype, token-subsampled if the config says so."""
         support.check()
         if self.config.support_token_shots is not None:
             support = support.subsample(self.config.support_token_shots, generator)
-        bank = support.to(self.device, self.dtype).kv
-        outputs: list[SegmentationOutput] = []
-        for start in range(0, queries.latents.shape[0], batch_size):
-            z_q = queries.latents[start : start + batch_size]  # [b, 4, h, w]
-            prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
-            sizes = queries.sizes[start : start + batch_size]
-            outputs.extend(_postprocess(p, k, ratio, size) for p, k, size in zip(prob, peak, sizes))
+        return support.to(self.device, self.dtype).kv
+
+    def _segment_pairs(self, queries: QueryBatch, banks: Mapping[str, KVBank], ratio: float,
+                       batch_size: int) -> list[dict[str, SegmentationOutput]]:
+        """Every (query, label) pair through the UNet in batches of `batch_size`, one decode per pair.
+
+        A batch of one label uses its bank as is ([1, tokens, C], shared by every sample); a batch mixing
+        labels gets one bank row per sample. Samples of one batch need as many support tokens each, so
+        labels are grouped by that count.
+        """
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for label, bank in banks.items():
+            groups.setdefault(tuple(k.shape[1] for k, _ in bank.values()), []).append(label)
+        outputs: list[dict[str, SegmentationOutput]] = [{} for _ in queries.sizes]
+        for labels in groups.values():
+            pairs = [(i, label) for label in labels for i in range(len(queries.sizes))]
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                z_q = queries.latents[[i for i, _ in chunk]]
+                chunk_labels = list(dict.fromkeys(label for _, label in chunk))
+                if len(chunk_labels) == 1:
+                    bank = banks[chunk_labels[0]]
+                else:
+                    bank = {name: (torch.cat([banks[label][name][0] for _, label in chunk]),
+                                   torch.cat([banks[label][name][1] for _, label in chunk]))
+                            for name in banks[chunk_labels[0]]}
+                prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
+                for (i, label), p, k in zip(chunk, prob, peak):
+                    outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i])
         return outputs
 
     def segment(
@@ -358,34 +389,11 @@ class DiffewS:
         """Segment query images against several labelled support memories: each query encoded once, and
         (query, label) pairs batched together through the UNet, each sample attending to its own label's
         supports; one decode per pair."""
-        ratio = self.config.threshold_ratio if threshold_ratio is None else threshold_ratio
-        if not 0.0 < ratio < 1.0:
-            raise InvalidInputError(f"threshold_ratio must be in (0, 1), got {ratio}")
+        ratio = self._checked_ratio(threshold_ratio)
         queries = self.encode_queries(images, batch_size=batch_size)
-        banks = {}
-        for label, memory in supports.items():
-            memory.check()
-            if self.config.support_token_shots is not None:
-                memory = memory.subsample(self.config.support_token_shots)
-            banks[label] = memory.to(self.device, self.dtype).kv
-        # Samples of one UNet batch must have as many support tokens each: group labels by that count.
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for label, bank in banks.items():
-            groups.setdefault(tuple(k.shape[1] for k, _ in bank.values()), []).append(label)
-        outputs: list[dict[str, SegmentationOutput]] = [{} for _ in queries.sizes]
-        for labels in groups.values():
-            pairs = [(i, label) for label in labels for i in range(len(queries.sizes))]
-            for start in range(0, len(pairs), batch_size):
-                chunk = pairs[start : start + batch_size]
-                z_q = queries.latents[[i for i, _ in chunk]]
-                layers = banks[chunk[0][1]]
-                bank = {name: (torch.cat([banks[label][name][0] for _, label in chunk]),
-                               torch.cat([banks[label][name][1] for _, label in chunk])) for name in layers}
-                prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
-                for (i, label), p, k in zip(chunk, prob, peak):
-                    outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i])
-        order = list(supports)
-        return [{label: out[label] for label in order} for out in outputs]
+        banks = {label: self._bank(memory) for label, memory in supports.items()}
+        outputs = self._segment_pairs(queries, banks, ratio, batch_size)
+        return [{label: out[label] for label in supports} for out in outputs]
 
 
 def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:

@@ -89,11 +89,8 @@ def margin_score(probability: np.ndarray, threshold: float, mask: np.ndarray) ->
 
 def mask_agreement(mask: np.ndarray, others: Sequence[np.ndarray]) -> float:
     """Mean IoU of `mask` with masks predicted from other support subsets (1.0 when all are empty)."""
-    values = []
-    for other in others:
-        union = (mask | other).sum()
-        values.append(float((mask & other).sum() / union) if union else 1.0)
-    return float(np.mean(values))
+    everywhere = np.ones_like(mask, dtype=bool)
+    return float(np.mean([episode_iou(mask, other, everywhere) for other in others]))
 
 
 def ranking_quality(scores: Sequence[float], ious: Sequence[float], bad_below: float = 0.5) -> dict[str, float]:
