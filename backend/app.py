@@ -74,6 +74,7 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     settings = settings or Settings.from_env()
     redis = redis if redis is not None else connect(settings)
     backend = Backend(settings, redis, SupportStore(redis, settings.model_dir))
+    VersionRegistry(redis, backend.store).rebuild_at_start()  # version folders are the truth; Redis may have lost them
     app = Flask(__name__)
     app.config["BACKEND"] = backend
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes

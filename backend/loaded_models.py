@@ -1,17 +1,26 @@
-"""Hot swap: the models one worker process holds, loaded on first use by version name, no restart."""
+"""Hot swap: the models one worker process holds, loaded on first use by version name, no restart.
+
+Versions are deltas over the one base model: a LoRA version is an adapter on the base's UNet (megabytes),
+a full version one more UNet; the VAE, the float32 decoder and the prompt embedding are always the base's.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
+
+from model.version_file import VersionInfo
 
 from .errors import VersionUnavailable
 from .registry import VersionRegistry
 
-MAX_LOADED_VERSIONS = 2
-"""Fine-tuned versions a worker keeps loaded besides the base model."""
+MAX_LOADED_UNETS = 2
+"""Full versions (one UNet each) a worker keeps loaded besides the base model."""
+MAX_LOADED_ADAPTERS = 16
+"""LoRA versions (one adapter each, a few MB at SD 2.1 size) a worker keeps on the base UNet."""
 
 logger = logging.getLogger(__name__)
 
@@ -19,13 +28,13 @@ logger = logging.getLogger(__name__)
 class LoadedModels:
     """The base model and the most recently used fine-tuned versions of one process."""
 
-    def __init__(self, base_name: str, load_base: Callable[[], object], registry: VersionRegistry, device: str | None,
-                 support_cache_bytes: int):
+    def __init__(self, base_name: str, load_base: Callable[[], object], registry: VersionRegistry,
+                 base_ref: dict):
         self.base_name = base_name
+        self.base_ref = base_ref
+        """What the base is, as version.json names it: {"spec": ..., "unet": ...}."""
         self._load_base = load_base
         self.registry = registry
-        self.device = device
-        self.support_cache_bytes = support_cache_bytes
         self._base = None
         self._versions: OrderedDict[str, object] = OrderedDict()
         self._lock = threading.RLock()
@@ -50,19 +59,46 @@ class LoadedModels:
             if version in self._versions:
                 self._versions.move_to_end(version)
                 return self._versions[version]
-            from model.errors import DiffewSError
-            from model.versions import load_version
-
-            folder = self.registry.folder(version)
-            try:
-                loaded = load_version(folder, device=self.device, dtype=self.base.dtype)  # DIFFEWS_DTYPE
-            except DiffewSError as exc:
-                raise VersionUnavailable(f"model version {version!r} in {folder} cannot be loaded: {exc}") from None
-            from model.support import SupportCache
-
-            loaded.support_cache = SupportCache(self.support_cache_bytes)
-            logger.info("loaded model version %s from %s", version, folder)
+            loaded = self._load(version)
             self._versions[version] = loaded
-            while len(self._versions) > MAX_LOADED_VERSIONS:
-                self._versions.popitem(last=False)
+            self._evict()
             return loaded
+
+    def _load(self, version: str):
+        from model.errors import DiffewSError
+        from model.versions import attach_version, load_version
+
+        folder = self.registry.folder(version)
+        started = time.perf_counter()
+        try:
+            info = VersionInfo.read(folder)
+            parent = info.base_folder(folder)
+            if parent is not None:
+                loaded = attach_version(self.get(parent.name), folder, info)
+            elif _same_base(info.base, self.base_ref):
+                loaded = attach_version(self.base, folder, info)
+            else:  # trained over other weights than this worker serves: loaded whole, with its own base
+                logger.warning("model version %s was trained over %s, not this worker's %s: loading it with its own "
+                               "base", version, info.base, self.base_ref)
+                loaded = load_version(folder, device=self.base.device, dtype=self.base.dtype)
+        except DiffewSError as exc:
+            raise VersionUnavailable(f"model version {version!r} in {folder} cannot be loaded: {exc}") from None
+        logger.info("loaded model version %s from %s in %.2f s (%s)", version, folder, time.perf_counter() - started,
+                    "an adapter on the shared UNet" if loaded.adapter else "its own UNet over the shared VAE")
+        return loaded
+
+    def _evict(self) -> None:
+        from model.adapters import remove_adapter
+
+        adapters = [name for name, m in self._versions.items() if m.adapter is not None]
+        unets = [name for name, m in self._versions.items() if m.adapter is None]
+        for name in adapters[: max(0, len(adapters) - MAX_LOADED_ADAPTERS)]:
+            model = self._versions.pop(name)
+            if not any(other.unet is model.unet and other.adapter == model.adapter for other in self._versions.values()):
+                remove_adapter(model, model.adapter)
+        for name in unets[: max(0, len(unets) - MAX_LOADED_UNETS)]:
+            self._versions.pop(name)
+
+
+def _same_base(a: dict, b: dict) -> bool:
+    return str(a.get("spec")) == str(b.get("spec")) and (a.get("unet") or None) == (b.get("unet") or None)

@@ -87,7 +87,7 @@ class Settings:
     """TRAIN_STEPS: episodes per fine-tuning run."""
     train_grad_accum: int = 1
     """TRAIN_GRAD_ACCUM: episodes per optimizer update (the released DiffewS run used 4)."""
-    train_mode: str = "full"
+    train_mode: str = "lora"
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
     train_lr: float | None = None
     """TRAIN_LR: learning rate; empty = 1e-5 for SD 2.x weights, 1e-3 for the tiny UNet and its versions."""
@@ -98,6 +98,11 @@ class Settings:
     train_timeout_s: int = 4 * 3600
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
     held_out_every: int = 5
+    score_episodes: int = 40
+    """SCORE_EPISODES: held-out episodes each version is scored on before promotion (fixed seed)."""
+    resolution: int | None = None
+    """DIFFEWS_RESOLUTION: working resolution of a real (non-tiny) model instead of its own (512); CPU-only
+    installations trade accuracy for time with 384 or 256 (a click costs about (R/512)^2 as much)."""
     """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
     extra: dict = field(default_factory=dict)
 
@@ -128,7 +133,7 @@ class Settings:
             "train_grad_accum": "TRAIN_GRAD_ACCUM",
             "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
             "train_augment": "TRAIN_AUGMENT", "train_seed": "TRAIN_SEED",
-            "held_out_every": "HELD_OUT_EVERY",
+            "held_out_every": "HELD_OUT_EVERY", "score_episodes": "SCORE_EPISODES", "resolution": "DIFFEWS_RESOLUTION",
         }
         kwargs = {}
         types = {f.name: f.type for f in fields(cls)}
@@ -176,6 +181,10 @@ class Settings:
             raise ValueError(f"TRAIN_MODE must be full or lora, got {self.train_mode!r}")
         if self.train_steps < 1 or self.train_grad_accum < 1:
             raise ValueError(f"TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1, got {self.train_steps} and {self.train_grad_accum}")
+        if self.resolution is not None and (self.resolution < 64 or self.resolution % 8):
+            raise ValueError(f"DIFFEWS_RESOLUTION must be a multiple of 8 and >= 64, got {self.resolution}")
+        if self.score_episodes < 1:
+            raise ValueError(f"SCORE_EPISODES must be >= 1, got {self.score_episodes}")
         if self.held_out_every < 2:
             raise ValueError(f"HELD_OUT_EVERY must be >= 2, got {self.held_out_every}")
         if self.job_timeout_s <= 0:

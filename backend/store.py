@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -19,6 +20,10 @@ from .errors import BadRequest, NotFound
 from .label_config import LabelConfig
 
 PREFIX = "dws"
+VERSION_CHOICES = ("active_version", "pinned_version")
+"""Project fields that say which version a project predicts with (also kept on disk: save_choices)."""
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -144,7 +149,32 @@ class SupportStore:
         pipe.hset(self._project_key(pid), mapping=fields)
         pipe.hsetnx(self._project_key(pid), "created_at", time.time())
         pipe.sadd(f"{PREFIX}:projects", pid)
-        pipe.execute()
+        if pipe.execute()[1]:  # new to this Redis (or Redis lost it): the version choices written on disk come back
+            self.restore_choices(pid)
+
+    def choices_path(self, pid: int) -> Path:
+        """Where a project's active and pinned versions are kept on disk (beside its version folders)."""
+        return self.model_dir / "versions" / str(pid) / "choices.json"
+
+    def save_choices(self, pid: int) -> None:
+        """Write the project's active and pinned versions to disk (they outlive a Redis that loses its data)."""
+        project = self.project(pid) or {}
+        choices = {k: project[k] for k in VERSION_CHOICES if project.get(k)}
+        write_atomic(self.choices_path(pid), json.dumps(choices).encode())
+
+    def restore_choices(self, pid: int) -> None:
+        """Set the project's active and pinned versions from disk where its record has none."""
+        path = self.choices_path(pid)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            logger.warning("%s: cannot read (%s); version choices kept in Redis only", path, exc)
+            return
+        for name in VERSION_CHOICES:
+            if isinstance(data, dict) and isinstance(data.get(name), str):
+                self.redis.hsetnx(self._project_key(pid), name, data[name])
 
     def project(self, pid: int) -> dict[str, str] | None:
         """A project's stored fields, or None if this backend has never seen it."""

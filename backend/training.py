@@ -17,16 +17,13 @@ from .queues import QUEUE_TRAIN, enqueue, job_alive
 from .registry import TRAIN_LOCK_KEY, VersionRegistry
 from .settings import Settings
 from .store import Example
-from .versions import base_version, current_version, version_name
+from .versions import base_ref, base_version, current_version
 from .worker import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
 _SWAP_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end"
 """Replace a lock only if it still holds the value seen (one of two concurrent takers wins)."""
-
-SCORE_EPISODES = 40
-"""Held-out episodes per version score (fixed seed, so every version is scored on the same episodes)."""
 
 
 def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, reason: str) -> dict:
@@ -70,14 +67,14 @@ def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example
     return samples
 
 
-def _score(model, held: list, train: list, labels: list[str]) -> float | None:
+def _score(model, held: list, train: list, labels: list[str], episodes: int) -> float | None:
     from model.errors import InvalidInputError
     from model.evaluate import evaluate
 
     if not held:
         return None
     try:
-        return evaluate(model, held, labels, shots=1, episode_count=SCORE_EPISODES, seed=0, support_pool=train).miou
+        return evaluate(model, held, labels, shots=1, episode_count=episodes, seed=0, support_pool=train).miou
     except InvalidInputError:  # no label has both a held-out query and a support
         return None
 
@@ -91,7 +88,7 @@ def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
 def train_project(context: dict, reason: str = "") -> dict:
     """Fine-tune the context's version on the project's accepted labels; write, score and maybe promote a version."""
     from model.train import TrainConfig, finetune
-    from model.versions import load_version, save_version
+    from model.versions import save_version, trainable_copy
 
     ctx, project_ctx = get_context(), ProjectContext.from_job(context)
     project_id, parent = project_ctx.project, project_ctx.model_version
@@ -103,7 +100,9 @@ def train_project(context: dict, reason: str = "") -> dict:
         train_ex, held_ex = split_held_out(store.examples(project_id), settings.held_out_every)
         base = base_version(settings)
         parent_folder = registry.folder(parent) if parent != base else None
-        model = load_version(parent_folder, device=settings.device or None) if parent_folder else ctx.fresh_base_model()
+        # A copy to train, sharing the serving model's frozen tensors (LoRA) or a float32 copy of its UNet (full):
+        # the model answering clicks meanwhile is never touched.
+        model = trainable_copy(ctx.models.get(parent), settings.train_mode)
         resolution = model.config.resolution
         train = _samples(ctx, project_ctx, train_ex, resolution)
         held = _samples(ctx, project_ctx, held_ex, resolution)
@@ -116,12 +115,12 @@ def train_project(context: dict, reason: str = "") -> dict:
         report_progress(stage="training", train_images=len(train), held_out_images=len(held))
         result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))
-        name = version_name(base, project_id, len(registry.list(project_id)) + 1)
+        name = registry.next_name(project_id, base)
         report_progress(stage="scoring")
         against = incumbents(settings, store.require_project(project_id))  # what is live now, not at enqueue time
-        scores = {name: _score(model, held, train, labels)}
+        scores = {name: _score(model, held, train, labels, settings.score_episodes)}
         for incumbent in against:
-            scores[incumbent] = _score(ctx.models.get(incumbent), held, train, labels)
+            scores[incumbent] = _score(ctx.models.get(incumbent), held, train, labels, settings.score_episodes)
         decision = decide(name, scores, against, held_out=len(held))
         summary = {
             "reason": reason, "train_images": len(train), "held_out_images": len(held), "labels": result.labels,
@@ -130,12 +129,10 @@ def train_project(context: dict, reason: str = "") -> dict:
             "held_out_miou": scores, "decision": decision.as_dict(), "config": result.config,
         }
         root = Path(settings.model_dir) / "versions" / str(project_id)
-        base_ref = {"version": parent_folder.name} if parent_folder else {"spec": settings.model_spec,
-                                                                           "unet": settings.model_unet or None}
-        path = save_version(model, root, name, base=base_ref, parent=parent, mode=config.mode, summary=summary)
-        registry.add({"name": name, "project": project_id, "parent": parent, "mode": config.mode,
-                      "created_at": time.time(), "scores": scores, "promoted": decision.promoted,
-                      "decision": decision.as_dict()}, path)
+        weights_base = {"version": parent_folder.name} if parent_folder else base_ref(settings)
+        path = save_version(model, root, name, base=weights_base, parent=parent, mode=config.mode, summary=summary,
+                            project=project_id, weights=result.weights)
+        registry.add(path)
         if decision.promoted:
             registry.promote(project_id, name)
         outcome = {"version": name, "at": time.time(), "reason": reason, **decision.as_dict()}

@@ -37,12 +37,13 @@ def base_version(settings: Settings) -> str:
     if settings.model_unet:
         unet = Path(settings.model_unet)
         name = unet.parent.name if unet.name == "unet" else unet.name  # coco_fold0 for .../coco_fold0/unet or "coco_fold0"
-    return f"diffews-{_slug(name)}"
+    resolution = f"-r{settings.resolution}" if settings.resolution else ""  # other masks than the model's own size
+    return f"diffews-{_slug(name)}{resolution}"
 
 
-def version_name(base: str, pid: int, n: int) -> str:
-    """Name of a project's n-th fine-tuned version over `base`, e.g. "diffews-incontext-p3-v2"."""
-    return f"{base}-p{pid}-v{n}"
+def base_ref(settings: Settings) -> dict:
+    """The configured weights as a version's version.json names its base."""
+    return {"spec": settings.model_spec, "unet": settings.model_unet or None}
 
 
 def describe_model(settings: Settings) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -22,7 +22,7 @@ from .queues import ALL_QUEUES, QUEUE_BULK, QUEUE_HIGH, QUEUE_TRAIN, connect
 from .registry import VersionRegistry
 from .settings import Settings
 from .store import SupportStore
-from .versions import base_version
+from .versions import base_ref, base_version
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +39,15 @@ class WorkerContext:
     """(version, project, label) -> the cache key of its current support set (see FewShotSegmenter)."""
 
     def __post_init__(self) -> None:
-        self.models = LoadedModels(base_version(self.settings), lambda: load_model(self.settings),
-                                   VersionRegistry(self.redis, self.store), self.settings.device or None,
-                                   self.settings.support_cache_mb << 20)
+        registry = VersionRegistry(self.redis, self.store)
+        registry.rebuild_at_start()  # the version folders are the truth: a Redis that lost them gets them back
+        self.models = LoadedModels(base_version(self.settings), lambda: load_model(self.settings), registry,
+                                   base_ref(self.settings))
 
     @property
     def model(self):
         """The base DiffewS model, loaded on first use and kept for the life of the process."""
         return self.models.base
-
-    def fresh_base_model(self):
-        """A new copy of the base model (training must not change the one serving predictions)."""
-        return load_model(self.settings)
 
     def api(self, context: ProjectContext) -> LabelStudioAPI:
         """The Label Studio API of a project context (ServiceUnavailable saying what is missing)."""
@@ -91,8 +88,11 @@ def load_model(settings: Settings):
         logger.warning("DIFFEWS_MODEL not set: tiny model, untrained on real pictures (synthetic pre-training only) until fine-tuned")
         return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu", support_cache_bytes=cache,
                             dtype=parse_dtype(settings.dtype, device or "cpu"))
-    return DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device,
-                                   dtype=parse_dtype(settings.dtype, device), support_cache_bytes=cache)
+    model = DiffewS.from_pretrained(settings.model_spec, unet=settings.model_unet or None, device=device,
+                                    dtype=parse_dtype(settings.dtype, device), support_cache_bytes=cache)
+    if settings.resolution:  # DIFFEWS_RESOLUTION: a lower working resolution for CPU-only installations
+        model.config = replace(model.config, resolution=settings.resolution)
+    return model
 
 
 _context: WorkerContext | None = None

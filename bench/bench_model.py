@@ -123,6 +123,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--labels", type=int, default=3, help="labels per query in the across-labels comparison (0: skip)")
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES,
+                        help="which ways to time (reused alone is a warm click: query encode, UNet, decode)")
+    parser.add_argument("--compile", nargs="+", choices=["no", "yes"], default=["no"],
+                        help="run each setting without and/or with torch.compile of the UNet and VAE")
     parser.add_argument("--csv", type=Path, default=Path("bench/results/model.csv"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -134,35 +138,38 @@ def main(argv: list[str] | None = None) -> list[Row]:
           f"{args.resolution}x{args.resolution}, batch {args.batch}", flush=True)
 
     rows: list[Row] = []
-    for arch in archs:
-        for dtype_name in dtypes:
-            try:
-                model = build_model(arch, device, getattr(torch, dtype_name), args.resolution)
-            except Exception as exc:  # one row per failed scenario, not a crash of the whole run
-                rows.append(Row(f"{arch} build", {"dtype": dtype_name}, error=repr(exc)))
-                continue
-            queries, _ = synthetic_set(args.queries, args.resolution, seed=2)
-            for shots in args.shots:
-                naive_qps = None
-                for mode in MODES:
-                    params = {"arch": arch, "dtype": dtype_name, "shots": shots, "mode": mode}
-                    try:
-                        figures = run_mode(model, mode, shots, queries, args.batch, args.repeats)
-                    except Exception as exc:
-                        rows.append(Row(f"{arch}/{shots}-shot/{mode}", params, error=repr(exc)))
-                        continue
-                    naive_qps = figures["queries_per_s"] if mode == "naive" else naive_qps
-                    if naive_qps:
-                        figures["speedup_vs_naive"] = figures["queries_per_s"] / naive_qps
-                    rows.append(Row(f"{arch}/{shots}-shot/{mode}", params, figures))
-                    print_table(rows[-1:], ["queries_per_s", "speedup_vs_naive", "peak_mib"])
-                if args.labels:
-                    for figures in run_labels(model, shots, queries, args.labels, args.batch, args.repeats):
-                        mode = figures.pop("mode")
-                        params = {"arch": arch, "dtype": dtype_name, "shots": shots, "mode": f"{args.labels} labels, {mode}"}
-                        rows.append(Row(f"{arch}/{shots}-shot/{args.labels} labels/{mode}", params, figures))
-                        print_table(rows[-1:], ["pairs_per_s", "mask_pixels_differing", "peak_mib"])
-            del model
+    settings = [(arch, dtype_name, compiled) for arch in archs for dtype_name in dtypes for compiled in args.compile]
+    for arch, dtype_name, compiled in settings:
+        try:
+            model = build_model(arch, device, getattr(torch, dtype_name), args.resolution)
+            if compiled == "yes":
+                model.compile()
+        except Exception as exc:  # one row per failed scenario, not a crash of the whole run
+            rows.append(Row(f"{arch} build", {"dtype": dtype_name, "compile": compiled}, error=repr(exc)))
+            continue
+        queries, _ = synthetic_set(args.queries, args.resolution, seed=2)
+        for shots in args.shots:
+            naive_qps = None
+            for mode in args.modes:
+                params = {"arch": arch, "dtype": dtype_name, "compile": compiled, "shots": shots, "mode": mode}
+                try:
+                    figures = run_mode(model, mode, shots, queries, args.batch, args.repeats)
+                except Exception as exc:
+                    rows.append(Row(f"{arch}/{shots}-shot/{mode}", params, error=repr(exc)))
+                    continue
+                naive_qps = figures["queries_per_s"] if mode == "naive" else naive_qps
+                if naive_qps:
+                    figures["speedup_vs_naive"] = figures["queries_per_s"] / naive_qps
+                rows.append(Row(f"{arch}/{shots}-shot/{mode}", params, figures))
+                print_table(rows[-1:], ["queries_per_s", "speedup_vs_naive", "peak_mib"])
+            if args.labels:
+                for figures in run_labels(model, shots, queries, args.labels, args.batch, args.repeats):
+                    mode = figures.pop("mode")
+                    params = {"arch": arch, "dtype": dtype_name, "compile": compiled, "shots": shots,
+                              "mode": f"{args.labels} labels, {mode}"}
+                    rows.append(Row(f"{arch}/{shots}-shot/{args.labels} labels/{mode}", params, figures))
+                    print_table(rows[-1:], ["pairs_per_s", "mask_pixels_differing", "peak_mib"])
+        del model
     print()
     print_table(rows, ["queries_per_s", "s_per_query", "speedup_vs_naive", "pairs_per_s", "mask_pixels_differing",
                        "peak_mib", "peak_over_start_mib"])

@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import pickle
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 from safetensors.torch import load_file
 
 from .config import CONFIG_NAME, EMBEDS_NAME, DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .tiny import build_tiny_components
-from .unet_ref import (
+from .unet_weights import check_folder_fits
+from .unet_ref import (  # quiet_diffusers is imported from here by the rest of the package
     add_conv_in_ref_by_surgery,
+    quiet_diffusers,
     load_conv_in_ref,
     pickled_objects_message,
     read_ref_tensors,
@@ -55,21 +54,6 @@ class Components:
     """"checkpoint" when conv_in_ref came with the weights, "surgery" when derived from conv_in, "tiny" for the tiny model."""
 
 
-@contextlib.contextmanager
-def quiet_diffusers() -> Iterator[None]:
-    """Silence diffusers' warnings about the `in_channels_ref` key and `conv_in_ref.*` tensors it drops,
-    and its note on dtype casts of models that keep no float32 modules.
-
-    Those tensors are read and checked separately (read_ref_tensors), so the warnings are noise.
-    """
-    level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        diffusers_logging.set_verbosity(level)
-
-
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise InvalidCheckpointError(f"{path} is missing: expected {what}")
@@ -78,6 +62,7 @@ def _need(path: Path, what: str) -> Path:
 
 def _load_vae(folder: Path) -> AutoencoderKL:
     _need(folder / "config.json", "the VAE's diffusers config")
+    check_folder_fits(folder, AutoencoderKL)
     try:
         with quiet_diffusers():
             return AutoencoderKL.from_pretrained(folder)
@@ -93,6 +78,7 @@ def load_unet(folder: Path) -> tuple[UNet2DConditionModel, str]:
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidCheckpointError(f"{config_path}: cannot read ({exc})") from None
     tensors = read_ref_tensors(folder)
+    check_folder_fits(folder, UNet2DConditionModel, ignore=("conv_in_ref.",))
     try:
         with quiet_diffusers():
             unet = UNet2DConditionModel.from_pretrained(folder)

@@ -5,12 +5,17 @@
 
 The files come through ModelScope's own client (`modelscope.snapshot_download`): it shows a progress bar
 per file, resumes partial downloads and skips files already complete, so running the command again
-finishes an interrupted download. Afterwards every file the loader needs is checked to be present.
+finishes an interrupted download. Afterwards every file the loader needs is checked to be present, and
+a manifest of what arrived (`diffews-manifest.json`: size and SHA-256 per file) is written. Every later
+call checks the files against it (sizes always; SHA-256 too with --verify, the command's default): a
+truncated or corrupted file is deleted and fetched again, and if it still differs the error names it.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -30,8 +35,16 @@ Downloader = Callable[..., str]
 """`snapshot_download(model_id, local_dir=..., allow_patterns=[...])` or a stand-in with that signature."""
 
 
+MANIFEST = "diffews-manifest.json"
+"""Size and SHA-256 of every file fetched, written after the first complete download."""
+
+
 class IncompleteDownloadError(CheckpointNotFoundError):
     """The release folder lacks files the loader needs (an interrupted or filtered download)."""
+
+
+class CorruptDownloadError(IncompleteDownloadError):
+    """A file of the release differs from its manifest (truncated or corrupted) even after fetching it again."""
 
 
 def is_release_id(spec: str) -> bool:
@@ -69,6 +82,63 @@ def missing_files(root: Path, unets: Sequence[str]) -> list[str]:
     return missing
 
 
+def sha256_of(path: Path) -> str:
+    """SHA-256 of a file, read in 8 MB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fetched_files(root: Path, unets: Sequence[str]) -> list[Path]:
+    folders = [root / MODELSCOPE_BASE, *(root / "weight" / name / "unet" for name in unets)]
+    return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*")
+                  if p.is_file() and "/." not in p.relative_to(root).as_posix())  # not the client's own temp files
+
+
+def write_manifest(root: Path, unets: Sequence[str]) -> dict:
+    """Record size and SHA-256 of every fetched file (kept entries of other UNets stay)."""
+    path = root / MANIFEST
+    manifest = read_manifest(root)
+    for file in _fetched_files(root, unets):
+        key = file.relative_to(root).as_posix()
+        if key not in manifest or manifest[key]["size"] != file.stat().st_size:
+            manifest[key] = {"size": file.stat().st_size, "sha256": sha256_of(file)}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict:
+    """The manifest of a release folder ({} when none was written yet)."""
+    try:
+        data = json.loads((root / MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return {}  # unreadable: treated as absent, and written anew after the next check
+    return data if isinstance(data, dict) else {}
+
+
+def damaged_files(root: Path, unets: Sequence[str], *, verify: bool = False) -> list[str]:
+    """Files (relative to root) of the base and `unets` that differ from the manifest: wrong size, or with
+    `verify` a wrong SHA-256. Files the manifest does not list are not judged."""
+    manifest = read_manifest(root)
+    prefixes = (f"{MODELSCOPE_BASE}/", *(f"weight/{name}/unet/" for name in unets))
+    damaged = []
+    for key, entry in sorted(manifest.items()):
+        if not key.startswith(prefixes):
+            continue
+        file = root / key
+        if not file.is_file():
+            continue  # missing files are found by missing_files and fetched
+        if file.stat().st_size != entry.get("size") or (verify and sha256_of(file) != entry.get("sha256")):
+            damaged.append(key)
+    return damaged
+
+
 def _modelscope_downloader() -> Downloader:
     try:
         from modelscope import snapshot_download
@@ -80,14 +150,20 @@ def _modelscope_downloader() -> Downloader:
 
 
 def download_release(cache_dir: str | Path | None = None, unets: Sequence[str] = ("incontext",), *,
-                     downloader: Downloader | None = None) -> Path:
-    """The release folder with the base pipeline and `unets`, fetched only if something is missing."""
+                     downloader: Downloader | None = None, verify: bool = False) -> Path:
+    """The release folder with the base pipeline and `unets`, fetched only if something is missing or differs
+    from the manifest (sizes; SHA-256 too with `verify`)."""
     unknown = [u for u in unets if u not in RELEASE_UNETS]
     if unknown:
         raise CheckpointNotFoundError(f"the release has no UNet {unknown[0]!r}; it has {', '.join(RELEASE_UNETS)}")
     root = release_folder(cache_dir)
-    if not missing_files(root, unets):
+    damaged = damaged_files(root, unets, verify=verify)
+    if not missing_files(root, unets) and not damaged:
+        if not read_manifest(root):
+            write_manifest(root, unets)  # a release fetched before manifests existed
         return root
+    for key in damaged:  # fetched again below: the client skips files that are present
+        (root / key).unlink()
     fetch = downloader or _modelscope_downloader()
     try:
         fetch(RELEASE_ID, local_dir=str(root), allow_patterns=release_patterns(unets))
@@ -98,6 +174,11 @@ def download_release(cache_dir: str | Path | None = None, unets: Sequence[str] =
     if missing:
         raise IncompleteDownloadError(f"{root}: the download lacks {len(missing)} needed files, e.g. {missing[0]} "
                                       "(run `python -m model.download` again to resume)")
+    still = [key for key in damaged if key in damaged_files(root, unets, verify=True)]
+    if still:
+        raise CorruptDownloadError(f"{root / still[0]} differs from {MANIFEST} (size or SHA-256) even after fetching "
+                                   "it again: delete the folder and download anew, or check the disk")
+    write_manifest(root, unets)
     return root
 
 
@@ -107,9 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help=f"download root (default: DIFFEWS_CACHE or {DEFAULT_CACHE})")
     parser.add_argument("--unet", nargs="+", default=["incontext"], choices=RELEASE_UNETS,
                         help="which of the release's UNets to fetch besides the base pipeline")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check every file's SHA-256 against the manifest (--no-verify: sizes only)")
     args = parser.parse_args(argv)
     try:
-        root = download_release(args.cache_dir, args.unet)
+        root = download_release(args.cache_dir, args.unet, verify=args.verify)
     except CheckpointNotFoundError as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1

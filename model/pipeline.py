@@ -126,7 +126,34 @@ class DiffewS:
         self.prompt_embeds = prompt_embeds.to(self.device, self.dtype)
         self.fusion = install_kv_fusion(self.unet, upcast=self.dtype == torch.float16)
         self.support_cache = SupportCache(support_cache_bytes)
+        self.adapter: str | None = None
+        """The peft adapter of `unet` this model runs with (a LoRA version), or None for the UNet's own weights."""
         self._lock = threading.RLock()
+
+    @classmethod
+    def sharing(cls, host: DiffewS, *, unet: UNet2DConditionModel | None = None, adapter: str | None = None,
+                config: DiffewSConfig | None = None, dtype: torch.dtype | None = None, source: str = "") -> DiffewS:
+        """A model over `host`'s VAE, float32 decoder and prompt embedding, with host's UNet run through a named
+        LoRA `adapter`, or with another `unet` (a full version's, or a training copy) in `dtype`.
+
+        Models sharing one UNet share its lock: each pass activates its own adapter under that lock.
+        """
+        model = cls.__new__(cls)
+        model.config = config or host.config
+        model.device, model.source = host.device, source or host.source
+        model.vae, model.decode_vae = host.vae, host.decode_vae
+        model.support_cache = SupportCache(host.support_cache.max_bytes)
+        model.adapter = adapter
+        if unet is None:
+            model.dtype, model.unet, model.fusion, model._lock = host.dtype, host.unet, host.fusion, host._lock
+        else:
+            model.dtype = dtype or host.dtype
+            with quiet_diffusers():
+                model.unet = unet.to(model.device, model.dtype).eval().requires_grad_(False)
+            model.fusion = install_kv_fusion(model.unet, upcast=model.dtype == torch.float16)
+            model._lock = threading.RLock()
+        model.prompt_embeds = host.prompt_embeds.to(model.device, model.dtype)
+        return model
 
     # ---- construction -------------------------------------------------------------------
 
@@ -207,10 +234,12 @@ class DiffewS:
 
     def encode_latents_torch(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] in [-1, 1] -> VAE posterior mean x scaling_factor, [B, 4, R/8, R/8]."""
-        pixels = pixels.to(self.device, self.dtype)
-        return self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        pixels = pixels.to(self.device, self.vae.dtype)  # a model sharing another's VAE may run its UNet in another dtype
+        return (self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor).to(self.dtype)
 
     def _unet(self, sample: torch.Tensor) -> torch.Tensor:
+        if getattr(self.unet, "peft_config", None):  # a UNet carrying LoRA versions: run with this model's own
+            activate_adapter(self.unet, self.adapter)
         embeds = self.prompt_embeds.expand(sample.shape[0], -1, -1)
         return self.unet(sample, TIMESTEP, encoder_hidden_states=embeds, return_dict=False)[0]
 
@@ -394,6 +423,17 @@ class DiffewS:
         banks = {label: self._bank(memory) for label, memory in supports.items()}
         outputs = self._segment_pairs(queries, banks, ratio, batch_size)
         return [{label: out[label] for label in supports} for out in outputs]
+
+
+def activate_adapter(unet: UNet2DConditionModel, adapter: str | None) -> None:
+    """Run `unet` through one of its peft adapters, or through none (its own weights)."""
+    if adapter is None:
+        unet.disable_adapters()
+        return
+    if adapter not in unet.peft_config:
+        raise InvalidInputError(f"the UNet has no adapter {adapter!r} (it has {sorted(unet.peft_config)})")
+    unet.enable_adapters()
+    unet.set_adapter(adapter)
 
 
 def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:

@@ -13,15 +13,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from peft.utils import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from .adapters import TRAIN_ADAPTER, add_adapter, adapter_parameters, lora_config, trainable_state
 from .data import Sample
 from .errors import DiffewSError, InvalidInputError
 from .images import mask_to_tensor, rgb_to_tensor
 from .pipeline import DiffewS
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-"""Attention projections that get LoRA adapters (self- and cross-attention)."""
+from .unet_weights import plain_unet_state, unet_like
+from .versions import load_model_or_version, save_version, trainable_copy
 
 
 @dataclass
@@ -33,7 +34,8 @@ class TrainConfig:
     max_shots: int = 5
     """Episodes draw k ~ U{1..max_shots} supports (the paper's multi-shot training)."""
     lr: float | None = None
-    """AdamW learning rate; None = 1e-5 (published) for SD-family weights, 1e-3 for the tiny UNet and versions of it."""
+    """AdamW learning rate; None = default_lr: 1e-5 (published) for a full SD UNet, 1e-4 for SD LoRA adapters,
+    1e-3 for the tiny UNet and versions of it."""
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     grad_accum: int = 1
@@ -64,13 +66,15 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What a run did: steps, the loss per step, the data it saw."""
+    """What a run did: steps, the loss per step, the data it saw, and the float32 master weights it trained."""
 
     steps: int
     losses: list[float] = field(default_factory=list)
     images: int = 0
     labels: dict[str, int] = field(default_factory=dict)
     config: dict = field(default_factory=dict)
+    weights: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    """The trained weights in float32 (the adapter, or the whole UNet): what a version saves."""
 
     @property
     def final_loss(self) -> float:
@@ -176,10 +180,10 @@ class _LatentCache:
 
 @torch.no_grad()
 def posterior(model: DiffewS, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """VAE posterior (mean, std) in the scaled latent space inference uses (x scaling_factor)."""
-    dist = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
+    """VAE posterior (mean, std) in the scaled latent space inference uses (x scaling_factor), in the UNet's dtype."""
+    dist = model.vae.encode(pixels.to(model.device, model.vae.dtype)).latent_dist
     scale = model.vae.config.scaling_factor
-    return dist.mean * scale, dist.std * scale
+    return (dist.mean * scale).to(model.dtype), (dist.std * scale).to(model.dtype)
 
 
 def _sample_latent(mean: torch.Tensor, std: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -215,24 +219,42 @@ def enable_gradient_checkpointing(model: DiffewS) -> None:
 
 
 def add_lora(model: DiffewS, rank: int) -> None:
-    """Attach trainable LoRA adapters (peft) to the UNet's attention projections."""
-    from peft import LoraConfig
-
-    model.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-
-
-def lora_state_dict(model: DiffewS) -> dict[str, torch.Tensor]:
-    """The UNet's LoRA adapter weights (what a LoRA version stores)."""
-    from peft.utils import get_peft_model_state_dict
-
-    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model.unet).items()}
+    """Attach a trainable float32 LoRA adapter (TRAIN_ADAPTER) to the UNet's attention projections and run with it."""
+    add_adapter(model, lora_config(rank), TRAIN_ADAPTER)
+    model.adapter = TRAIN_ADAPTER
 
 
-def _trainable(model: DiffewS, config: TrainConfig) -> list[torch.nn.Parameter]:
+def default_lr(family: str, mode: str) -> float:
+    """The learning rate a run uses unless told: the published 1e-5 for a full SD UNet, 1e-4 for LoRA adapters
+    (diffusers' LoRA recipes), 1e-3 for the tiny model."""
+    if family == "tiny":
+        return 1e-3
+    return 1e-4 if mode == "lora" else 1e-5
+
+
+def master_model(model: DiffewS, config: TrainConfig) -> DiffewS:
+    """The model whose float32 weights a run trains: `model` itself when they are float32 already (its adapter,
+    or its float32 UNet), else a float32 copy of its UNet over model's VAE and prompt embedding.
+
+    Training bf16 or fp16 weights in place would round most AdamW updates away (an update below half a
+    bf16 step is lost); the master copy keeps them, and the trained weights go back to `model` at the end.
+    """
     if config.mode == "lora":
-        if not getattr(model.unet, "peft_config", None):
+        if model.adapter is None:
             add_lora(model, config.lora_rank)
-        params = [p for n, p in model.unet.named_parameters() if "lora_" in n]
+        return model
+    if model.adapter is not None:
+        raise InvalidInputError("full fine-tuning of a model that runs with a LoRA adapter: take "
+                                "model.versions.trainable_copy(model, 'full') first (it merges the adapter)")
+    if model.unet.dtype == torch.float32:
+        return model
+    state = {k: v.to(torch.float32, copy=True) for k, v in plain_unet_state(model.unet).items()}
+    return DiffewS.sharing(model, unet=unet_like(model.unet, state), dtype=torch.float32, config=model.config)
+
+
+def _trainable(model: DiffewS, mode: str) -> list[torch.nn.Parameter]:
+    if mode == "lora":
+        params = adapter_parameters(model, model.adapter)
         for p in params:
             p.requires_grad_(True)
         return params
@@ -240,7 +262,7 @@ def _trainable(model: DiffewS, config: TrainConfig) -> list[torch.nn.Parameter]:
     return list(model.unet.parameters())
 
 
-def _autocast(model: DiffewS, config: TrainConfig):
+def _autocast(model: DiffewS, config: TrainConfig) -> contextlib.AbstractContextManager:
     choice = config.mixed_precision
     if choice == "auto":
         choice = "bf16" if model.device.type == "cuda" else "no"
@@ -259,35 +281,43 @@ def finetune(
 ) -> TrainResult:
     """Episodic fine-tuning: loss MSE(-UNet(z_q), z_mq) with gradients through the support K/V.
 
-    `state_dir` holds a resumable state (weights, optimizer, scheduler, RNGs, losses); a run finds
-    and continues it. `on_step(step, loss)` reports progress. The model is left in eval mode.
+    The trained weights are float32 whatever dtype `model` serves in (master_model); at the end `model`
+    runs with them in its own dtype, and `result.weights` holds them in float32. `state_dir` holds a
+    resumable state (weights, optimizer, scheduler, RNGs, losses); a run finds and continues it.
+    `on_step(step, loss)` reports progress. The model is left in eval mode.
     """
     validate_samples(samples)
     sampler = EpisodeSampler(samples, config.max_shots, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
     aug_rng = random.Random(config.seed + 1)
-    params = _trainable(model, config)
-    lr = config.lr if config.lr is not None else (1e-3 if model.config.family == "tiny" else 1e-5)
+    master = master_model(model, config)
+    params = _trainable(master, config.mode)
+    lr = config.lr if config.lr is not None else default_lr(model.config.family, config.mode)
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
     updates = math.ceil(config.steps / config.grad_accum)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / updates))  # linear decay
     if config.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    cache = None if config.augment else _LatentCache(model, samples)
+        enable_gradient_checkpointing(master)
+    cache = None if config.augment else _LatentCache(master, samples)
     result = TrainResult(steps=0, images=len(samples), config={**asdict(config), "lr": lr},
                          labels={label: len(idx) for label, idx in sampler.by_label.items()})
     state_path = Path(state_dir) if state_dir else None
     if state_path is not None and (state_path / "state.json").is_file():
-        _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
+        _load_state(master, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
 
-    model.unet.train()
+    # Mixed precision, accumulation and the resumable state are written out here rather than taken from
+    # accelerate's Accelerator: its AcceleratorState is one per process and refuses a second mixed-precision
+    # setting ("already been initialized and cannot be changed"), while one worker process runs trainings
+    # with different settings, beside predictions in other threads; and its save_state restores only the
+    # global RNGs, not this run's own generators (episode sampler, latent noise, augmentation).
+    master.unet.train()
     try:
         while result.steps < config.steps:
             label, query, supports = sampler.sample()
-            z_s, z_ms, z_q, target = _episode_latents(model, samples, cache, label, query, supports, gen, config, aug_rng)
-            with _autocast(model, config):
-                bank = model.support_kv_torch(z_s, z_ms)
-                pred = model.predict_mask_latents_torch(z_q, bank)
+            z_s, z_ms, z_q, target = _episode_latents(master, samples, cache, label, query, supports, gen, config, aug_rng)
+            with _autocast(master, config):
+                bank = master.support_kv_torch(z_s, z_ms)
+                pred = master.predict_mask_latents_torch(z_q, bank)
             loss = F.mse_loss(pred.float(), target.float())
             (loss / config.grad_accum).backward()
             result.steps += 1
@@ -300,15 +330,20 @@ def finetune(
             if on_step is not None:
                 on_step(result.steps, result.losses[-1])
             if state_path is not None and config.checkpoint_every and result.steps % config.checkpoint_every == 0:
-                _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
+                _save_state(master, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
     finally:
-        model.unet.eval()
-        model.unet.requires_grad_(False)
+        master.unet.eval()
+        master.unet.requires_grad_(False)
         if config.gradient_checkpointing:
-            model.unet.disable_gradient_checkpointing()
-    model.support_cache.clear()  # memories encoded by the old weights are stale
+            master.unet.disable_gradient_checkpointing()
     if state_path is not None:
-        _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
+        _save_state(master, optimizer, scheduler, sampler, gen, aug_rng, result, state_path)
+    result.weights = trainable_state(master, config.mode)
+    if master is not model:  # the float32 masters go back into the serving weights, in the serving dtype
+        with model._lock, torch.no_grad():
+            for name, tensor in plain_unet_state(model.unet).items():
+                tensor.copy_(result.weights[name])
+    model.support_cache.clear()  # memories encoded by the old weights are stale
     return result
 
 
@@ -333,13 +368,6 @@ def _episode_latents(model, samples, cache, label, query, supports, gen, config,
 
 def _pick(pair: tuple[torch.Tensor, torch.Tensor], i: int) -> tuple[torch.Tensor, torch.Tensor]:
     return pair[0][i], pair[1][i]
-
-
-def trainable_state(model: DiffewS, params_mode: str) -> dict[str, torch.Tensor]:
-    """The weights a run changes: LoRA adapters, or the whole UNet."""
-    if params_mode == "lora":
-        return lora_state_dict(model)
-    return {k: v.detach().cpu().contiguous() for k, v in model.unet.state_dict().items()}
 
 
 def _save_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path: Path) -> None:
@@ -371,9 +399,7 @@ def _load_state(model, optimizer, scheduler, sampler, gen, aug_rng, result, path
     state = json.loads((path / "state.json").read_text())
     weights = load_file(path / "weights.safetensors")
     if result.config["mode"] == "lora":
-        from peft.utils import set_peft_model_state_dict
-
-        set_peft_model_state_dict(model.unet, weights)
+        set_peft_model_state_dict(model.unet, weights, adapter_name=model.adapter)
     else:
         model.unet.load_state_dict(weights)
     # Our own file of plain tensors and numbers (written by _save_state), so weights_only loading suffices.
@@ -394,7 +420,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .data import load_label_map
-    from .versions import load_model_or_version, save_version
 
     parser = argparse.ArgumentParser(description="Episodic fine-tuning of DiffewS on a label-map dataset")
     parser.add_argument("--data", required=True)
@@ -422,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
                              lr=args.lr, seed=args.seed, augment=args.augment,
                              checkpoint_every=100 if args.state_dir else 0)
         model = load_model_or_version(args.model, resolution=args.resolution)
+        if args.mode == "full" and model.adapter is not None:  # a LoRA version: train its merged weights
+            model = trainable_copy(model, "full")
         _, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
     except DiffewSError as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
@@ -435,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
 
         result = finetune(model, samples, config, state_dir=args.state_dir, on_step=on_step)
     base = {"version": args.model} if (Path(args.model) / "version.json").is_file() else {"spec": args.model}
-    path = save_version(model, args.out, args.name, base=base, parent=args.model, mode=args.mode,
+    path = save_version(model, args.out, args.name, base=base, parent=args.model, mode=args.mode, weights=result.weights,
                         summary={"steps": result.steps, "final_loss": result.final_loss, "images": result.images,
                                  "labels": result.labels})
     print(f"wrote {path} (final loss {result.final_loss:.4f})")

@@ -10,11 +10,27 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.utils import logging as diffusers_logging
 from safetensors import safe_open
 
 from .errors import InvalidCheckpointError
 
 REF_KEYS = ("conv_in_ref.weight", "conv_in_ref.bias")
+
+
+@contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """Silence diffusers' warnings about the `in_channels_ref` key and `conv_in_ref.*` tensors it drops,
+    and its note on dtype casts of models that keep no float32 modules.
+
+    Those tensors are read and checked separately (read_ref_tensors), so the warnings are noise.
+    """
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 def make_conv_in_ref(unet: UNet2DConditionModel, in_channels_ref: int = 8) -> torch.nn.Conv2d:

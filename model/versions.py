@@ -1,53 +1,68 @@
-"""Fine-tuned model versions on disk: written atomically, never overwritten, loadable over their base."""
+"""Fine-tuned model versions: deltas over one shared base, written atomically, never overwritten.
+
+A LoRA version is a peft adapter (its whole LoraConfig beside it) that is loaded onto the base's UNet
+under its own name; a full version is UNet weights only. Either way the VAE, the float32 decoder and
+the prompt embedding are the base's: a loaded version costs an adapter, or one UNet, never a model.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
-import time
 import uuid
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import quiet_diffusers
+from .adapters import TRAIN_ADAPTER, add_adapter, adapter_key, adapter_state, lora_config, trainable_state
 from .config import DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .pipeline import DiffewS
 from .tiny import TINY_RESOLUTION
-
-VERSION_FILE = "version.json"
-WEIGHTS_FILE = "unet.safetensors"
-LORA_FILE = "unet_lora.safetensors"
+from .unet_weights import plain_unet_state, unet_like
+from .version_file import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    FULL_WEIGHTS,
+    LEGACY_ADAPTER_CONFIG,
+    LEGACY_ADAPTER_WEIGHTS,
+    LEGACY_LORA,
+    VersionInfo,
+    is_version_folder,
+)
 
 
 def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, parent: str | None, mode: str,
-                 summary: dict) -> Path:
-    """Write a version folder: diffews_config.json, UNet weights (full) or adapters (LoRA), version.json.
+                 summary: dict, project: int | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write a version folder: version.json, diffews_config.json and the UNet weights (full) or the adapter (LoRA).
 
-    `base` says what the weights apply to: {"spec": ..., "unet": ...} or {"version": <folder>}; a relative
-    version folder is read relative to `root` (so a tree of versions can move, or be mounted elsewhere).
-    The folder appears complete or not at all (temp folder + rename); an existing name is an error.
+    `weights` are the float32 master weights of the run (TrainResult.weights); by default they are read
+    from the model. `base` says what they apply to: {"spec": ..., "unet": ...} or {"version": <folder>}
+    (relative to `root`, so a tree of versions can move). The folder appears complete or not at all
+    (temporary folder, fsync, rename); an existing name is an error.
     """
-    from .train import trainable_state
-
     root = Path(root)
     final = root / name
     if final.exists():
         raise InvalidCheckpointError(f"version {final} already exists; versions are never overwritten")
+    info = VersionInfo(name=name, mode=mode, base=base, parent=parent, project=project, summary=summary)
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        save_file(trainable_state(model, mode), tmp / (LORA_FILE if mode == "lora" else WEIGHTS_FILE))
+        state = weights if weights is not None else trainable_state(model, mode)
         if mode == "lora":
-            (tmp / "lora_config.json").write_text(json.dumps({"rank": _lora_rank(model)}))
+            save_file(state, tmp / ADAPTER_WEIGHTS)
+            config = model.unet.peft_config[model.adapter].to_dict()
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+        else:
+            save_file(state, tmp / FULL_WEIGHTS)
         replace(model.config, trained=True, name=name).save(tmp)
-        info = {"name": name, "parent": parent, "base": base, "mode": mode, "created_at": time.time(), "summary": summary}
-        (tmp / VERSION_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        info.write(tmp)
         for path in tmp.iterdir():  # data on disk before the rename makes the version visible
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
@@ -58,61 +73,118 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     return final
 
 
-def _lora_rank(model: DiffewS) -> int:
-    config = next(iter(model.unet.peft_config.values()))
-    return int(config.r)
+def _jsonable(value):
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
 
 
-def read_version(folder: str | Path) -> dict:
-    """version.json of a version folder; InvalidCheckpointError if absent or unreadable."""
-    path = Path(folder) / VERSION_FILE
+def read_version(folder: str | Path) -> VersionInfo:
+    """version.json of a version folder (typed errors if absent or unreadable)."""
+    return VersionInfo.read(folder)
+
+
+def version_lora_config(folder: Path, info: VersionInfo) -> LoraConfig:
+    """The LoraConfig a LoRA version was trained with, as saved beside it."""
+    if info.schema < 2:  # schema 1 saved the rank only; the rest were code constants of that time
+        rank = int(_read_json(folder / LEGACY_ADAPTER_CONFIG)["rank"])
+        return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=LEGACY_LORA["init_lora_weights"],
+                          target_modules=list(LEGACY_LORA["target_modules"]))
+    data = _read_json(folder / ADAPTER_CONFIG)
+    try:
+        return LoraConfig(**{k: v for k, v in data.items() if k in LoraConfig.__dataclass_fields__})
+    except (TypeError, ValueError) as exc:
+        raise InvalidCheckpointError(f"{folder / ADAPTER_CONFIG}: not a LoRA config ({exc})") from None
+
+
+def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointNotFoundError(f"{path} does not exist: not a model version folder") from None
+        raise InvalidCheckpointError(f"{path} is missing") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
 
 
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise InvalidCheckpointError(f"{path} is missing")
+    try:
+        return load_file(path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for truncated or corrupted files
+        raise InvalidCheckpointError(f"{path}: cannot read (truncated or corrupted?): {exc}") from None
+
+
+def attach_version(host: DiffewS, folder: str | Path, info: VersionInfo | None = None) -> DiffewS:
+    """A version over `host` (a loaded model of the version's base): a LoRA version becomes a named adapter on
+    host's UNet, a full version a new UNet; both share host's VAE, decoder and prompt embedding."""
+    folder = Path(folder)
+    info = info or read_version(folder)
+    config = replace(DiffewSConfig.load(folder), family=host.config.family)  # folders from before `family`
+    if info.mode == "lora":
+        name = adapter_key(f"{info.name}_{int(info.created_at * 1000)}")  # one name per folder ever written
+        if name not in getattr(host.unet, "peft_config", {}):
+            weights = _load_weights(folder / (LEGACY_ADAPTER_WEIGHTS if info.schema < 2 else ADAPTER_WEIGHTS))
+            try:
+                add_adapter(host, version_lora_config(folder, info), name, weights)
+            except (ValueError, RuntimeError, KeyError) as exc:
+                raise InvalidCheckpointError(f"{folder}: its adapter does not fit the base UNet ({exc})") from None
+        return DiffewS.sharing(host, adapter=name, config=config, source=str(folder))
+    path = folder / FULL_WEIGHTS
+    state = {k: v.to(host.dtype) for k, v in _load_weights(path).items()}
+    unet = unet_like(host.unet, state, source=str(path))
+    return DiffewS.sharing(host, unet=unet, config=config, source=str(folder))
+
+
 def load_version(folder: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> DiffewS:
-    """Load a version: its base (recursively for versions of versions), then its weights or adapters."""
+    """Load a version with its base (recursively for versions of versions)."""
     folder = Path(folder)
     info = read_version(folder)
     config = DiffewSConfig.load(folder)
-    base = info["base"]
-    if "version" in base:
-        parent = folder.parent / base["version"]  # relative to the versions' root; an absolute path stays as is
-        if not (parent / VERSION_FILE).is_file():
+    parent = info.base_folder(folder)
+    if parent is not None:
+        if not is_version_folder(parent):
             raise CheckpointNotFoundError(f"{folder}: its base version {parent} is missing")
-        model = load_version(parent, device=device, dtype=dtype)
-    elif base.get("spec") == "tiny":
-        model = DiffewS.tiny(resolution=config.resolution, device=device or "cpu", dtype=dtype)
+        host = load_version(parent, device=device, dtype=dtype)
+    elif info.base.get("spec") == "tiny":
+        host = DiffewS.tiny(resolution=config.resolution, device=device or "cpu", dtype=dtype)
     else:
-        model = DiffewS.from_pretrained(base["spec"], unet=base.get("unet"), device=device, dtype=dtype)
-    if info["mode"] == "lora":
-        from peft.utils import set_peft_model_state_dict
+        host = DiffewS.from_pretrained(info.base["spec"], unet=info.base.get("unet"), device=device, dtype=dtype)
+    return attach_version(host, folder, info)
 
-        from .train import add_lora
 
-        rank = json.loads((folder / "lora_config.json").read_text())["rank"]
-        add_lora(model, rank)
-        set_peft_model_state_dict(model.unet, load_file(folder / LORA_FILE))
-    else:
-        try:
-            model.unet.load_state_dict(load_file(folder / WEIGHTS_FILE))
-        except (RuntimeError, FileNotFoundError) as exc:
-            raise InvalidCheckpointError(f"{folder / WEIGHTS_FILE}: does not fit the base UNet ({exc})") from None
-    with quiet_diffusers():  # diffusers notes every dtype cast, even of models that keep no fp32 modules
-        model.unet.to(model.device, model.dtype).eval().requires_grad_(False)
-    model.config = replace(config, family=model.config.family)  # folders written before `family` existed
-    model.source = str(folder)
-    return model
+def trainable_copy(model: DiffewS, mode: str) -> DiffewS:
+    """A model to fine-tune without touching `model` (which may be serving predictions meanwhile).
+
+    "lora": a UNet that shares model's frozen weights tensor for tensor, carrying a float32 copy of model's
+    adapter (if it runs with one) as TRAIN_ADAPTER. "full": a float32 copy of the UNet with model's adapter
+    merged in. Both share model's VAE, decoder and prompt embedding.
+    """
+    with model._lock:
+        plain = plain_unet_state(model.unet)
+        adapter = adapter_state(model, model.adapter) if model.adapter else None
+        config = model.unet.peft_config[model.adapter] if model.adapter else None
+        if mode == "full":
+            plain = {k: v.to(torch.float32, copy=True) for k, v in plain.items()}
+    copy = DiffewS.sharing(model, unet=unet_like(model.unet, plain), config=model.config,
+                           dtype=torch.float32 if mode == "full" else model.dtype)
+    if adapter is not None:
+        add_adapter(copy, config, TRAIN_ADAPTER, adapter)
+        copy.adapter = TRAIN_ADAPTER
+        if mode == "full":  # the adapter becomes part of the weights being trained
+            with torch.no_grad():
+                copy.unet.fuse_lora(adapter_names=[TRAIN_ADAPTER])
+            copy.unet.unload_lora()
+            copy.adapter = None
+    return copy
 
 
 def load_model_or_version(spec: str, *, unet: str | None = None, resolution: int | None = None,
                           device: torch.device | str | None = None) -> DiffewS:
     """A version folder, "tiny" (at `resolution`) or any spec DiffewS.from_pretrained takes."""
-    if (Path(spec) / VERSION_FILE).is_file():
+    if is_version_folder(spec):
         model = load_version(spec, device=device)
     elif spec == "tiny":
         model = DiffewS.tiny(resolution=resolution or TINY_RESOLUTION, device=device or "cpu")
@@ -121,3 +193,7 @@ def load_model_or_version(spec: str, *, unet: str | None = None, resolution: int
     if resolution and resolution != model.config.resolution:
         model.config = replace(model.config, resolution=resolution)
     return model
+
+
+__all__ = ["attach_version", "load_model_or_version", "load_version", "read_version", "save_version",
+           "trainable_copy", "lora_config"]

@@ -115,3 +115,73 @@ def test_cli(tmp_path, monkeypatch, capsys):
     assert download_module.main(["--cache-dir", str(tmp_path)]) == 1
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "no route to host" in line and "resume" in line
+
+
+def test_manifest_finds_and_refetches_damaged_files(tmp_path):
+    """The first download writes a manifest (size, SHA-256); a truncated file (sizes) and a same-size corrupted
+    one (SHA-256, with verify) are deleted and fetched again; the loader then works."""
+    from model.download import MANIFEST, read_manifest, sha256_of
+
+    fake = StandInModelScope()
+    root = download_release(tmp_path, downloader=fake)
+    manifest = read_manifest(root)
+    weights = f"{MODELSCOPE_BASE}/unet/diffusion_pytorch_model.safetensors"
+    assert (root / MANIFEST).is_file() and manifest[weights]["sha256"] == sha256_of(root / weights)
+    assert manifest[weights]["size"] == (root / weights).stat().st_size
+
+    good = (root / weights).read_bytes()
+    (root / weights).write_bytes(good[: len(good) // 2])  # truncated
+    fake.fetched.clear()
+    download_release(tmp_path, downloader=fake)
+    assert fake.fetched == [weights] and (root / weights).read_bytes() == good
+
+    flipped = bytearray(good)
+    flipped[-10] ^= 0xFF  # same size, other bytes: only the SHA-256 finds it
+    (root / weights).write_bytes(bytes(flipped))
+    fake.fetched.clear()
+    download_release(tmp_path, downloader=fake)
+    assert fake.fetched == []  # sizes alone (the quick check on every start) cannot see it
+    download_release(tmp_path, downloader=fake, verify=True)
+    assert fake.fetched == [weights] and (root / weights).read_bytes() == good
+    DiffewS.from_pretrained(root, device="cpu")
+
+
+def test_file_still_damaged_after_refetch_is_named(tmp_path):
+    """When the fetched file still differs from the manifest, the error names it (nothing loads it silently)."""
+    from model.download import CorruptDownloadError
+
+    fake = StandInModelScope()
+    root = download_release(tmp_path, downloader=fake)
+    weights = f"{MODELSCOPE_BASE}/vae/diffusion_pytorch_model.safetensors"
+    remote = Path(fake.calls[0]["local_dir"]).parent / "remote" / weights
+    remote.write_bytes(remote.read_bytes()[:-100])  # the source itself now serves a shorter file
+    (root / weights).write_bytes(b"x")
+    with pytest.raises(CorruptDownloadError, match="vae/diffusion_pytorch_model.safetensors differs from"):
+        download_release(tmp_path, downloader=fake)
+
+
+def test_weights_that_do_not_fit_the_architecture_name_file_and_tensor(tmp_path):
+    """A UNet or VAE whose safetensors do not fit its config.json: the error names the file and the first tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from model import InvalidCheckpointError
+
+    from .checkpoints import write_official_layout
+
+    root = write_official_layout(tmp_path / "pipe")
+    path = root / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["conv_out.weight"] = state["conv_out.weight"][:, :2].contiguous()
+    save_file(state, path)
+    with pytest.raises(InvalidCheckpointError, match=r"unet/diffusion_pytorch_model.safetensors: tensor conv_out.weight is "):
+        DiffewS.from_pretrained(root, device="cpu")
+    write_official_layout(tmp_path / "pipe2")
+    path = tmp_path / "pipe2" / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    del state["decoder.conv_out.bias"]
+    save_file(state, path)
+    with pytest.raises(InvalidCheckpointError, match="vae/diffusion_pytorch_model.safetensors: tensor decoder.conv_out.bias .* is missing"):
+        DiffewS.from_pretrained(tmp_path / "pipe2", device="cpu")
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(InvalidCheckpointError, match="truncated or corrupted"):
+        DiffewS.from_pretrained(tmp_path / "pipe2", device="cpu")

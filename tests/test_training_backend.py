@@ -249,3 +249,46 @@ def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
         assert elapsed < 20 and backend.get(f"/jobs/{job}")["status"] == "started"  # answered while it trains
     finally:
         backend.stop()
+
+
+def test_versions_and_choices_survive_a_redis_that_lost_everything(trainer, redis, settings):
+    """Redis flushed (restarted without persistence): a starting process records the version folders again,
+    /setup brings back the project's active and pinned versions, and the next version is not named v1 again."""
+    from backend.app import create_app
+    from backend.registry import VersionRegistry
+
+    base = "diffews-tiny-r64-untrained"
+    out = trainer(10, train_lr=0.0)
+    assert out["promoted"]
+    store = SupportStore(redis, settings.model_dir)
+    VersionRegistry(redis, store).pin(1, out["version"], base)
+    redis.flushall()
+    WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))  # a worker process starting
+    [record] = VersionRegistry(redis, store).list()
+    assert record["name"] == out["version"] and record["project"] == 1 and record["promoted"]
+    client = create_app(settings, redis).test_client()
+    assert client.post("/setup", json=SETUP).status_code == 200  # Label Studio connects again
+    info = client.get("/projects/1/versions").json
+    assert (info["active"], info["pinned"], info["current"]) == (out["version"],) * 3
+    assert VersionRegistry(redis, store).next_name(1, base) == f"{base}-p1-v2"
+
+
+def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settings, redis, tiny_model):
+    """A folder renamed into place but never registered (a crash between the two) is found on the next lookup;
+    a temporary folder of a crashed save is removed once stale, a fresh one (a save in progress) is kept."""
+    import os
+
+    from backend.registry import STALE_TEMP_S, VersionRegistry
+    from model.versions import save_version
+
+    root = settings.model_dir / "versions" / "3"
+    save_version(tiny_model, root, "diffews-tiny-r64-untrained-p3-v1", base={"spec": "tiny"}, parent=None,
+                 mode="full", summary={}, project=3)
+    stale, fresh = root / ".x.tmp-0001", root / ".y.tmp-0002"
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (time.time() - STALE_TEMP_S - 10,) * 2)
+    registry = VersionRegistry(redis, SupportStore(redis, settings.model_dir))
+    assert registry.get("diffews-tiny-r64-untrained-p3-v1")["project"] == 3
+    assert not stale.exists() and fresh.exists()
+    assert registry.next_name(3, "diffews-tiny-r64-untrained") == "diffews-tiny-r64-untrained-p3-v2"

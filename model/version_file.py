@@ -1,0 +1,98 @@
+"""The version.json of a fine-tuned model version: its schema, read and written here only (no torch needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CheckpointNotFoundError, InvalidCheckpointError
+
+VERSION_FILE = "version.json"
+SCHEMA = 2
+"""1: LoRA folders held `unet_lora.safetensors` and `lora_config.json` with the rank only; 2: a peft adapter
+folder (`adapter_config.json` with the whole LoraConfig, `adapter_model.safetensors`) and the project."""
+MODES = ("full", "lora")
+FULL_WEIGHTS = "unet.safetensors"
+"""A full version's UNet weights (float32 master weights); it shares everything else with its base."""
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+"""A LoRA version's peft adapter, with the names peft's own save_pretrained gives them."""
+LEGACY_ADAPTER_WEIGHTS = "unet_lora.safetensors"
+LEGACY_ADAPTER_CONFIG = "lora_config.json"
+LEGACY_LORA = {"lora_alpha_is_rank": True, "init_lora_weights": "gaussian",
+               "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+"""What schema-1 LoRA versions were trained with besides their rank (the code constants of that time)."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """What a version folder holds and what its weights apply to.
+
+    base: {"spec": model spec, "unet": separate UNet folder or None} or {"version": folder of another version,
+    relative to the versions' root}: the weights this version's UNet weights or adapter apply to.
+    """
+
+    name: str
+    mode: str
+    base: dict
+    parent: str | None = None
+    project: int | None = None
+    created_at: float = field(default_factory=time.time)
+    summary: dict = field(default_factory=dict)
+    schema: int = SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InvalidCheckpointError(f"version {self.name!r}: mode must be 'full' or 'lora', got {self.mode!r}")
+        if not isinstance(self.base, dict) or not ({"spec", "version"} & set(self.base)):
+            raise InvalidCheckpointError(f"version {self.name!r}: base must name a 'spec' or a 'version', got {self.base!r}")
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """The files that hold this version's weights (and adapter config)."""
+        if self.mode == "full":
+            return (FULL_WEIGHTS,)
+        if self.schema < 2:
+            return (LEGACY_ADAPTER_WEIGHTS, LEGACY_ADAPTER_CONFIG)
+        return (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+    def base_folder(self, folder: Path) -> Path | None:
+        """The folder of the version this one applies to (relative to the versions' root), or None for a spec."""
+        if "version" not in self.base:
+            return None
+        return Path(folder).parent / self.base["version"]  # an absolute path stays as is
+
+    def write(self, folder: Path) -> None:
+        """Write version.json into `folder` and flush it to disk."""
+        path = Path(folder) / VERSION_FILE
+        with open(path, "w") as f:
+            f.write(json.dumps(asdict(self), indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    @classmethod
+    def read(cls, folder: str | Path) -> VersionInfo:
+        """version.json of a version folder; CheckpointNotFoundError if absent, InvalidCheckpointError if unreadable."""
+        path = Path(folder) / VERSION_FILE
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"{path} does not exist: not a model version folder") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
+        if not isinstance(data, dict):
+            raise InvalidCheckpointError(f"{path}: expected a JSON object")
+        data.setdefault("schema", 1)  # folders written before the schema had a number
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise InvalidCheckpointError(f"{path}: {exc}") from None
+
+
+def is_version_folder(folder: str | Path) -> bool:
+    """True when `folder` holds a version.json."""
+    return (Path(folder) / VERSION_FILE).is_file()
