@@ -89,8 +89,8 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
             files.prepare(pid, example)
             done += 1
         except BadRequest as exc:  # a mask that does not decode: the example can never be used
-            ctx.store.remove(pid, [annotation_id])
             failed[annotation_id] = f"removed: {exc.message}"
+            ctx.store.remove(pid, [annotation_id], reason=failed[annotation_id])
         except BackendError as exc:  # the image could not be fetched now: kept, tried again when predicting
             failed[annotation_id] = f"image not cached: {exc.message}"
     ctx.store.record_errors(pid, {str(a): m for a, m in failed.items()})

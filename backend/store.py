@@ -236,13 +236,23 @@ class SupportStore:
         if all((e.task_id, e.image_url) != (gone.task_id, gone.image_url) for e in self.examples(pid)):
             self.image_path(pid, gone.task_id, gone.image_url).unlink(missing_ok=True)
 
-    def remove(self, pid: int, annotation_ids: list[int]) -> int:
-        """Remove the examples of these annotations (and their mask files); returns how many were removed."""
+    def remove(self, pid: int, annotation_ids: list[int], reason: str | None = None) -> int:
+        """Remove the examples of these annotations (and their mask files); returns how many were removed.
+
+        With a `reason`, it is recorded as their ingestion error in the same transaction (a reader never sees
+        the example gone without why); without one, their errors are cleared.
+        """
         if not annotation_ids:
             return 0
-        self.redis.hdel(self._errors_key(pid), *[str(a) for a in annotation_ids])
+        keys = [str(a) for a in annotation_ids]
         existing = [self.get(pid, a) for a in annotation_ids]
-        removed = self.redis.hdel(self._examples_key(pid), *[str(a) for a in annotation_ids])
+        pipe = self.redis.pipeline(transaction=True)
+        if reason is None:
+            pipe.hdel(self._errors_key(pid), *keys)
+        else:
+            pipe.hset(self._errors_key(pid), mapping={k: reason for k in keys})
+        pipe.hdel(self._examples_key(pid), *keys)
+        removed = pipe.execute()[-1]
         if removed:
             self.redis.hincrby(self._project_key(pid), "revision", 1)
         for example in filter(None, existing):

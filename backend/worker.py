@@ -114,6 +114,10 @@ def get_context() -> WorkerContext:
     return _context
 
 
+IDLE_WORKER_TTL_S = 45
+"""The longest worker_ttl an InProcessWorker takes: it beats at least every 30 s while idle."""
+
+
 class InProcessWorker(SimpleWorker):
     """A SimpleWorker that heartbeats while its job runs, and that also runs in a thread of the web process.
 
@@ -129,7 +133,9 @@ class InProcessWorker(SimpleWorker):
 
     def __init__(self, queues, *args, heartbeat_ttl_s: int = 45, **kwargs):
         kwargs.setdefault("maintenance_interval", max(2, heartbeat_ttl_s // 3))
-        kwargs.setdefault("worker_ttl", max(20, heartbeat_ttl_s))
+        # An idle worker beats every worker_ttl - 15 s (RQ's dequeue timeout): kept well inside WORKER_ALIVE_S
+        # whatever JOB_HEARTBEAT_TTL_S is (at 120 it beat every 105 s and /health counted idle workers dead).
+        kwargs.setdefault("worker_ttl", min(max(20, heartbeat_ttl_s), IDLE_WORKER_TTL_S))
         super().__init__(queues, *args, **kwargs)
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._due_mover = None

@@ -119,6 +119,8 @@ class RssWatch:
         self.limit_gb = limit_gb
         self.over = False
         self._peak = 0
+        self.overall = 0
+        """Peak RSS in bytes over the process's whole life (never reset)."""
         self._stop = threading.Event()
         threading.Thread(target=self._run, daemon=True).start()
 
@@ -129,6 +131,7 @@ class RssWatch:
             except psutil.Error:
                 return
             self._peak = max(self._peak, rss)
+            self.overall = max(self.overall, rss)
             if self.limit_gb and rss > self.limit_gb * 2**30 and not self.over:
                 self.over = True
                 self.proc.send_signal(signal.SIGKILL)  # would not fit: stop before the machine swaps or kills others
@@ -232,7 +235,7 @@ def rehearse(release: Path, dtype: str, args: argparse.Namespace, workdir: Path)
     shutil.rmtree(model_dir, ignore_errors=True)
     env = {**os.environ, "DIFFEWS_MODEL": str(release), "DIFFEWS_DTYPE": dtype, "MODEL_DIR": str(model_dir),
            "PYTHONUNBUFFERED": "1", "PREDICT_WAIT_S": "3600", "JOB_TIMEOUT_S": "7200", "TRAIN_TIMEOUT_S": "7200",
-           "SYNC_MAX_TASKS": str(args.bulk), "TRAIN_STEPS": str(args.train_steps), "TRAIN_EVERY": "0",
+           "SYNC_MAX_TASKS": str(max(1, args.bulk)), "TRAIN_STEPS": str(args.train_steps), "TRAIN_EVERY": "0",
            "SCORE_EPISODES": str(args.score_episodes), "MAX_SHOTS": "5", "TRAIN_MODE": "lora", "TRAIN_SEED": "0",
            "OMP_NUM_THREADS": str(args.threads), "JOB_HEARTBEAT_TTL_S": "120"}
     env.pop("REDIS_URL", None)
@@ -264,18 +267,21 @@ def rehearse(release: Path, dtype: str, args: argparse.Namespace, workdir: Path)
             regions = len(out["results"][0]["result"])
             row(name, cold_s=cold, warm_s=warm, regions=regions, peak_rss_gb=backend.rss.peak())
         backend.rss.reset()
+        if not args.bulk:
+            return rows
         tasks = [{"id": 1000 + i, "data": {"image": jpeg_uri(image)}} for i, (image, _) in enumerate(queries[2:2 + args.bulk])]
         out, seconds = backend.post("/predict", {"tasks": tasks, "project": "1.1", "label_config": label_config(LABELS[:1])})
         row(f"bulk of {len(tasks)} tasks, 1 label x 5 shots (one /predict)", seconds=seconds,
             tasks_per_s=len(tasks) / seconds, predictions=len(out["results"]), peak_rss_gb=backend.rss.peak())
-        train_and_swap(backend, model_dir, "lora", row)
+        if args.train:
+            train_and_swap(backend, model_dir, "lora", row)
     except Exception as exc:  # noqa: BLE001 - the table says what broke; the rest of the run goes on
         rows.append(Row("rehearsal stopped", params, error=f"{type(exc).__name__}: {exc}"))
         print(f"[{dtype}] stopped: {exc}", flush=True)
     finally:
-        row("whole run", peak_rss_gb=backend.rss.peak() if backend.rss._peak else 0.0)
+        row("whole run", peak_rss_gb=backend.rss.overall / 2**30)
         backend.stop()
-    if args.full:
+    if args.full and args.train:
         backend = Backend({**env, "TRAIN_MODE": "full"}, workdir, args.max_rss_gb)
         try:
             row("second start (page cache warm), TRAIN_MODE=full", seconds=backend.wait_healthy())
@@ -325,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=3)
     parser.add_argument("--score-episodes", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--train", action=argparse.BooleanOptionalAction, default=True,
+                        help="the LoRA fine-tune, promotion and hot swap (--no-train: clicks and bulk only)")
     parser.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
                         help="also a full fine-tune in a second start (TRAIN_MODE=full)")
     parser.add_argument("--max-rss-gb", type=float, default=21.0,

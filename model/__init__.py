@@ -23,7 +23,10 @@ _EXPORTS = {
     "VersionInfo": "version_file",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "CheckpointNotFoundError", "DiffewS", "DiffewSConfig", "DiffewSError", "InvalidCheckpointError", "InvalidInputError",
+    "QueryBatch", "SegmentationOutput", "SupportMemory", "SupportNotSetError", "VersionInfo",
+]
 
 if TYPE_CHECKING:
     from .config import DiffewSConfig

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from peft import LoraConfig
@@ -32,7 +33,9 @@ def add_adapter(model: DiffewS, config: LoraConfig, name: str, state: dict[str, 
 
     Float32 whatever the UNet's dtype: the adapter is the trained (master) weight, and it is small.
     """
-    with model._lock:
+    with model._lock, warnings.catch_warnings():
+        # several adapters on one UNet is the design (one per loaded version): peft's warning about it is noise
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         model.unet.add_adapter(config, adapter_name=name)
         if state is not None:
             result = set_peft_model_state_dict(model.unet, state, adapter_name=name)

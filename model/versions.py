@@ -18,7 +18,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
-from .adapters import TRAIN_ADAPTER, add_adapter, adapter_key, adapter_state, lora_config, trainable_state
+from .adapters import TRAIN_ADAPTER, add_adapter, adapter_key, adapter_state, trainable_state
 from .config import DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .pipeline import DiffewS
@@ -194,6 +194,3 @@ def load_model_or_version(spec: str, *, unet: str | None = None, resolution: int
         model.config = replace(model.config, resolution=resolution)
     return model
 
-
-__all__ = ["attach_version", "load_model_or_version", "load_version", "read_version", "save_version",
-           "trainable_copy", "lora_config"]

@@ -207,3 +207,15 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
         assert backend.get("/health")["workers"]["train"] == 0  # a silent worker is not reported alive
     finally:
         backend.stop()
+
+
+@pytest.mark.parametrize("ttl", [4, 45, 120, 600])
+def test_idle_workers_beat_inside_the_liveness_window_whatever_the_job_ttl(redis, ttl):
+    """An idle worker heartbeats every worker_ttl - 15 s (RQ's dequeue timeout), which must stay under the
+    WORKER_ALIVE_S after which /health and admission count it dead, for any JOB_HEARTBEAT_TTL_S."""
+    from backend.queues import QUEUE_HIGH, WORKER_ALIVE_S
+    from backend.worker import InProcessWorker
+
+    worker = InProcessWorker([QUEUE_HIGH], connection=redis, heartbeat_ttl_s=ttl)
+    assert worker.worker_ttl - 15 <= WORKER_ALIVE_S / 2
+    assert worker.get_heartbeat_ttl(None) == ttl  # a running job's own TTL is still what was configured
