@@ -167,3 +167,13 @@ def test_version_file_errors(tmp_path):
     (tmp_path / "version.json").write_text(json.dumps({"name": "x", "mode": "half", "base": {"spec": "tiny"}}))
     with pytest.raises(InvalidCheckpointError, match="mode must be"):
         VersionInfo.read(tmp_path)
+
+
+def test_full_fine_tuning_of_a_model_running_an_adapter_is_refused(tmp_path):
+    """finetune(mode="full") on a model that runs with a LoRA adapter says to take trainable_copy first."""
+    from model import InvalidInputError
+
+    base = DiffewS.tiny(resolution=64)
+    _, folder = lora_version(base, tmp_path, "v1", steps=1)
+    with pytest.raises(InvalidInputError, match="trainable_copy"):
+        finetune(attach_version(base, folder), shape_task(4, 0), TrainConfig(steps=1, mode="full"))
