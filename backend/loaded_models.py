@@ -94,8 +94,7 @@ class LoadedModels:
         unets = [name for name, m in self._versions.items() if m.adapter is None]
         for name in adapters[: max(0, len(adapters) - MAX_LOADED_ADAPTERS)]:
             model = self._versions.pop(name)
-            if not any(other.unet is model.unet and other.adapter == model.adapter for other in self._versions.values()):
-                remove_adapter(model, model.adapter)
+            remove_adapter(model, model.adapter)  # adapter names are unique per version folder
         for name in unets[: max(0, len(unets) - MAX_LOADED_UNETS)]:
             self._versions.pop(name)
 

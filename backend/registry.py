@@ -65,6 +65,13 @@ class VersionRegistry:
 
         Returns how many records were added. Unreadable folders are logged and skipped.
         """
+        added = self._record_folders()
+        for pid in self.store.projects():
+            self.store.restore_choices(pid)
+        return added
+
+    def _record_folders(self) -> int:
+        """Record the version folders Redis lacks (removing stale temporaries); how many were added."""
         added = 0
         for folder in sorted(self.root.glob("*/*")):
             if folder.name.startswith("."):
@@ -80,8 +87,6 @@ class VersionRegistry:
                 logger.warning("version folder %s skipped: %s", folder, exc)
                 continue
             added += int(self.redis.hsetnx(self.key, record["name"], json.dumps(record)))
-        for pid in self.store.projects():
-            self.store.restore_choices(pid)
         if added:
             logger.info("version registry: %d versions recorded again from %s", added, self.root)
         return added
@@ -96,7 +101,7 @@ class VersionRegistry:
     def get(self, name: str) -> dict | None:
         """A version's record (rebuilt from the folders if Redis lacks it), or None."""
         raw = self.redis.hget(self.key, name)
-        if raw is None and self.rebuild():
+        if raw is None and self._record_folders():
             raw = self.redis.hget(self.key, name)
         return json.loads(raw) if raw else None
 

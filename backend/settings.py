@@ -92,7 +92,8 @@ class Settings:
     train_mode: str = "lora"
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
     train_lr: float | None = None
-    """TRAIN_LR: learning rate; empty = 1e-5 for SD 2.x weights, 1e-3 for the tiny UNet and its versions."""
+    """TRAIN_LR: learning rate; empty = 1e-5 for a full SD 2.x UNet, 1e-4 for SD LoRA adapters, 1e-3 for the tiny
+    UNet and its versions."""
     train_augment: bool = False
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
     train_seed: int | None = None
@@ -100,12 +101,12 @@ class Settings:
     train_timeout_s: int = 4 * 3600
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
     held_out_every: int = 5
+    """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
     score_episodes: int = 40
     """SCORE_EPISODES: held-out episodes each version is scored on before promotion (fixed seed)."""
     resolution: int | None = None
     """DIFFEWS_RESOLUTION: working resolution of a real (non-tiny) model instead of its own (512); CPU-only
     installations trade accuracy for time with 384 or 256 (a click costs about (R/512)^2 as much)."""
-    """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
     extra: dict = field(default_factory=dict)
 
     @property

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from .pipeline import DiffewS
+from .pipeline import DiffewS, forget_active_adapter
 from .unet_weights import plain_unet_state
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -37,15 +37,15 @@ def add_adapter(model: DiffewS, config: LoraConfig, name: str, state: dict[str, 
         # several adapters on one UNet is the design (one per loaded version): peft's warning about it is noise
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         model.unet.add_adapter(config, adapter_name=name)
+        forget_active_adapter(model.unet)
         if state is not None:
             result = set_peft_model_state_dict(model.unet, state, adapter_name=name)
             unexpected = getattr(result, "unexpected_keys", None)
             if unexpected:
                 raise ValueError(f"adapter weights do not fit the UNet: unexpected {unexpected[0]}")
-        for param_name, param in model.unet.named_parameters():
-            if f".{name}." in param_name:
-                param.data = param.data.float()
-                param.requires_grad_(False)
+        for param in adapter_parameters(model, name):
+            param.data = param.data.float()
+            param.requires_grad_(False)
 
 
 def adapter_parameters(model: DiffewS, name: str) -> list[torch.nn.Parameter]:
@@ -64,6 +64,7 @@ def remove_adapter(model: DiffewS, name: str) -> None:
     with model._lock:
         if name in getattr(model.unet, "peft_config", {}):
             model.unet.delete_adapters(name)
+            forget_active_adapter(model.unet)
 
 
 def trainable_state(model: DiffewS, mode: str) -> dict[str, torch.Tensor]:

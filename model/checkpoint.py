@@ -16,15 +16,15 @@ from safetensors.torch import load_file
 from .config import CONFIG_NAME, EMBEDS_NAME, DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .tiny import build_tiny_components
-from .unet_weights import check_folder_fits
 from .unet_ref import (  # quiet_diffusers is imported from here by the rest of the package
     add_conv_in_ref_by_surgery,
-    quiet_diffusers,
     load_conv_in_ref,
     pickled_objects_message,
+    quiet_diffusers,
     read_ref_tensors,
     unet_weight_file,
 )
+from .unet_weights import check_folder_fits
 
 logger = logging.getLogger(__name__)
 

@@ -425,15 +425,31 @@ class DiffewS:
         return [{label: out[label] for label in supports} for out in outputs]
 
 
+_ACTIVE_ADAPTER = "_diffews_active_adapter"
+"""Attribute on a UNet naming the adapter it was last switched to (absent: unknown)."""
+
+
 def activate_adapter(unet: UNet2DConditionModel, adapter: str | None) -> None:
-    """Run `unet` through one of its peft adapters, or through none (its own weights)."""
+    """Run `unet` through one of its peft adapters, or through none (its own weights).
+
+    Switching walks every module (about 8 ms for SD 2.1 on a CPU core), so it is skipped when the UNet runs
+    with `adapter` already; adding or deleting an adapter (model.adapters) forgets what is active.
+    """
+    if unet.__dict__.get(_ACTIVE_ADAPTER, ...) == adapter:
+        return
     if adapter is None:
         unet.disable_adapters()
-        return
-    if adapter not in unet.peft_config:
+    elif adapter not in unet.peft_config:
         raise InvalidInputError(f"the UNet has no adapter {adapter!r} (it has {sorted(unet.peft_config)})")
-    unet.enable_adapters()
-    unet.set_adapter(adapter)
+    else:
+        unet.enable_adapters()
+        unet.set_adapter(adapter)
+    unet.__dict__[_ACTIVE_ADAPTER] = adapter
+
+
+def forget_active_adapter(unet: UNet2DConditionModel) -> None:
+    """Say the UNet's active adapter is unknown (peft switches to an adapter it adds)."""
+    unet.__dict__.pop(_ACTIVE_ADAPTER, None)
 
 
 def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:

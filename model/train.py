@@ -21,7 +21,7 @@ from .data import Sample
 from .errors import DiffewSError, InvalidInputError
 from .images import mask_to_tensor, rgb_to_tensor
 from .pipeline import DiffewS
-from .unet_weights import plain_unet_state, unet_like
+from .unet_weights import plain_unet_state
 from .versions import load_model_or_version, save_version, trainable_copy
 
 
@@ -248,8 +248,7 @@ def master_model(model: DiffewS, config: TrainConfig) -> DiffewS:
                                 "model.versions.trainable_copy(model, 'full') first (it merges the adapter)")
     if model.unet.dtype == torch.float32:
         return model
-    state = {k: v.to(torch.float32, copy=True) for k, v in plain_unet_state(model.unet).items()}
-    return DiffewS.sharing(model, unet=unet_like(model.unet, state), dtype=torch.float32, config=model.config)
+    return trainable_copy(model, "full")
 
 
 def _trainable(model: DiffewS, mode: str) -> list[torch.nn.Parameter]:

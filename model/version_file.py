@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,9 +21,9 @@ ADAPTER_CONFIG = "adapter_config.json"
 """A LoRA version's peft adapter, with the names peft's own save_pretrained gives them."""
 LEGACY_ADAPTER_WEIGHTS = "unet_lora.safetensors"
 LEGACY_ADAPTER_CONFIG = "lora_config.json"
-LEGACY_LORA = {"lora_alpha_is_rank": True, "init_lora_weights": "gaussian",
-               "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
-"""What schema-1 LoRA versions were trained with besides their rank (the code constants of that time)."""
+LEGACY_LORA = {"init_lora_weights": "gaussian", "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
+"""What schema-1 LoRA versions were trained with besides their rank, alpha being the rank (the code constants
+of that time)."""
 
 
 @dataclass(frozen=True)
@@ -50,15 +49,6 @@ class VersionInfo:
         if not isinstance(self.base, dict) or not ({"spec", "version"} & set(self.base)):
             raise InvalidCheckpointError(f"version {self.name!r}: base must name a 'spec' or a 'version', got {self.base!r}")
 
-    @property
-    def weight_files(self) -> tuple[str, ...]:
-        """The files that hold this version's weights (and adapter config)."""
-        if self.mode == "full":
-            return (FULL_WEIGHTS,)
-        if self.schema < 2:
-            return (LEGACY_ADAPTER_WEIGHTS, LEGACY_ADAPTER_CONFIG)
-        return (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
-
     def base_folder(self, folder: Path) -> Path | None:
         """The folder of the version this one applies to (relative to the versions' root), or None for a spec."""
         if "version" not in self.base:
@@ -66,12 +56,8 @@ class VersionInfo:
         return Path(folder).parent / self.base["version"]  # an absolute path stays as is
 
     def write(self, folder: Path) -> None:
-        """Write version.json into `folder` and flush it to disk."""
-        path = Path(folder) / VERSION_FILE
-        with open(path, "w") as f:
-            f.write(json.dumps(asdict(self), indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Write version.json into `folder` (save_version syncs the whole folder before it appears)."""
+        (Path(folder) / VERSION_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, folder: str | Path) -> VersionInfo:

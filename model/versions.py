@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .adapters import TRAIN_ADAPTER, add_adapter, adapter_key, adapter_state, trainable_state
 from .config import DiffewSConfig
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
-from .pipeline import DiffewS
+from .pipeline import DiffewS, forget_active_adapter
 from .tiny import TINY_RESOLUTION
 from .unet_weights import plain_unet_state, unet_like
 from .version_file import (
@@ -57,8 +57,7 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
         state = weights if weights is not None else trainable_state(model, mode)
         if mode == "lora":
             save_file(state, tmp / ADAPTER_WEIGHTS)
-            config = model.unet.peft_config[model.adapter].to_dict()
-            (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2) + "\n")
+            model.unet.peft_config[model.adapter].save_pretrained(tmp)  # ADAPTER_CONFIG, the whole LoraConfig
         else:
             save_file(state, tmp / FULL_WEIGHTS)
         replace(model.config, trained=True, name=name).save(tmp)
@@ -73,14 +72,6 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     return final
 
 
-def _jsonable(value):
-    if isinstance(value, (set, tuple)):
-        return sorted(value) if isinstance(value, set) else list(value)
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
 def read_version(folder: str | Path) -> VersionInfo:
     """version.json of a version folder (typed errors if absent or unreadable)."""
     return VersionInfo.read(folder)
@@ -92,10 +83,9 @@ def version_lora_config(folder: Path, info: VersionInfo) -> LoraConfig:
         rank = int(_read_json(folder / LEGACY_ADAPTER_CONFIG)["rank"])
         return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=LEGACY_LORA["init_lora_weights"],
                           target_modules=list(LEGACY_LORA["target_modules"]))
-    data = _read_json(folder / ADAPTER_CONFIG)
     try:
-        return LoraConfig(**{k: v for k, v in data.items() if k in LoraConfig.__dataclass_fields__})
-    except (TypeError, ValueError) as exc:
+        return LoraConfig.from_pretrained(str(folder))
+    except (OSError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
         raise InvalidCheckpointError(f"{folder / ADAPTER_CONFIG}: not a LoRA config ({exc})") from None
 
 
@@ -177,6 +167,7 @@ def trainable_copy(model: DiffewS, mode: str) -> DiffewS:
             with torch.no_grad():
                 copy.unet.fuse_lora(adapter_names=[TRAIN_ADAPTER])
             copy.unet.unload_lora()
+            forget_active_adapter(copy.unet)
             copy.adapter = None
     return copy
 
