@@ -8,9 +8,9 @@ import os
 import signal
 import sys
 
-from backend.app import create_app
-from backend.settings import Settings
-from backend.versions import describe_model
+from backend.web.app import create_app
+from backend.core.settings import Settings
+from backend.core.versions import describe_model
 
 logger = logging.getLogger("diffews")
 
@@ -24,7 +24,7 @@ def _log_model(settings: Settings) -> None:
 
 
 def _log_warnings(app) -> None:
-    from backend.app import startup_warnings
+    from backend.web.state import startup_warnings
 
     backend = app.config["BACKEND"]
     try:
@@ -43,15 +43,15 @@ def _leave_a_core_for_the_web(settings: Settings) -> None:
 
 
 def main() -> None:
+    settings = Settings.from_env()
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
-    parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 to accept other machines, e.g. Docker)")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "9090")))
-    parser.add_argument("--log-level", default=os.environ.get("LOG_LEVEL", "INFO"))
+    parser.add_argument("--host", default=settings.host,
+                        help="address to listen on (default HOST or 127.0.0.1; 0.0.0.0 to accept other machines, e.g. Docker)")
+    parser.add_argument("--port", type=int, default=settings.port, help="default PORT or 9090")
+    parser.add_argument("--log-level", default=settings.log_level, help="default LOG_LEVEL or INFO")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
     _log_model(settings)
     # SIGTERM (docker stop, systemd, kill) ends the process like Ctrl-C, so the cleanup below always runs.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
@@ -60,8 +60,8 @@ def main() -> None:
         app = create_app(settings)
         _log_warnings(app)
         if not settings.redis_url and settings.embedded_worker:
-            from backend.store import SupportStore
-            from backend.worker import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
+            from backend.core.store import SupportStore
+            from backend.worker.runtime import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
 
             backend = app.config["BACKEND"]
             context = WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir))
@@ -77,7 +77,7 @@ def main() -> None:
     finally:
         if workers is not None:
             workers.stop(timeout=10)
-        from backend.queues import stop_embedded
+        from backend.core.queues import stop_embedded
 
         stop_embedded()  # the embedded redis-server this process started, on every way out
 
@@ -85,8 +85,8 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 else:  # imported by gunicorn: workers run separately (`python -m backend worker`)
-    logging.basicConfig(level=os.environ.get("LOG_LEVEL", "INFO").upper())
     _settings = Settings.from_env()
+    logging.basicConfig(level=_settings.log_level.upper())
     if not _settings.redis_url:
         raise RuntimeError(
             "gunicorn needs REDIS_URL: its processes and the workers must share one Redis. "

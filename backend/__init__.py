@@ -1,1 +1,1 @@
-"""Label Studio ML backend for DiffewS: protocol, support store, RQ jobs and workers."""
+"""The Label Studio ML backend: web (Flask routes) -> core (torch-free state and rules) <- worker (jobs, model)."""

@@ -12,11 +12,12 @@ from pathlib import Path
 from rq.job import Job, JobStatus
 from tqdm import tqdm
 
-from .bulk import Progress
-from .errors import BackendError
-from .queues import ALL_QUEUES, QUEUE_HIGH, NoRedisError, connect, enqueue
-from .settings import Settings
-from .store import SupportStore
+from .core.bulk import Progress
+from .core.catalog import submit
+from .core.errors import BackendError
+from .core.queues import ALL_QUEUES, NoRedisError, connect
+from .core.settings import Settings
+from .core.store import SupportStore
 
 ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
 
@@ -27,8 +28,7 @@ def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
     store.require_project(args.project)
     # The workers resolve the project with their own settings (model, Label Studio access): this
     # command needs only the backend's Redis.
-    job = enqueue(redis, QUEUE_HIGH, "backend.jobs.prelabel_request", args=(args.project, args.tasks or None),
-                  timeout_s=settings.job_timeout_s, retries=2, meta={"project": args.project})
+    job = submit(redis, settings, "list-tasks-cli", args.project, args.tasks or None, meta={"project": args.project})
     print(f"queued job {job.id} to pre-label project {args.project}", flush=True)
     if args.no_wait:
         return 0
@@ -98,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "worker":
-        from .worker import run_worker
+        from .worker.runtime import run_worker
 
         run_worker(tuple(args.queues), burst=args.burst)
         return 0
     if args.command == "prelabel":
         return _prelabel(args, settings)
     if args.command == "labelmap":
-        from .export import export_to_label_map
+        from .core.export import export_to_label_map
 
         print(json.dumps(export_to_label_map(args.export, args.images, args.out, args.split)))
         return 0
@@ -113,8 +113,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     store = SupportStore(redis, settings.model_dir)
     store.require_project(args.project)
     if args.command == "pin":
-        from .registry import VersionRegistry
-        from .versions import base_version, current_version
+        from .core.registry import VersionRegistry
+        from .core.versions import base_version, current_version
 
         version = None if args.version.lower() == "none" else args.version
         VersionRegistry(redis, store).pin(args.project, version, base_version(settings))

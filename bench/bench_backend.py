@@ -23,7 +23,7 @@ import numpy as np
 import requests
 from PIL import Image
 
-from backend.rle import mask_to_rle
+from backend.core.rle import mask_to_rle
 from tests.ls_server import REPO, LabelStudioClient, free_port, personal_access_token, start_label_studio, stop, wait_http
 
 from .scenarios import SHARED, Row, print_table, write_csv

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from backend.interactive import LabelPrompt, refine
+from backend.core.prompts import LabelPrompt
+from backend.worker.refine import refine
 
 from .bench_model import build_model, synthetic_set
 from .scenarios import Row, print_table, write_csv

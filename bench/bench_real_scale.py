@@ -98,7 +98,7 @@ def label_config(labels: tuple[str, ...]) -> str:
 
 
 def annotation(aid: int, task: int, project: int, image_uri: str, masks: dict[str, np.ndarray]) -> dict:
-    from backend.rle import mask_to_rle
+    from backend.core.rle import mask_to_rle
 
     regions = []
     for label, mask in masks.items():

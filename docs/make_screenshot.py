@@ -22,7 +22,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_backend import CONFIG, camvid_frames  # noqa: E402
-from backend.rle import mask_to_rle  # noqa: E402
+from backend.core.rle import mask_to_rle  # noqa: E402
 from tests.ls_server import LabelStudioClient, personal_access_token, start_backend, start_label_studio, stop  # noqa: E402
 
 OUT = Path(__file__).with_name("prelabeled-task.png")

@@ -19,24 +19,47 @@ _EXPORTS = {
     "DiffewS": "pipeline",
     "QueryBatch": "pipeline",
     "SegmentationOutput": "pipeline",
+    "parse_dtype": "pipeline",
     "SupportMemory": "support",
     "VersionInfo": "version_file",
+    "is_version_folder": "version_file",
+    "to_rgb": "images",
+    "make_sample": "data",
+    "evaluate_episodes": "evaluate",
+    "TrainConfig": "train",
+    "finetune": "train",
+    "attach_version": "versions",
+    "load_version": "versions",
+    "save_version": "versions",
+    "trainable_copy": "versions",
+    "remove_adapter": "adapters",
+    "Box": "prompts",
+    "Point": "prompts",
+    "segment_box": "prompts",
+    "segment_points": "prompts",
+    "select_components": "prompts",
 }
+"""Public name -> the module of this package that defines it (imported on first use)."""
+_RENAMED = {"evaluate_episodes": "evaluate"}
+"""Exports named apart from their function: `model.evaluate` is the submodule (python -m model.evaluate)."""
 
-__all__ = [
-    "CheckpointNotFoundError", "DiffewS", "DiffewSConfig", "DiffewSError", "InvalidCheckpointError", "InvalidInputError",
-    "QueryBatch", "SegmentationOutput", "SupportMemory", "SupportNotSetError", "VersionInfo",
-]
+__all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .config import DiffewSConfig
     from .errors import CheckpointNotFoundError, DiffewSError, InvalidCheckpointError, InvalidInputError, SupportNotSetError
-    from .pipeline import DiffewS, QueryBatch, SegmentationOutput
+    from .config import DiffewSConfig
+    from .pipeline import DiffewS, QueryBatch, SegmentationOutput, parse_dtype
     from .support import SupportMemory
-    from .version_file import VersionInfo
-
+    from .version_file import VersionInfo, is_version_folder
+    from .images import to_rgb
+    from .data import make_sample
+    from .evaluate import evaluate as evaluate_episodes
+    from .train import TrainConfig, finetune
+    from .versions import attach_version, load_version, save_version, trainable_copy
+    from .adapters import remove_adapter
+    from .prompts import Box, Point, segment_box, segment_points, select_components
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'model' has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), _RENAMED.get(name, name))

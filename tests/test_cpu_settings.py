@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from backend.settings import Settings
-from backend.versions import base_version
-from backend.worker import load_model
+from backend.core.settings import Settings
+from backend.core.versions import base_version
+from backend.worker.runtime import load_model
 
 from .checkpoints import write_official_layout
 

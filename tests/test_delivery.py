@@ -11,9 +11,9 @@ import time
 import pytest
 import requests
 
-from backend.ledger import DeliveryLedger
+from backend.core.ledger import DeliveryLedger
 
-from .conftest import CONFIG_XML, square_scene
+from .payloads import CONFIG_XML, square_scene
 from .ls_server import brush_result, create_project, wait_for
 
 pytestmark = pytest.mark.label_studio

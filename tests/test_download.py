@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.settings import Settings
-from backend.versions import RELEASE_ID as BACKEND_RELEASE_ID
-from backend.versions import base_version, describe_model
+from backend.core.settings import Settings
+from backend.core.versions import RELEASE_ID as BACKEND_RELEASE_ID
+from backend.core.versions import base_version, describe_model
 from model import DiffewS
 from model import download as download_module
 from model.checkpoint import MODELSCOPE_BASE

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import time
 
-from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from .waits import wait_idle
+from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 
 
 def _drain(client) -> None:
-    deadline = time.monotonic() + 20
-    while client.get("/status/1").json["queues"]["predict-high"] and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_idle(client)
     time.sleep(0.3)
 
 
@@ -38,7 +37,7 @@ def test_unwritable_model_dir_does_not_stop_predictions(client, worker, settings
 def test_cache_follows_the_image_url_and_is_cleaned_up(client, worker, settings, redis):
     """A task whose image changes gets the new image cached (the old one dropped); deleting the annotation
     removes its image and masks."""
-    from backend.store import SupportStore
+    from backend.core.store import SupportStore
 
     store = SupportStore(redis, settings.model_dir)
     client.post("/setup", json=SETUP)
@@ -64,13 +63,13 @@ def test_replaced_support_sets_leave_the_cache(client, settings, redis):
 
     from model import DiffewS
 
-    from backend.store import SupportStore
-    from backend.worker import InProcessWorker, WorkerContext, set_context
+    from backend.core.store import SupportStore
+    from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = model = DiffewS.tiny(resolution=64)
     set_context(context)
-    w = InProcessWorker(["predict-high"], connection=redis)
+    w = InProcessWorker(["predict-high", "ingest"], connection=redis)
     thread = threading.Thread(target=w.work, daemon=True)
     thread.start()
     try:

@@ -11,17 +11,16 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import requests
 from rq.job import Job, JobStatus
 
-from backend.ledger import DELIVERING, DeliveryLedger
-from backend.queues import QUEUE_BULK, live_workers
+from backend.core.ledger import DELIVERING, DeliveryLedger
+from backend.core.queues import QUEUE_BULK, live_workers
 
-from .conftest import CONFIG_XML, annotation_event, square_scene
+from .payloads import CONFIG_XML, annotation_event, square_scene
 from .ls_server import REPO, brush_result, create_project, start_backend, stop, wait_for
 
 HEARTBEAT_S = 6
@@ -72,15 +71,15 @@ def _wait_workers(redis, queue: str, count: int) -> None:
 def test_killed_bulk_worker_is_retried_within_a_minute_with_one_prediction_each(
         label_studio, redis, settings, spawn):
     """SIGKILL a worker in the middle of a bulk batch: another worker retries it; every task ends with one."""
-    from backend.app import create_app
+    from backend.web.app import create_app
 
-    settings = replace(settings, tiny_resolution=256, bulk_batch_size=6, label_studio_url=label_studio.url,
+    settings = settings.replace(tiny_resolution=256, bulk_batch_size=6, label_studio_url=label_studio.url,
                        label_studio_api_key=label_studio.pat)
     client = create_app(settings, redis).test_client()
     scenes = [square_scene(i, (120, 160)) for i in range(8)]
     pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
     ls_env = {"LABEL_STUDIO_URL": label_studio.url, "LABEL_STUDIO_API_KEY": label_studio.pat}
-    first = spawn(settings, ["predict-high", "predict-bulk"], **ls_env)
+    first = spawn(settings, ["predict-high", "ingest", "predict-bulk"], **ls_env)
     for task, (_, mask) in zip(tasks[:2], scenes):
         label_studio.request("POST", f"/api/tasks/{task['id']}/annotations", json={"result": brush_result(mask)})
     assert client.post("/setup", json={"project": f"{pid}.1", "schema": CONFIG_XML}).status_code == 200
@@ -93,7 +92,7 @@ def test_killed_bulk_worker_is_retried_within_a_minute_with_one_prediction_each(
     [job_id] = {e.job for e in ledger.entries().values()}
     first.kill()
     killed_at = time.monotonic()
-    spawn(settings, ["predict-high", "predict-bulk"], **ls_env)
+    spawn(settings, ["predict-high", "ingest", "predict-bulk"], **ls_env)
     job = Job.fetch(job_id, connection=redis)
 
     def taken_again() -> bool:
@@ -112,10 +111,10 @@ def test_killed_bulk_worker_is_retried_within_a_minute_with_one_prediction_each(
 @pytest.mark.label_studio
 def test_crash_between_post_and_record_leaves_one(label_studio, live_backend):
     """A batch that posted a prediction and died before recording it: the retry replaces it, never adds one."""
-    from backend.bulk import queue_bulk
-    from backend.context import resolve_project
-    from backend.ledger import own_may_take
-    from backend.queues import job_alive
+    from backend.core.bulk import queue_bulk
+    from backend.core.context import resolve_project
+    from backend.core.ledger import own_may_take
+    from backend.core.queues import job_alive
 
     backend = live_backend()
     backend.workers.stop(timeout=10)  # nobody takes the batch until the crash is staged
@@ -134,7 +133,7 @@ def test_crash_between_post_and_record_leaves_one(label_studio, live_backend):
     ledger.claim([target], job_id, context.revision, own_may_take(job_id, context.revision, job_alive(backend.redis)))
     label_studio.request("POST", "/api/predictions",  # what the killed attempt had posted before dying
                          json={"task": target, "result": [], "score": 0.0, "model_version": context.model_version})
-    from backend.worker import EmbeddedWorkers
+    from backend.worker.runtime import EmbeddedWorkers
 
     workers = EmbeddedWorkers(backend.context).start()
     try:
@@ -147,9 +146,9 @@ def test_crash_between_post_and_record_leaves_one(label_studio, live_backend):
 
 def test_killed_training_worker_releases_the_training_lock(redis, settings, spawn):
     """SIGKILL a worker while it trains: once its job is abandoned, Start Training is accepted again."""
-    from backend.app import create_app
+    from backend.web.app import create_app
 
-    settings = replace(settings, train_steps=100000)
+    settings = settings.replace(train_steps=100000)
     client = create_app(settings, redis).test_client()
     client.post("/setup", json={"project": "1.1", "schema": CONFIG_XML})
     for i in range(6):
@@ -196,7 +195,7 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
 
     backend = LiveBackend(settings, redis, tiny_model)
     try:
-        wait_for(lambda: backend.get("/health")["workers"] == {"predict-high": 1, "predict-bulk": 1, "train": 1}, 30,
+        wait_for(lambda: backend.get("/health")["workers"] == {"predict-high": 1, "ingest": 1, "predict-bulk": 1, "train": 1}, 30,
                  "three live workers")
         first = backend.workers.workers[("predict-high",)]
         first.stop()  # its loop ends as if it had died
@@ -213,9 +212,9 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
 def test_idle_workers_beat_inside_the_liveness_window_whatever_the_job_ttl(redis, ttl):
     """An idle worker heartbeats every worker_ttl - 15 s (RQ's dequeue timeout), which must stay under the
     WORKER_ALIVE_S after which /health and admission count it dead, for any JOB_HEARTBEAT_TTL_S."""
-    from backend.queues import QUEUE_HIGH, WORKER_ALIVE_S
-    from backend.worker import InProcessWorker
+    from backend.core.queues import QUEUE_CLICK, WORKER_ALIVE_S
+    from backend.worker.runtime import InProcessWorker
 
-    worker = InProcessWorker([QUEUE_HIGH], connection=redis, heartbeat_ttl_s=ttl)
+    worker = InProcessWorker([QUEUE_CLICK], connection=redis, heartbeat_ttl_s=ttl)
     assert worker.worker_ttl - 15 <= WORKER_ALIVE_S / 2
     assert worker.get_heartbeat_ttl(None) == ttl  # a running job's own TTL is still what was configured

@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 from transformers import CLIPTextModel
 
-from backend.settings import Settings
-from backend.versions import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET, PLAIN_SD_WARNING, describe_model
+from backend.core.settings import Settings
+from backend.core.versions import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET, PLAIN_SD_WARNING, describe_model
 from model import DiffewS
 from model import checkpoint as model_checkpoint
 from model.images import resize_mask, to_mask

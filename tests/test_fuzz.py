@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from backend.rle import RLEError, decode, mask_to_rle, rle_to_mask
+from backend.core.rle import RLEError, decode, mask_to_rle, rle_to_mask
 
-from .conftest import CONFIG_XML, annotation_event, square_scene
+from .payloads import CONFIG_XML, annotation_event, square_scene
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-from backend.rle import mask_to_rle
+from backend.core.rle import mask_to_rle
 
-from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from .waits import wait_idle
+from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1795549122", "schema": CONFIG_XML, "hostname": "", "access_token": ""}
 PREDICT = {"project": "1.1", "label_config": CONFIG_XML, "tasks": [{"id": 1, "data": {"image": "x"}}]}
@@ -57,8 +58,8 @@ def test_wrongly_shaped_body_is_a_400_naming_the_field(client, route, body, fiel
 
 def test_a_body_over_the_limit_is_refused(redis, tmp_path):
     """Bodies over MAX_REQUEST_BYTES: 413 with the setting named."""
-    from backend.app import create_app
-    from backend.settings import Settings
+    from backend.web.app import create_app
+    from backend.core.settings import Settings
 
     client = create_app(Settings(model_dir=tmp_path, max_request_bytes=1000), redis).test_client()
     response = client.post("/webhook", data=json.dumps({"action": "x", "pad": "a" * 2000}), content_type="application/json")
@@ -111,14 +112,12 @@ def test_large_broken_rle_is_dropped_by_ingestion(client, worker):
 
 def test_a_poisoned_stored_example_is_skipped_when_predicting(client, worker, redis, settings):
     """An example stored by an older backend with an undecodable mask: predictions still work, and it is reported."""
-    from backend.store import SupportStore
+    from backend.core.store import SupportStore
 
     client.post("/setup", json=SETUP)
     for i in range(2):
         client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i)))
-    deadline = time.monotonic() + 20
-    while client.get("/status/1").json["queues"]["predict-high"] and time.monotonic() < deadline:
-        time.sleep(0.05)  # ingestion jobs done: the poison below is not re-checked by them
+    wait_idle(client)  # ingestion jobs done: the poison below is not re-checked by them
     time.sleep(0.5)
     store = SupportStore(redis, settings.model_dir)
     bad = store.get(1, 11)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.interactive import parse_prompts
-from backend.label_config import parse_label_config
-from backend.regions import polygons
-from backend.rle import rle_to_mask
+from backend.core.prompts import parse_prompts
+from backend.core.label_config import parse_label_config
+from backend.worker.regions import polygons
+from backend.core.rle import rle_to_mask
 
-from .conftest import annotation_event, png_data_uri, square_scene
+from .payloads import annotation_event, png_data_uri, square_scene
 
 SMART_XML = """<View>
   <Image name="image" value="$image"/>
@@ -77,6 +77,7 @@ def test_rectangle_segments_inside_the_box_only(client, worker):
     assert r.status_code == 200, r.json
     [prediction] = r.json["results"]
     assert prediction["model_version"] == r.json["model_version"]
+    assert prediction["result"], "the box found the square inside it"
     for region_mask in _masks(prediction):
         assert region_mask.shape == SIZE and not region_mask[30:, :].any() and not region_mask[:, 40:].any()
     assert all(reg["type"] == "brushlabels" and reg["value"]["brushlabels"] == ["square"] for reg in prediction["result"])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from backend.regions import polygons
-from backend.rle import rle_to_mask
+from backend.worker.regions import polygons
+from backend.core.rle import rle_to_mask
 
-from .conftest import square_scene
+from .payloads import square_scene
 from .ls_server import brush_result, create_project, wait_for
 from .test_interactive import POLYGON_XML, SMART_XML
 

@@ -11,9 +11,9 @@ import sys
 import pytest
 import requests
 
-from backend.rle import rle_to_mask
+from backend.core.rle import rle_to_mask
 
-from .conftest import CONFIG_XML, square_scene
+from .payloads import CONFIG_XML, square_scene
 from .ls_server import REPO, brush_result, create_project, start_backend, stop, wait_for
 
 pytestmark = pytest.mark.label_studio
@@ -46,6 +46,7 @@ def check_prediction(prediction: dict, size: tuple[int, int]) -> None:
     h, w = size
     assert prediction["model_version"] == VERSION
     assert isinstance(prediction["score"], float)
+    assert prediction["result"], "a prediction with no region would show nothing to fix"
     for region in prediction["result"]:
         assert region["type"] == "brushlabels" and region["value"]["brushlabels"] == ["square"]
         assert (region["original_width"], region["original_height"]) == (w, h)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 
-from backend.ledger import (
+from backend.core.ledger import (
     DELIVERED,
     DELIVERING,
     QUEUED,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import requests
 
-from .conftest import CONFIG_XML, square_scene
+from .payloads import CONFIG_XML, square_scene
 from .ls_proxy import FAIL_401, FAIL_500, STORE_THEN_500, FaultyProxy
 from .ls_server import brush_result, create_project, wait_for
 
@@ -97,5 +97,15 @@ def test_redis_restarted_empty_recovers_from_label_studio(label_studio, live_bac
     status = wait_for(lambda: (s := backend.get(f"/status/{pid}")).get("examples", {}).get("square") == 3 and s, 60,
                       "the project to be re-registered and backfilled")
     assert status["backfill"]["done"] and status["annotation_errors"] == {}
+    # Idle workers register again at their next heartbeat (within worker_ttl - 15 s; 5 s here).
+    wait_for(lambda: backend.get("/health")["workers"]["predict-high"] == 1, 30, "the click worker to register again")
     label_studio.request("GET", f"/api/tasks/{tasks[1]}")  # a click works again
     assert len(label_studio.predictions(tasks[1])) == 1
+
+
+def test_download_headers_come_from_the_sdk_token_handling():
+    """auth_headers reuses the SDK's private header builder (pinned here): a legacy token is sent as 'Token <key>'."""
+    from backend.worker.ls_client import LabelStudioAPI
+
+    api = LabelStudioAPI("http://127.0.0.1:9", "0123456789abcdef")  # not a JWT: no refresh, no network
+    assert api.auth_headers() == {"Authorization": "Token 0123456789abcdef"}

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from backend.errors import MediaError
-from backend.media import MediaFetcher
-from backend.settings import Settings
+from backend.core.errors import MediaError
+from backend.worker.media import MediaFetcher
+from backend.core.settings import Settings
 
-from .conftest import png_data_uri
+from .payloads import png_data_uri
 
 
 def _png(size=(20, 30)) -> bytes:
@@ -88,7 +88,7 @@ def test_refused_media(image_server, settings, url, message):
     [
         ({"LABEL_STUDIO_URL": "localhost:8080"}, "must start with http"),
         ({"MAX_SHOTS": "0"}, "MAX_SHOTS must be >= 1"),
-        ({"MAX_SHOTS": "five"}, "MAX_SHOTS='five' is not a valid int"),
+        ({"MAX_SHOTS": "five"}, "MAX_SHOTS='five' is not a valid value: Input should be a valid integer"),
         ({"SUPPORT_POLICY": "random"}, "SUPPORT_POLICY must be"),
         ({"BASIC_AUTH_USER": "u"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
         ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S must be a positive"),

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from backend.settings import Settings
-from backend.worker import load_model
+from backend.core.settings import Settings
+from backend.worker.runtime import load_model
 from model import DiffewS, InvalidInputError
 from model.pipeline import parse_dtype
 
-from .conftest import square_scene
+from .payloads import square_scene
 
 
 def test_parse_dtype():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from backend.annotations import label_masks, mask_regions
-from backend.label_config import Control, parse_label_config
-from backend.regions import POLYGON_TOLERANCE_PX, boxes, mask_regions_for, polygons
+from backend.core.annotations import label_masks, mask_regions
+from backend.core.label_config import Control, parse_label_config
+from backend.worker.regions import POLYGON_TOLERANCE_PX, boxes, mask_regions_for, polygons
 
 CONFIG = """<View>
   <Image name="image" value="$image"/>
@@ -35,7 +35,7 @@ def _read_back(regions: list[dict], config) -> np.ndarray:
 
 
 def test_polygons_round_trip_at_the_default_tolerance():
-    """Rasterised again by backend.annotations, the polygons cover the mask with IoU >= 0.95 (holes filled)."""
+    """Rasterised again by backend.core.annotations, the polygons cover the mask with IoU >= 0.95 (holes filled)."""
     config = parse_label_config(CONFIG)
     mask = _shapes()
     regions = mask_regions_for(config.outputs[0], "image", "shape", mask, 0.7)
@@ -82,7 +82,7 @@ def test_empty_mask_gives_no_polygon_or_box():
 
 def test_config_with_several_outputs_gets_each(tiny_model):
     """Brush, polygon and rectangle controls carrying one label: every one gets its kind of region."""
-    from backend.segmenter import label_regions
+    from backend.worker.segmenter import label_regions
 
     config = parse_label_config(CONFIG.replace("</View>", '<BrushLabels name="tag" toName="image">'
                                                           '<Label value="shape"/></BrushLabels></View>'))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from label_studio_sdk.converter.brush import decode_rle, encode_rle, mask2rle
 
-from backend.rle import RLEError, declared_length, decode, encode, mask_to_rle, rle_to_mask
+from backend.core.rle import RLEError, declared_length, decode, encode, mask_to_rle, rle_to_mask
 
 VALUES = [1, 1, 1, 1, 2, 3, 5, 6, 7, 8, 4, 4, 4, 4, 4, 4, 4, 4]
 SDK_STYLE = [0, 0, 0, 18, 57, 27, 252, 96, 32, 1, 0, 6, 0, 40, 0, 192, 3, 128, 17, 56, 32]
@@ -70,8 +70,9 @@ def test_large_mask_is_exact():
         ([0, 0, 0, 18, 57, 27, 252, 96, 32, 1, 0, 6, 0, 40, 0, 192, 3, 128, 17, 56, 300], "0..255"),
         (["a", "b"], "list of integers"),
         ([0, 0, 0, 2, 49, 27, 252, 96, 0, 0], "word size 7"),
+        (encode(list(range(100)))[:30], "inside a literal block"),
     ],
-    ids=["short-header", "truncated", "byte-out-of-range", "not-ints", "word-size"],
+    ids=["short-header", "truncated", "byte-out-of-range", "not-ints", "word-size", "truncated-literal"],
 )
 def test_bad_rle(rle, message):
     """Broken RLEs raise RLEError with the reason."""

@@ -11,7 +11,7 @@ import pytest
 import requests
 from PIL import Image
 
-from .conftest import CONFIG_XML, annotation_event, square_scene
+from .payloads import CONFIG_XML, annotation_event, square_scene
 from .ls_server import brush_result, create_project, wait_for
 
 
@@ -65,13 +65,12 @@ def _predict_upload(client) -> requests.Response:
 
 def test_configured_label_studio_wins_over_setup_hostname(redis, settings, tiny_model, hosts, worker):
     """LABEL_STUDIO_URL set: /setup's hostname and token are not kept, the key never leaves for that host."""
-    from dataclasses import replace
 
-    from backend.app import create_app
-    from backend.worker import get_context
+    from backend.web.app import create_app
+    from backend.worker.runtime import get_context
 
     ls, attacker = hosts
-    configured = replace(settings, label_studio_url=ls.url, label_studio_api_key="key-of-ls")
+    configured = settings.replace(label_studio_url=ls.url, label_studio_api_key="key-of-ls")
     get_context().settings = configured
     client = create_app(configured, redis).test_client()
     client.post("/setup", json={"project": "1.1", "schema": CONFIG_XML, "hostname": attacker.url, "access_token": "t"})
@@ -96,8 +95,8 @@ def test_setup_cannot_move_a_known_project_to_another_host(client, worker, hosts
 
 def test_rejected_webhooks_are_counted_in_health(redis, tmp_path):
     """With basic auth on, webhooks without it get 401 and /health counts them with the fix."""
-    from backend.app import create_app
-    from backend.settings import Settings
+    from backend.web.app import create_app
+    from backend.core.settings import Settings
 
     client = create_app(Settings(model_dir=tmp_path, basic_auth_user="u", basic_auth_pass="p"), redis).test_client()
     assert client.post("/webhook", json={"action": "ANNOTATION_CREATED"}).status_code == 401
@@ -112,7 +111,7 @@ def test_rejected_webhooks_are_counted_in_health(redis, tmp_path):
 ], ids=["embedded", "unix", "loopback", "localhost", "no-password", "no-tls", "tls"])
 def test_redis_url_warnings(url, warned):
     """A REDIS_URL reachable from other machines without a password (or TLS) is warned about, naming why."""
-    from backend.queues import redis_url_warning
+    from backend.core.queues import redis_url_warning
 
     warning = redis_url_warning(url)
     assert (warning is None) if warned is None else (warned in warning and "pickles" in warning or "TLS" in warning)

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from backend.queues import QUEUE_HIGH, QUEUE_TRAIN, live_workers
-from backend.store import SupportStore
-from backend.training import split_held_out
-from backend.worker import InProcessWorker, WorkerContext, set_context
+from backend.core.queues import QUEUE_CLICK, QUEUE_TRAIN, live_workers
+from backend.core.store import SupportStore
+from backend.worker.training import split_held_out
+from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
 
-from .conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 
@@ -20,18 +20,17 @@ SETUP = {"project": "1.1", "schema": CONFIG_XML}
 @pytest.fixture
 def two_workers(settings, redis, tiny_model):
     """A training worker and a prediction worker in threads, sharing one worker context (like one GPU box)."""
-    from dataclasses import replace
 
-    settings = replace(settings, train_steps=40)
+    settings = settings.replace(train_steps=40)
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = tiny_model
     set_context(context)
-    workers = [InProcessWorker([QUEUE_TRAIN], connection=redis), InProcessWorker([QUEUE_HIGH, "predict-bulk"], connection=redis)]
+    workers = [InProcessWorker([QUEUE_TRAIN], connection=redis), InProcessWorker([QUEUE_CLICK, "ingest", "predict-bulk"], connection=redis)]
     threads = [threading.Thread(target=w.work, kwargs={"burst": False}, daemon=True) for w in workers]
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while (live_workers(redis)[QUEUE_TRAIN] == 0 or live_workers(redis)[QUEUE_HIGH] == 0) and time.monotonic() < deadline:
+    while (live_workers(redis)[QUEUE_TRAIN] == 0 or live_workers(redis)[QUEUE_CLICK] == 0) and time.monotonic() < deadline:
         time.sleep(0.05)
     yield workers
     for w, t in zip(workers, threads):
@@ -97,11 +96,10 @@ def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
 
 def test_train_every_triggers_once(client, redis, settings):
     """With TRAIN_EVERY=3, the third new annotation queues one training job."""
-    from dataclasses import replace
 
-    from backend.app import create_app
+    from backend.web.app import create_app
 
-    client = create_app(replace(settings, train_every=3), redis).test_client()
+    client = create_app(settings.replace(train_every=3), redis).test_client()
     client.post("/setup", json=SETUP)
     replies = [client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i))).json for i in range(4)]
     assert [("training" in r) for r in replies] == [False, False, True, False]
@@ -110,7 +108,7 @@ def test_train_every_triggers_once(client, redis, settings):
 
 def test_held_out_split_is_stable():
     """Every 5th example by annotation id is held out, whatever the order they arrive in."""
-    from backend.store import Example
+    from backend.core.store import Example
 
     examples = [Example(annotation_id=i, task_id=i, image_url="x", regions=[], labels=["a"]) for i in (9, 3, 1, 7, 5, 2, 8, 4, 6, 10)]
     train, held = split_held_out(examples, 5)
@@ -137,13 +135,12 @@ def test_training_with_too_few_labels_fails_visibly(client, two_workers, redis):
 @pytest.fixture
 def trainer(settings, redis, tiny_model):
     """Run train_project in this thread on a project with `n` labeled images (data URIs), given settings."""
-    from dataclasses import replace
 
-    from backend.app import create_app
-    from backend.context import resolve_project
+    from backend.web.app import create_app
+    from backend.core.context import resolve_project
 
     def run(n: int, **overrides) -> dict:
-        configured = replace(settings, train_steps=8, train_seed=0, **overrides)
+        configured = settings.replace(train_steps=8, train_seed=0, **overrides)
         context = WorkerContext(configured, redis, SupportStore(redis, configured.model_dir))
         context.models.base = tiny_model
         set_context(context)
@@ -151,7 +148,7 @@ def trainer(settings, redis, tiny_model):
         client.post("/setup", json=SETUP)
         for i in range(n):
             client.post("/webhook", json=annotation_event(10 + i, 100 + i, *square_scene(i)))
-        from backend.training import train_project
+        from backend.worker.training import train_project
 
         return train_project(resolve_project(configured, context.store, 1).to_job(), "test")
 
@@ -161,7 +158,7 @@ def trainer(settings, redis, tiny_model):
 
 def test_promoted_when_not_worse(trainer, redis):
     """lr = 0 leaves the weights as they are: the same held-out score as the base, so it is promoted."""
-    from backend.store import SupportStore
+    from backend.core.store import SupportStore
 
     out = trainer(10, train_lr=0.0)
     assert out["promoted"] and out["reason"].startswith("promoted")
@@ -172,7 +169,7 @@ def test_promoted_when_not_worse(trainer, redis):
 
 def test_kept_back_when_worse(trainer, redis):
     """A learning rate that wrecks the UNet scores below the base on the same images: kept back."""
-    from backend.store import SupportStore
+    from backend.core.store import SupportStore
 
     out = trainer(10, train_lr=10.0)
     base = out["scores"]["diffews-tiny-r64-untrained"]
@@ -183,7 +180,7 @@ def test_kept_back_when_worse(trainer, redis):
 
 def test_not_evaluated_with_too_few_labels(trainer, redis):
     """With fewer than HELD_OUT_EVERY images nothing is held out: a candidate, not promoted, and why."""
-    from backend.store import SupportStore
+    from backend.core.store import SupportStore
 
     out = trainer(3, train_lr=0.0)
     assert not out["promoted"] and out["reason"].startswith("not evaluated: too few labeled images")
@@ -193,8 +190,8 @@ def test_not_evaluated_with_too_few_labels(trainer, redis):
 
 def test_pinned_worse_version_cannot_promote_a_child_over_the_base(trainer, redis, settings):
     """Pinned v1 is worse than the base; v2 trained from it must beat both, so it is kept back."""
-    from backend.registry import VersionRegistry
-    from backend.store import SupportStore
+    from backend.core.registry import VersionRegistry
+    from backend.core.store import SupportStore
 
     v1 = trainer(10, train_lr=10.0)
     store = SupportStore(redis, settings.model_dir)
@@ -208,27 +205,25 @@ def test_pinned_worse_version_cannot_promote_a_child_over_the_base(trainer, redi
 def test_versions_load_from_any_folder_sharing_model_dir(trainer, redis, settings, tmp_path):
     """A version's path is relative to MODEL_DIR: a copy of MODEL_DIR elsewhere loads it; a missing one says so."""
     import shutil
-    from dataclasses import replace
 
-    from backend.errors import VersionUnavailable
+    from backend.core.errors import VersionUnavailable
 
     out = trainer(10, train_lr=0.0)
     moved = tmp_path / "elsewhere"
     shutil.copytree(settings.model_dir / "versions", moved / "versions")
-    elsewhere = WorkerContext(replace(settings, model_dir=moved), redis, SupportStore(redis, moved))
+    elsewhere = WorkerContext(settings.replace(model_dir=moved), redis, SupportStore(redis, moved))
     assert elsewhere.models.get(out["version"]).source == str(moved / "versions" / "1" / out["version"])
-    empty = WorkerContext(replace(settings, model_dir=tmp_path / "empty"), redis, SupportStore(redis, tmp_path / "empty"))
+    empty = WorkerContext(settings.replace(model_dir=tmp_path / "empty"), redis, SupportStore(redis, tmp_path / "empty"))
     with pytest.raises(VersionUnavailable, match=f"model version '{out['version']}': its folder .* is missing"):
         empty.models.get(out["version"])
 
 
 def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
     """One-command mode: with a training job running, a click is answered well within PREDICT_WAIT_S."""
-    from dataclasses import replace
 
     from .conftest import LiveBackend
 
-    backend = LiveBackend(replace(settings, train_steps=60, predict_wait_s=20), redis, tiny_model)
+    backend = LiveBackend(settings.replace(train_steps=60, predict_wait_s=20), redis, tiny_model)
     try:
         import requests
 
@@ -254,8 +249,8 @@ def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
 def test_versions_and_choices_survive_a_redis_that_lost_everything(trainer, redis, settings):
     """Redis flushed (restarted without persistence): a starting process records the version folders again,
     /setup brings back the project's active and pinned versions, and the next version is not named v1 again."""
-    from backend.app import create_app
-    from backend.registry import VersionRegistry
+    from backend.web.app import create_app
+    from backend.core.registry import VersionRegistry
 
     base = "diffews-tiny-r64-untrained"
     out = trainer(10, train_lr=0.0)
@@ -278,7 +273,7 @@ def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settin
     a temporary folder of a crashed save is removed once stale, a fresh one (a save in progress) is kept."""
     import os
 
-    from backend.registry import STALE_TEMP_S, VersionRegistry
+    from backend.core.registry import STALE_TEMP_S, VersionRegistry
     from model.versions import save_version
 
     root = settings.model_dir / "versions" / "3"

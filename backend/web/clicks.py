@@ -8,14 +8,10 @@ from flask import Response, jsonify
 from rq.job import Job, JobStatus
 from rq.results import Result
 
-from .bulk import held_predictions, queue_bulk
-from .context import ProjectContext
-from .errors import BackendError, BadRequest, MediaError, Overloaded, PredictionTimeout
-from .services import Backend
-
-GRACE_S = 5.0
-"""/predict waits this long past a job's deadline: the worker decides by the deadline, the web reads its decision."""
-
+from ..core.bulk import held_predictions, queue_bulk
+from ..core.context import ProjectContext
+from ..core.errors import BackendError, BadRequest, MediaError, Overloaded, PredictionTimeout
+from ..core.services import Backend
 
 def wait(job: Job, seconds: float) -> Result | None:
     """Poll until the job has a result or `seconds` pass.

@@ -4,7 +4,7 @@ Contours and components come from OpenCV (opencv-python-headless, already requir
 `findContours` traces the outer boundary of each part and `approxPolyDP` simplifies it (Douglas-Peucker),
 which is the well-tested pair for this; scikit-image would add a second imaging stack for the same result.
 Coordinates are percent of the original image, as Label Studio stores them; a vertex at pixel index x is
-x / width * 100 (the convention our own rasteriser, backend.annotations, reads back).
+x / width * 100 (the convention our own rasteriser, backend.core.annotations, reads back).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import uuid
 import cv2
 import numpy as np
 
-from .label_config import Control
-from .rle import mask_to_rle
+from ..core.label_config import Control
+from ..core.rle import mask_to_rle
 
 POLYGON_TOLERANCE_PX = 0.5
 """Douglas-Peucker tolerance: the simplified polygon strays at most this far from the traced contour (at 1 px a

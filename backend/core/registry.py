@@ -14,13 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
-from model.errors import DiffewSError
-from model.version_file import VersionInfo, is_version_folder
+from model import DiffewSError, VersionInfo, is_version_folder
 from redis import Redis
 from redis.exceptions import RedisError
 
 from .errors import NotFound, VersionUnavailable
-from .store import PREFIX, SupportStore
+from .keys import PREFIX
+from .store import SupportStore
 
 logger = logging.getLogger(__name__)
 

@@ -16,12 +16,13 @@ from contextlib import contextmanager
 from redis import Redis
 
 from .errors import Overloaded
+from .keys import PREFIX
 from .settings import Settings
-from .store import PREFIX
 
 PENDING_KEY = f"{PREFIX}:clicks:pending"
-"""Sorted set of click job ids by deadline: the clicks queued or running now (ingestion jobs share the queue
-but not this count; an entry whose deadline has passed no longer counts, so a crash cannot inflate it)."""
+"""Sorted set of click job ids by deadline: the clicks queued or running now. The click queue holds clicks only
+(backend.core.catalog), so this is every job ahead of a new click; an entry whose deadline has passed no longer
+counts, so a crash cannot inflate it."""
 CLICK_SECONDS_KEY = f"{PREFIX}:stats:click-seconds"
 """Moving average of a click job's run time (seconds), kept by the workers."""
 FIRST_GUESS_S = 1.0

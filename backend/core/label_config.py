@@ -1,11 +1,13 @@
-"""Read a Label Studio labeling config: which controls label which image with which labels, and its smart tools."""
+"""Read a Label Studio labeling config with label-studio-sdk's LabelInterface: controls, targets, labels, smart tools."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from xml.etree.ElementTree import ParseError
 
-from defusedxml import ElementTree
+from defusedxml import DefusedXmlException, ElementTree
+from label_studio_sdk.label_interface import LabelInterface
 
 from .errors import BadRequest
 
@@ -57,34 +59,41 @@ class LabelConfig:
         return [c for c in self.outputs if label in c.labels]
 
 
-def _is_smart(el) -> bool:
-    return any((el.get(attr) or "").lower() == "true" for attr in ("smart", "smartOnly"))
+def _is_smart(attrs: dict) -> bool:
+    return any(str(attrs.get(attr) or "").lower() == "true" for attr in ("smart", "smartOnly"))
 
 
+@lru_cache(maxsize=256)
 def parse_label_config(xml: str) -> LabelConfig:
-    """Parse a labeling config; BadRequest if no brush, polygon or rectangle control labels an <Image>."""
+    """Parse a labeling config; BadRequest if no brush, polygon or rectangle control labels an <Image>.
+
+    Cached by the XML text: a project's config is parsed once per process, not once per request.
+    """
     if not isinstance(xml, str) or not xml.strip():
         raise BadRequest("label config is empty: expected the project's XML labeling config")
     try:
-        root = ElementTree.fromstring(xml)
-    except (ParseError, ValueError) as exc:
+        # defusedxml first: LabelInterface parses with lxml's defaults, which accept DTDs and entity
+        # definitions; a config has no use for either.
+        ElementTree.fromstring(xml, forbid_dtd=True)
+    except (ParseError, ValueError, DefusedXmlException) as exc:
         raise BadRequest(f"label config is not valid XML ({exc})") from None
-    images = {
-        el.get("name"): el.get("value", "")
-        for el in root.iter()
-        if el.tag.lower() == "image" and el.get("name")
-    }
+    try:
+        interface = LabelInterface(xml)
+    except Exception as exc:  # its own error classes live in the SDK's private _legacy module
+        raise BadRequest(f"label config is not one Label Studio reads ({type(exc).__name__}: {exc})") from None
+    images = {o.name: o.value or "" for o in interface.objects if o.tag.lower() == "image" and o.name}
     controls, prompts = [], []
-    for el in root.iter():
-        tag = el.tag.lower()
-        if el.get("toName") not in images or tag not in (*MASK_CONTROLS, *PROMPT_CONTROLS):
+    for tag in interface.controls:
+        kind = tag.tag.lower()
+        target = next((name for name in tag.to_name or [] if name in images), None)
+        if target is None or kind not in (*MASK_CONTROLS, *PROMPT_CONTROLS):
             continue
-        labels = tuple(c.get("value") for c in el if c.tag.lower() == "label" and c.get("value"))
-        smart = _is_smart(el)
-        if tag in MASK_CONTROLS:
-            controls.append(Control(el.get("name", ""), MASK_CONTROLS[tag], el.get("toName"), labels, smart))
-        if tag in PROMPT_CONTROLS and (smart or tag == "keypointlabels"):
-            prompts.append(Control(el.get("name", ""), PROMPT_CONTROLS[tag], el.get("toName"), labels, True))
+        labels = tuple(label for label in tag.labels or [] if label)
+        smart = _is_smart(tag.attr or {})
+        if kind in MASK_CONTROLS:
+            controls.append(Control(tag.name or "", MASK_CONTROLS[kind], target, labels, smart))
+        if kind in PROMPT_CONTROLS and (smart or kind == "keypointlabels"):
+            prompts.append(Control(tag.name or "", PROMPT_CONTROLS[kind], target, labels, True))
     outputs = [c for c in controls if not c.smart]
     if not outputs:
         raise BadRequest("label config has no <BrushLabels>, <PolygonLabels> or <RectangleLabels> control (other than "

@@ -6,23 +6,27 @@ import logging
 import threading
 from dataclasses import dataclass, field, replace
 
+from model import DiffewS, parse_dtype
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job, worker_registration
 from rq.job import Job
+from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
-from .context import ProjectContext
+from ..core.context import ProjectContext
+from ..core.queues import ALL_QUEUES, QUEUE_BULK, QUEUE_CLICK, QUEUE_INGEST, QUEUE_TRAIN, connect, redis_url_warning
+from ..core.registry import VersionRegistry
+from ..core.settings import Settings
+from ..core.store import SupportStore
+from ..core.supports import SupportSets
+from ..core.versions import base_ref, base_version
 from .example_files import ExampleFiles
 from .loaded_models import LoadedModels
 from .ls_client import LabelStudioAPI
 from .media import MediaFetcher
-from .queues import ALL_QUEUES, QUEUE_BULK, QUEUE_HIGH, QUEUE_TRAIN, connect
-from .registry import VersionRegistry
-from .settings import Settings
-from .store import SupportStore
-from .versions import base_ref, base_version
+from .segmenter import FewShotSegmenter
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +39,8 @@ class WorkerContext:
     redis: Redis
     store: SupportStore
     models: LoadedModels = field(init=False)
-    support_keys: dict = field(init=False, default_factory=dict)
-    """(version, project, label) -> the cache key of its current support set (see FewShotSegmenter)."""
+    support_sets: SupportSets = field(init=False, default_factory=SupportSets)
+    """The support sets this process encoded, by (version, project, label, revision) (see FewShotSegmenter)."""
 
     def __post_init__(self) -> None:
         registry = VersionRegistry(self.redis, self.store)
@@ -63,10 +67,8 @@ class WorkerContext:
 
     def segmenter(self, context: ProjectContext):
         """A FewShotSegmenter for the context's project and model version (the version is never re-derived)."""
-        from .segmenter import FewShotSegmenter
-
         return FewShotSegmenter(self.settings, self.store, self.models.get(context.model_version),
-                                context.model_version, self.example_files(context), self.support_keys)
+                                context.model_version, self.example_files(context), self.support_sets)
 
 
 def report_progress(**meta) -> None:
@@ -79,9 +81,6 @@ def report_progress(**meta) -> None:
 
 def load_model(settings: Settings):
     """Load DiffewS as configured (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE, DIFFEWS_DTYPE)."""
-    from model import DiffewS
-    from model.pipeline import parse_dtype
-
     device = settings.device or None
     cache = settings.support_cache_mb << 20
     if settings.model_spec == "tiny":
@@ -127,6 +126,13 @@ class InProcessWorker(SimpleWorker):
     third of it, busy or not: a job whose worker died is handled within about heartbeat_ttl_s * 4/3.
     Off the main thread there are no signals: job timeouts use a timer instead of SIGALRM, and `stop()`
     replaces SIGTERM.
+
+    RQ has no public hook for a heartbeat during a SimpleWorker's job, so this class overrides RQ 3.0's
+    execute_job and calls its prepare_execution, perform_job, maintain_heartbeats, run_maintenance_tasks,
+    set_state and _install_signal_handlers, and its RQScheduler's lock and move calls (rq is pinned to
+    3.0.0 in requirements.txt for this). The behaviour is pinned by tests: a killed worker's job retried
+    (tests/test_faults.py), idle heartbeats inside the liveness window, retries moved back when due, and
+    stop() in embedded mode (tests/test_training_backend.py, tests/test_faults.py).
     """
 
     death_penalty_class = TimerDeathPenalty
@@ -186,8 +192,6 @@ class InProcessWorker(SimpleWorker):
         same RQScheduler.enqueue_scheduled_jobs runs here, under RQ's scheduler lock.
         """
         super().run_maintenance_tasks()
-        from rq.scheduler import RQScheduler
-
         if self._due_mover is None:
             self._due_mover = RQScheduler(self.queues, connection=self.connection)
         if self._due_mover.acquire_locks():
@@ -218,8 +222,6 @@ def make_worker(context: WorkerContext, queues: tuple[str, ...]) -> InProcessWor
 
 def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, preload: bool = True) -> bool:
     """Run a SimpleWorker on `queues` in this process (model loaded once, jobs never forked)."""
-    from .queues import redis_url_warning
-
     context = get_context()
     if warning := redis_url_warning(context.settings.redis_url):
         logger.warning(warning)
@@ -229,8 +231,8 @@ def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, pre
     return worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 
 
-EMBEDDED_QUEUES = ((QUEUE_HIGH,), (QUEUE_BULK,), (QUEUE_TRAIN,))
-"""One worker thread per queue in one-command mode: training never holds up a click."""
+EMBEDDED_QUEUES = ((QUEUE_CLICK,), (QUEUE_INGEST,), (QUEUE_BULK,), (QUEUE_TRAIN,))
+"""One worker thread per queue in one-command mode: neither training nor ingestion ever holds up a click."""
 
 
 class EmbeddedWorkers:

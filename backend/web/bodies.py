@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from flask import request
 
-from .errors import BadRequest
+from ..core.errors import BadRequest
+from ..core.store import int_id
 
 
 def json_body() -> dict:
@@ -41,15 +42,6 @@ def tasks_of(body: dict) -> list[dict]:
         if not isinstance(task.get("predictions") or [], list):
             raise BadRequest(f"tasks[{i}].predictions must be a list")
     return tasks
-
-
-def int_id(value: object) -> int | None:
-    """A non-negative integer id from an int or a string of ASCII digits, else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
 
 
 def annotation_ids(annotations: object) -> list[int]:

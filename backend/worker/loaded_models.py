@@ -12,10 +12,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from model.version_file import VersionInfo
+from model import DiffewSError, VersionInfo, attach_version, load_version, remove_adapter
 
-from .errors import VersionUnavailable
-from .registry import VersionRegistry
+from ..core.errors import VersionUnavailable
+from ..core.registry import VersionRegistry
 
 MAX_LOADED_UNETS = 2
 """Full versions (one UNet each) a worker keeps loaded besides the base model."""
@@ -65,9 +65,6 @@ class LoadedModels:
             return loaded
 
     def _load(self, version: str):
-        from model.errors import DiffewSError
-        from model.versions import attach_version, load_version
-
         folder = self.registry.folder(version)
         started = time.perf_counter()
         try:
@@ -88,8 +85,6 @@ class LoadedModels:
         return loaded
 
     def _evict(self) -> None:
-        from model.adapters import remove_adapter
-
         adapters = [name for name, m in self._versions.items() if m.adapter is not None]
         unets = [name for name, m in self._versions.items() if m.adapter is None]
         for name in adapters[: max(0, len(adapters) - MAX_LOADED_ADAPTERS)]:

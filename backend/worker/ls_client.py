@@ -7,18 +7,21 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
+import httpx
 import requests
+from label_studio_sdk import LabelStudio
+from label_studio_sdk.core.api_error import ApiError
 
-from .context import LS_FROM_SETTINGS, ProjectContext
-from .errors import BackendError, ServiceUnavailable
-from .settings import Settings
+from ..core.context import LS_FROM_SETTINGS, ProjectContext
+from ..core.errors import BackendError, ServiceUnavailable
+from ..core.settings import Settings
 
 logger = logging.getLogger(__name__)
 
 API_TIMEOUT_S = 30
 BLIP_RETRIES_S = (0.5, 1.5)
 """Pauses before the second and third try of a call that failed for a passing reason (network, 5xx, 429).
-Longer outages are left to the job's own retries (backend.queues.RETRY_INTERVALS_S)."""
+Longer outages are left to the job's own retries (backend.core.queues.RETRY_INTERVALS_S)."""
 
 T = TypeVar("T")
 ONCE = {"max_retries": 0}
@@ -48,8 +51,6 @@ class LabelStudioAPI:
     """
 
     def __init__(self, url: str, api_key: str, credential: str = "LABEL_STUDIO_API_KEY"):
-        from label_studio_sdk import LabelStudio
-
         self.url = url.rstrip("/")
         self.credential = credential
         self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=API_TIMEOUT_S)
@@ -86,9 +87,6 @@ class LabelStudioAPI:
     def call(self, what: str, fn: Callable[[], T], *, retry: bool = True) -> T:
         """Run one API call: passing failures are retried briefly (unless `retry` is False, for calls that
         may have taken effect), the rest mapped to a typed error."""
-        import httpx
-        from label_studio_sdk.core.api_error import ApiError
-
         for pause in (*BLIP_RETRIES_S, None) if retry else (None,):
             try:
                 return fn()
@@ -109,7 +107,10 @@ class LabelStudioAPI:
 
     def auth_headers(self) -> dict[str, str]:
         """Authorization header for plain HTTP downloads: the SDK exchanges a PAT for a fresh access token."""
-        # The SDK keeps its token refresh behind its client wrapper; reusing it avoids a second refresh loop.
+        # The SDK has no public call for "the headers you would send": its token refresh (PAT -> access token,
+        # renewed before expiry) lives behind the private _client_wrapper. Reusing it avoids a second refresh
+        # loop; tests/test_ls_faults.py pins the legacy-token header and the end-to-end tests the PAT one
+        # (image downloads from a real Label Studio), so an SDK upgrade that moves it fails there first.
         headers = self.call("refreshing the access token", self.client._client_wrapper.get_headers)
         return {"Authorization": headers["Authorization"]}
 

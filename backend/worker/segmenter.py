@@ -1,7 +1,7 @@
 """Predictions for Label Studio tasks from a project's support examples, run in workers.
 
 This is the predict() and model_version half of a LabelStudioMLBase-like interface; setup() is the /setup
-route and fit() is backend.training.train_project.
+route and fit() is backend.worker.training.train_project.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import DiffewS, InvalidInputError, SupportMemory
-from model.images import to_rgb
+from model import DiffewS, InvalidInputError, SupportMemory, to_rgb
 
-from .errors import BackendError, BadRequest, MediaError
+from ..core.errors import BackendError, BadRequest, MediaError
+from ..core.label_config import LabelConfig
+from ..core.settings import Settings
+from ..core.store import SupportStore
+from ..core.supports import SupportSetKey, SupportSets
 from .example_files import ExampleFiles
-from .label_config import LabelConfig
+from .refine import refine
 from .regions import mask_regions_for
-from .settings import Settings
-from .store import SupportStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,48 +58,60 @@ class FewShotSegmenter:
     """Predict brush masks for tasks from a project's support examples with one model version."""
 
     def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, files: ExampleFiles,
-                 current: dict | None = None):
+                 sets: SupportSets | None = None):
         self.settings = settings
         self.store = store
         self.model = model
         self.model_version = model_version
         self.files = files
-        self.current = current if current is not None else {}
-        """(version, project, label) -> cache key of the support set last used: a replaced one is evicted."""
+        self.sets = sets if sets is not None else SupportSets()
+        """The support sets this process encoded (shared by the segmenters of one worker process)."""
 
     # ---- support ----------------------------------------------------------------------------
 
     def supports(self, pid: int, config: LabelConfig, labels: list[str] | None = None) -> dict[str, SupportMemory]:
         """Encoded support memory per label (of `labels`, default all) that has usable examples (policy:
-        SUPPORT_POLICY, at most MAX_SHOTS); a support set already encoded comes from the model's cache."""
+        SUPPORT_POLICY, at most MAX_SHOTS). A support set this process encoded at the label's current
+        revision comes back with no I/O at all; otherwise its K examples are read and encoded."""
+        revisions = self.store.label_revisions(pid)
         memories = {}
         for label in labels if labels is not None else config.labels:
-            images, masks = [], []
-            for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
-                try:
-                    rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
-                    mask = self.files.example_mask(pid, example, label)
-                except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
-                    message = exc.message if isinstance(exc, BackendError) else str(exc)
-                    logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
-                    self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
+            if not revisions.get(label):
+                continue  # never had an example
+            key = SupportSetKey(self.model_version, pid, label, revisions[label], self.settings.support_policy,
+                                self.settings.max_shots)
+            cache_key = self.sets.lookup(key)
+            memory = self.model.support_cache.get(cache_key) if cache_key else None
+            if memory is None:
+                memory = self._encode(pid, label)
+                if memory is None:
                     continue
-                if mask.shape != rgb.shape[:2] or not mask.any():
-                    logger.warning(
-                        "project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
-                        pid, example.annotation_id, label, mask.shape, rgb.shape[:2],
-                    )
-                    continue
-                images.append(rgb)
-                masks.append(mask)
-            if images:
-                memories[label] = memory = self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
-                slot = (self.model_version, pid, label)
-                previous = self.current.get(slot)
-                if previous is not None and previous != memory.key:  # that support set is gone for good
-                    self.model.support_cache.discard(previous)
-                self.current[slot] = memory.key
+                replaced = self.sets.remember(key, memory.key)
+                if replaced is not None:  # that support set is gone for good
+                    self.model.support_cache.discard(replaced)
+            memories[label] = memory
         return memories
+
+    def _encode(self, pid: int, label: str) -> SupportMemory | None:
+        images, masks = [], []
+        for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
+            try:
+                rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
+                mask = self.files.example_mask(pid, example, label)
+            except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
+                message = exc.message if isinstance(exc, BackendError) else str(exc)
+                logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
+                self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
+                continue
+            if mask.shape != rgb.shape[:2] or not mask.any():
+                logger.warning("project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
+                               pid, example.annotation_id, label, mask.shape, rgb.shape[:2])
+                continue
+            images.append(rgb)
+            masks.append(mask)
+        if not images:
+            return None
+        return self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
 
     # ---- prediction -------------------------------------------------------------------------
 
@@ -137,8 +150,6 @@ class FewShotSegmenter:
 
     def predict_interactive(self, pid: int, task: dict, config: LabelConfig, prompts: dict) -> dict:
         """One prediction with the regions the smart-tool prompts (interactive.LabelPrompt per label) refine."""
-        from .interactive import refine
-
         memories = self.supports(pid, config, list(prompts))
         missing = [label for label in prompts if label not in memories]
         if missing:

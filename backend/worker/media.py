@@ -19,8 +19,8 @@ import requests
 from PIL import Image, UnidentifiedImageError
 from requests.adapters import HTTPAdapter
 
-from .errors import MediaError
-from .settings import Settings
+from ..core.errors import MediaError
+from ..core.settings import Settings
 
 CLOUD_SCHEMES = ("s3://", "gs://", "azure-blob://", "azure-spi://")
 """Cloud URIs Label Studio resolves through /tasks/<id>/presign/."""

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 
 from redis import Redis
 
-from .store import PREFIX
+from .keys import PREFIX
 
 QUEUED = "queued"
 """A bulk job has been queued for the task (a click may take the task over)."""
@@ -167,12 +167,6 @@ class DeliveryLedger:
         changes = [(task, None, Entry(state=DELIVERED, revision=revision, via=VIA_FOUND, ls_id=ls_id,
                                       at=time.time()).dump()) for task, ls_id in found.items()]
         return len(self._swap(changes))
-
-    def forget(self, task_ids: Iterable[int]) -> None:
-        """Drop the entries of these tasks (deleted from Label Studio)."""
-        ids = [str(t) for t in task_ids]
-        if ids:
-            self.redis.hdel(self.key, *ids)
 
 
 # ---- who may claim what ----------------------------------------------------------------------

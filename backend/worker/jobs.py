@@ -1,31 +1,31 @@
 """RQ job functions (enqueued by dotted path; they run in workers, which hold the model).
 
 Every job that predicts receives a ProjectContext (as a dict) and predicts, labels and delivers with
-exactly that model version; every delivery goes through the ledger (backend.ledger).
+exactly that model version; every delivery goes through the ledger (backend.core.ledger).
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
+from urllib.parse import urlparse
 
 from rq import get_current_job
 
-from .admission import click_ended, record_click_seconds
-from .bulk import Progress, held_predictions, queue_bulk
-from .context import ProjectContext
-from .errors import BackendError, BadRequest
-from .ingest import ingest
-from .interactive import parse_prompts
-from .ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
+from ..core.admission import click_ended, record_click_seconds
+from ..core.bulk import Progress, held_predictions, queue_bulk
+from ..core.context import ProjectContext, resolve_project
+from ..core.errors import BackendError, BadRequest
+from ..core.ingest import ingest
+from ..core.ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
+from ..core.prompts import parse_prompts
+from ..core.queues import job_alive, server_time
+from ..core.triggers import BACKFILL_RETRY_S
 from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
-from .queues import job_alive, server_time
-from .worker import WorkerContext, get_context, report_progress
+from .runtime import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
-
-BACKFILL_RETRY_S = 60
-"""After a backfill that could not reach Label Studio, the next attempt waits at least this long."""
 
 
 # ---- support examples ------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
 
 
 def backfill_if_needed(context: dict) -> dict | None:
-    """Job form of ensure_backfilled, queued by /setup."""
+    """Job form of ensure_backfilled, queued by /setup and by clicks while a project is not backfilled."""
     return ensure_backfilled(get_context(), ProjectContext.from_job(context))
 
 
@@ -100,9 +100,6 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
 
 def secure_webhook(context: dict, backend_host: str) -> str:
     """Add our basic-auth header to the project's webhook(s) at `backend_host`; records and returns what it did."""
-    import base64
-    from urllib.parse import urlparse
-
     ctx, project = get_context(), ProjectContext.from_job(context)
     settings = ctx.settings
     expected = "Basic " + base64.b64encode(f"{settings.basic_auth_user}:{settings.basic_auth_pass}".encode()).decode()
@@ -164,7 +161,6 @@ def predict_interactive(context: dict, task: dict, regions: list[dict], deadline
     try:
         if server_time(ctx.redis) >= deadline:
             return {"delivered": "dropped"}
-        ensure_backfilled(ctx, project)
         try:
             prompts = parse_prompts(regions, project.config)
             prediction = ctx.segmenter(project).predict_interactive(project.project, task, project.config, prompts)
@@ -178,7 +174,6 @@ def predict_interactive(context: dict, task: dict, regions: list[dict], deadline
 
 def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: list[dict], deadline: float, job_id: str,
                          out: dict) -> dict:
-    ensure_backfilled(ctx, project)
     ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
     held = held_predictions(tasks, project.model_version)
     wanted = [int(t["id"]) for t in tasks if not held.get(int(t["id"]))]
@@ -282,8 +277,6 @@ def prelabel_project(context: dict, task_ids: list[int] | None = None) -> dict:
 
 def prelabel_request(project_id: int, task_ids: list[int] | None = None) -> dict:
     """prelabel_project for a caller without the serving settings (the CLI): the worker resolves the project."""
-    from .context import resolve_project
-
     ctx = get_context()
     context = resolve_project(ctx.settings, ctx.store, project_id)
     if not context.has_api:

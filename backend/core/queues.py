@@ -5,26 +5,33 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
+from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlparse
 
 from redis import BlockingConnectionPool, Redis, UnixDomainSocketConnection
 from redis.exceptions import RedisError
-from rq import Queue, Retry, Worker
+from rq import Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
+from rq.utils import utcparse
 
 from .errors import ServiceUnavailable
 from .settings import Settings
 
 logger = logging.getLogger(__name__)
 
-QUEUE_HIGH = "predict-high"
-"""Interactive predictions and annotation ingestion: a user is waiting."""
+QUEUE_CLICK = "predict-high"
+"""Clicks (/predict, smart tools) only: a user is waiting, and nothing else runs ahead of them."""
+QUEUE_INGEST = "ingest"
+"""Everything else a request triggers: backfills, image caching, webhook securing, task listings."""
 QUEUE_BULK = "predict-bulk"
 """Bulk pre-annotation batches that post predictions through the Label Studio API."""
 QUEUE_TRAIN = "train"
 """Fine-tuning jobs."""
-ALL_QUEUES = (QUEUE_HIGH, QUEUE_BULK, QUEUE_TRAIN)
+ALL_QUEUES = (QUEUE_CLICK, QUEUE_INGEST, QUEUE_BULK, QUEUE_TRAIN)
 RESULT_TTL_S = 3600
 """Seconds a finished job's result is kept (long enough for /predict and /jobs to read it)."""
 FAILURE_TTL_S = 7 * 24 * 3600
@@ -103,8 +110,6 @@ def stop_embedded() -> None:
 
 
 def _wait_gone(pid: int, seconds: float = 10.0) -> None:
-    import time
-
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         try:
@@ -135,8 +140,6 @@ def attach_embedded(settings: Settings) -> Redis:
 
 def redis_url_warning(url: str) -> str | None:
     """Why a REDIS_URL is unsafe (RQ jobs are pickles: whoever can write to Redis runs code in the workers)."""
-    from urllib.parse import urlparse
-
     if not url:
         return None
     parsed = urlparse(url)
@@ -215,7 +218,7 @@ def enqueue(
     at_front: bool = False,
     ttl_s: int | None = None,
 ) -> Job:
-    """Enqueue `func` (dotted path) with explicit timeout, TTLs, meta and retry policy.
+    """Enqueue `func` (dotted path) with explicit timeout, TTLs, meta and retry policy (called by backend.core.catalog).
 
     ttl_s: longest the job may wait in the queue before RQ drops it (None: no limit).
     """
@@ -243,13 +246,10 @@ def live_workers(redis: Redis) -> dict[str, int]:
     """Number of workers listening on each queue whose heartbeat is recent (a killed one drops out).
 
     Two round trips whatever the number of workers (RQ's Worker.all reads each worker separately):
-    /health is polled often and must stay fast under load.
+    /health is polled often and must stay fast under load. It reads RQ 3.0's worker hashes ("queues",
+    "last_heartbeat") directly; tests/test_faults.py and tests/test_training_backend.py pin that layout
+    (workers counted alive, a killed one dropping out).
     """
-    from datetime import datetime, timezone
-
-    from rq import worker_registration
-    from rq.utils import utcparse
-
     counts = {name: 0 for name in ALL_QUEUES}
     keys = sorted(worker_registration.get_keys(connection=redis))
     if not keys:
@@ -277,6 +277,4 @@ def queue_lengths(redis: Redis) -> dict[str, int]:
 
 def running_jobs(redis: Redis) -> dict[str, int]:
     """Jobs being run from each queue now (RQ's started-job registries)."""
-    from rq.registry import StartedJobRegistry
-
     return {name: StartedJobRegistry(name, connection=redis).count for name in ALL_QUEUES}

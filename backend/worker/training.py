@@ -1,4 +1,4 @@
-"""Fine-tuning jobs: train on a project's accepted labels, score on a held-out slice, promote by backend.promotion."""
+"""Fine-tuning jobs: train on a project's accepted labels, score on a held-out slice, promote by backend.core.promotion."""
 
 from __future__ import annotations
 
@@ -7,42 +7,19 @@ import logging
 import time
 from pathlib import Path
 
-from redis import Redis
+from model import InvalidInputError, TrainConfig, evaluate_episodes, finetune, make_sample, save_version, trainable_copy
 from rq import get_current_job
 
-from .context import ProjectContext
-from .errors import BackendError, BadRequest
-from .promotion import decide
-from .queues import QUEUE_TRAIN, enqueue, job_alive
-from .registry import TRAIN_LOCK_KEY, VersionRegistry
-from .settings import Settings
-from .store import Example
-from .versions import base_ref, base_version, current_version
-from .worker import WorkerContext, get_context, report_progress
+from ..core.context import ProjectContext
+from ..core.errors import BackendError, BadRequest
+from ..core.promotion import decide
+from ..core.registry import TRAIN_LOCK_KEY, VersionRegistry
+from ..core.settings import Settings
+from ..core.store import Example
+from ..core.versions import base_ref, base_version, current_version
+from .runtime import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
-
-_SWAP_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3]) end"
-"""Replace a lock only if it still holds the value seen (one of two concurrent takers wins)."""
-
-
-def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, reason: str) -> dict:
-    """Queue one training job for a project unless one is queued or running; says which."""
-    pid = context.project
-    lock = TRAIN_LOCK_KEY.format(pid=pid)
-    job_id = f"train-{pid}-{int(time.time() * 1000)}"
-    if not redis.set(lock, job_id, nx=True, ex=settings.train_timeout_s + 600):
-        existing = (redis.get(lock) or b"").decode()
-        if job_alive(redis)(existing):
-            return {"status": "already queued or running", "job": existing}
-        # The lock's job is gone (its worker was killed, or it failed without releasing): take the lock over.
-        logger.warning("project %s: training lock of %s outlived its job; taking it over", pid, existing or "?")
-        if not redis.eval(_SWAP_LOCK, 1, lock, existing, job_id, settings.train_timeout_s + 600):
-            return {"status": "already queued or running", "job": (redis.get(lock) or b"").decode()}
-    enqueue(redis, QUEUE_TRAIN, "backend.training.train_project", args=(context.to_job(), reason),
-            timeout_s=settings.train_timeout_s, job_id=job_id, meta={"project": pid, "reason": reason})
-    return {"status": "queued", "job": job_id}
-
 
 def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:
     """(train, held out): every n-th example by annotation id is held out, so the split is stable as labels grow."""
@@ -52,9 +29,6 @@ def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], 
 
 
 def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example], resolution: int) -> list:
-    from model.data import make_sample
-    from model.errors import InvalidInputError
-
     files, pid = ctx.example_files(context), context.project
     samples = []
     for e in examples:
@@ -68,13 +42,10 @@ def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example
 
 
 def _score(model, held: list, train: list, labels: list[str], episodes: int) -> float | None:
-    from model.errors import InvalidInputError
-    from model.evaluate import evaluate
-
     if not held:
         return None
     try:
-        return evaluate(model, held, labels, shots=1, episode_count=episodes, seed=0, support_pool=train).miou
+        return evaluate_episodes(model, held, labels, shots=1, episode_count=episodes, seed=0, support_pool=train).miou
     except InvalidInputError:  # no label has both a held-out query and a support
         return None
 
@@ -87,9 +58,6 @@ def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
 
 def train_project(context: dict, reason: str = "") -> dict:
     """Fine-tune the context's version on the project's accepted labels; write, score and maybe promote a version."""
-    from model.train import TrainConfig, finetune
-    from model.versions import save_version, trainable_copy
-
     ctx, project_ctx = get_context(), ProjectContext.from_job(context)
     project_id, parent = project_ctx.project, project_ctx.model_version
     job = get_current_job()

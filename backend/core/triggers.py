@@ -1,20 +1,20 @@
-"""Annotation webhooks and what they trigger: support examples, auto pre-label and training, backfill, webhook auth."""
+"""What annotation webhooks and /setup trigger: support examples, auto pre-label and training, backfill, webhook auth."""
 
 from __future__ import annotations
 
 import time
 
-from flask import Response, jsonify
 from redis import Redis
 from redis.exceptions import RedisError
 
-from .bodies import int_id
+from .catalog import submit
 from .context import ProjectContext, resolve_project
 from .errors import BadRequest
 from .ingest import ingest
-from .queues import QUEUE_HIGH, enqueue
+from .keys import PREFIX
 from .services import Backend
-from .store import PREFIX
+from .store import int_id
+from .train_queue import enqueue_training
 
 REJECTED_WEBHOOKS_KEY = f"{PREFIX}:rejected-webhooks"
 
@@ -40,11 +40,16 @@ def rejected_webhooks(redis: Redis) -> dict | None:
                    "Settings -> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to do it"}
 
 
+BACKFILL_RETRY_S = 60
+"""A backfill is queued at most this often per project (clicks ask again while one has not succeeded)."""
+
+
 def queue_backfill(backend: Backend, context: ProjectContext) -> None:
-    """Read the project's existing annotations from Label Studio, once per project record."""
-    if context.has_api and backend.store.claim_flag(context.project, "backfill_queued"):
-        enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.backfill_if_needed", args=(context.to_job(),),
-                timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
+    """Queue reading the project's existing annotations from Label Studio, until one read succeeded."""
+    if not context.has_api or (backend.store.project(context.project) or {}).get("backfilled"):
+        return
+    if backend.redis.set(f"{PREFIX}:backfill-queued:{context.project}", 1, nx=True, ex=BACKFILL_RETRY_S):
+        submit(backend.redis, backend.settings, "backfill", context.to_job(), meta={"project": context.project})
 
 
 def webhook_auth_due(backend: Backend, pid: int) -> bool:
@@ -67,7 +72,7 @@ def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
     return {"done": False, "reason": reason}
 
 
-def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> Response:
+def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> dict:
     """Store or replace the support examples of annotation events; queue their caching. Redis writes only."""
     annotations, tasks = body.get("annotation"), body.get("task")
     if action == "ANNOTATIONS_CREATED":
@@ -85,14 +90,14 @@ def record_annotations(backend: Backend, context: ProjectContext, action: str, b
         raise BadRequest("; ".join(f"annotation {aid}: {msg}" for aid, msg in report.errors.items()))
     job_id = None
     if report.stored:
-        job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.ingest_examples", args=(context.to_job(), report.stored),
-                      timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": context.project})
+        job = submit(backend.redis, backend.settings, "cache-examples", context.to_job(), report.stored,
+                     meta={"project": context.project})
         job_id = job.id
     out = {"status": "ok", "action": action, **report.as_dict(), "revision": backend.store.revision(context.project),
            "job": job_id}
     out.update(maybe_prelabel(backend, context, config.labels))
     out.update(maybe_train(backend, context, len(report.stored)))
-    return jsonify(out)
+    return out
 
 
 def maybe_train(backend: Backend, context: ProjectContext, new_examples: int) -> dict:
@@ -104,8 +109,6 @@ def maybe_train(backend: Backend, context: ProjectContext, new_examples: int) ->
     if count < every:
         return {}
     backend.store.set_project_field(pid, "new_since_train", 0)
-    from .training import enqueue_training
-
     return {"training": enqueue_training(backend.redis, backend.settings, context, f"{count} new annotations")}
 
 
@@ -120,6 +123,5 @@ def maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str,
     if not backend.store.claim_flag(pid, "prelabel_triggered"):
         return {}
     context = resolve_project(backend.settings, backend.store, pid)  # the revision after this event
-    job = enqueue(backend.redis, QUEUE_HIGH, "backend.jobs.prelabel_project", args=(context.to_job(),),
-                  timeout_s=backend.settings.job_timeout_s, retries=2, meta={"project": pid})
+    job = submit(backend.redis, backend.settings, "list-tasks", context.to_job(), meta={"project": pid})
     return {"prelabel_job": job.id}

@@ -7,9 +7,9 @@ import logging
 import numpy as np
 from PIL import Image
 
-from .annotations import label_masks
+from ..core.annotations import label_masks
+from ..core.store import Example, SupportStore, write_atomic
 from .media import MediaFetcher
-from .store import Example, SupportStore, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -7,11 +7,12 @@ import uuid
 
 from redis import Redis
 
+from .catalog import submit
 from .context import ProjectContext
+from .keys import PREFIX
 from .ledger import QUEUED, DeliveryLedger, bulk_may_take
-from .queues import QUEUE_BULK, RETRY_INTERVALS_S, enqueue, job_alive
+from .queues import job_alive
 from .settings import Settings
-from .store import PREFIX
 
 
 class Progress:
@@ -108,9 +109,8 @@ def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks:
         if not claims:
             continue
         batch = [by_id[c.task_id] for c in claims]
-        enqueue(redis, QUEUE_BULK, "backend.jobs.prelabel_batch", args=(context.to_job(), batch),
-                timeout_s=settings.job_timeout_s, job_id=job_id, retries=len(RETRY_INTERVALS_S),
-                meta={"project": context.project, "tasks": len(batch)})
+        submit(redis, settings, "prelabel-batch", context.to_job(), batch, job_id=job_id,
+               meta={"project": context.project, "tasks": len(batch)})
         jobs.append(job_id)
         queued += len(batch)
     skipped = len(by_id) - queued

@@ -14,12 +14,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from redis import Redis
+from redis.exceptions import WatchError
 
 from .annotations import DEFAULT_MAX_PIXELS, mask_regions
 from .errors import BadRequest, NotFound
+from .keys import PREFIX
 from .label_config import LabelConfig
+from .supports import SupportIndex
 
-PREFIX = "dws"
 VERSION_CHOICES = ("active_version", "pinned_version")
 """Project fields that say which version a project predicts with (also kept on disk: save_choices)."""
 
@@ -102,12 +104,22 @@ def parse_project_id(value: object) -> int:
     return pid
 
 
+def int_id(value: object) -> int | None:
+    """A non-negative integer id from an int or a string of ASCII digits, else None."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
 class SupportStore:
     """Per-project metadata and support examples in Redis; image and mask files under MODEL_DIR."""
 
     def __init__(self, redis: Redis, model_dir: Path):
         self.redis = redis
         self.model_dir = Path(model_dir)
+        self.index = SupportIndex(redis)
 
     # ---- keys and paths ---------------------------------------------------------------------
 
@@ -219,9 +231,13 @@ class SupportStore:
         current = self.get(pid, example.annotation_id)
         if current is not None and example.same_content(current):
             return False
+        self.ensure_index(pid)
         pipe = self.redis.pipeline()
         pipe.hset(self._examples_key(pid), str(example.annotation_id), json.dumps(asdict(example)))
         pipe.hincrby(self._project_key(pid), "revision", 1)
+        if current is not None:
+            self.index.drop(pipe, pid, current.annotation_id, current.labels)
+        self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at)
         pipe.execute()
         if current is not None:
             for label in current.labels:  # masks of the replaced regions are never read again
@@ -246,7 +262,10 @@ class SupportStore:
             return 0
         keys = [str(a) for a in annotation_ids]
         existing = [self.get(pid, a) for a in annotation_ids]
+        self.ensure_index(pid)
         pipe = self.redis.pipeline(transaction=True)
+        for example in filter(None, existing):
+            self.index.drop(pipe, pid, example.annotation_id, example.labels)
         if reason is None:
             pipe.hdel(self._errors_key(pid), *keys)
         else:
@@ -272,27 +291,45 @@ class SupportStore:
         return sorted((Example(**json.loads(r)) for r in raw), key=lambda e: (e.updated_at, e.annotation_id))
 
     def label_counts(self, pid: int) -> dict[str, int]:
-        """Number of examples per label."""
-        counts: dict[str, int] = {}
-        for example in self.examples(pid):
-            for label in example.labels:
-                counts[label] = counts.get(label, 0) + 1
-        return counts
+        """Number of examples per label (from the index: no example is read)."""
+        self.ensure_index(pid)
+        return self.index.counts(pid)
+
+    def label_revisions(self, pid: int) -> dict[str, int]:
+        """Label -> revision of its support set, bumped by every change to that label's examples."""
+        self.ensure_index(pid)
+        return self.index.revisions(pid)
 
     def select(self, pid: int, label: str, k: int, policy: str) -> list[Example]:
-        """At most k examples of `label` by policy.
+        """At most k examples of `label` by policy, reading only those k records (see supports.POLICIES).
 
         ground_truth_first: ground-truth annotations first, then the newest; newest: most recently
         updated first; oldest: the first labeled first. Ties break on annotation id.
         """
-        pool = [e for e in self.examples(pid) if label in e.labels]
-        if policy == "oldest":
-            chosen = pool
-        elif policy == "newest":
-            chosen = pool[::-1]
-        else:
-            chosen = sorted(pool[::-1], key=lambda e: not e.ground_truth)
-        return chosen[:k]
+        self.ensure_index(pid)
+        ids = self.index.select(pid, label, k, policy)
+        raw = self.redis.hmget(self._examples_key(pid), [str(a) for a in ids]) if ids else []
+        return [Example(**json.loads(r)) for r in raw if r]
+
+    def ensure_index(self, pid: int) -> None:
+        """Build the project's support index from its examples if it has none (data older than the index)."""
+        if self.redis.exists(self.index.built_key(pid)):
+            return
+        while True:
+            with self.redis.pipeline(transaction=True) as pipe:
+                try:
+                    pipe.watch(self._examples_key(pid))  # an example written meanwhile restarts the build
+                    examples = [Example(**json.loads(r)) for r in pipe.hvals(self._examples_key(pid))]
+                    labels = list(self.index.revisions(pid))
+                    pipe.multi()
+                    self.index.clear(pipe, pid, labels)
+                    for e in examples:
+                        self.index.add(pipe, pid, e.annotation_id, e.labels, e.ground_truth, e.updated_at)
+                    pipe.set(self.index.built_key(pid), 1)
+                    pipe.execute()
+                    return
+                except WatchError:
+                    continue
 
     # ---- annotations that could not be used -------------------------------------------------
 

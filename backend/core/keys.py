@@ -1,0 +1,3 @@
+"""The prefix of every Redis key this backend writes."""
+
+PREFIX = "dws"

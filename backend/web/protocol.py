@@ -1,0 +1,186 @@
+"""The Label Studio ML backend protocol: /health, /setup, /predict, /webhook and /versions.
+
+Label Studio ML backends usually subclass label-studio-ml's LabelStudioMLBase (setup, predict, fit,
+model_version). Its PyPI release (1.0.9) does not work with Label Studio 1.23, so this backend serves the
+protocol itself; MLBackend keeps that interface's names, and the routes only parse and answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from flask import Blueprint, Response, jsonify, request
+from rq.results import Result
+
+from ..core.admission import admit_click, click_started
+from ..core.catalog import GRACE_S, submit
+from ..core.context import ProjectContext, resolve_project
+from ..core.errors import BadRequest, ServiceUnavailable
+from ..core.label_config import parse_label_config
+from ..core.prompts import interactive_regions, parse_prompts
+from ..core.queues import QUEUE_CLICK, live_workers, ping, require_redis, server_time
+from ..core.registry import VersionRegistry
+from ..core.services import Backend
+from ..core.store import parse_project_id
+from ..core.train_queue import enqueue_training
+from ..core.triggers import queue_backfill, record_annotations, rejected_webhooks, webhook_auth_due
+from ..core.versions import base_version, describe_model
+from .bodies import annotation_ids, json_body, tasks_of, text_field
+from .clicks import answer, answer_bulk, answer_interactive, late, wait
+from .state import web_state
+
+logger = logging.getLogger(__name__)
+
+protocol = Blueprint("protocol", __name__)
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+
+
+class MLBackend:
+    """Answers Label Studio like a LabelStudioMLBase: setup, predict, fit and model_version."""
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.settings, self.redis, self.store = backend.settings, backend.redis, backend.store
+
+    def model_version(self, pid: int) -> str:
+        """The version the project predicts with now."""
+        return resolve_project(self.settings, self.store, pid).model_version
+
+    def setup(self, body: dict) -> dict:
+        """Register a project (config, and the Label Studio host and token unless configured here)."""
+        pid = parse_project_id(body.get("project"))
+        config_xml = text_field(body, "schema") or text_field(body, "label_config")
+        parse_label_config(config_xml)
+        hostname, access_token = text_field(body, "hostname"), text_field(body, "access_token")
+        require_redis(self.redis)
+        if self.settings.label_studio_url and self.settings.label_studio_api_key:
+            hostname = access_token = ""  # the configured Label Studio wins; /setup's host and token are not kept
+        else:
+            known = (self.store.project(pid) or {}).get("hostname", "")
+            if hostname and known and hostname.rstrip("/") != known.rstrip("/"):
+                logger.warning("project %s: /setup asked to move its Label Studio from %s to %s; ignored (set "
+                               "LABEL_STUDIO_URL to change it)", pid, known, hostname)
+                hostname = access_token = ""
+        self.store.register_project(pid, config_xml, hostname=hostname, access_token=access_token)
+        context = resolve_project(self.settings, self.store, pid, config_xml)
+        queue_backfill(self.backend, context)
+        if self.settings.auth_enabled and context.has_api and webhook_auth_due(self.backend, pid):
+            # Label Studio creates its webhook without our basic auth: add the header through its API.
+            submit(self.redis, self.settings, "secure-webhook", context.to_job(), request.host, meta={"project": pid})
+        return {"model_version": context.model_version}
+
+    def predict(self, body: dict) -> Response | tuple[Response, int]:
+        """Predictions of a /predict body: waited for (a click or a smart tool) or queued (many tasks)."""
+        tasks = tasks_of(body)
+        pid = parse_project_id(body.get("project") or tasks[0].get("project"))
+        require_redis(self.redis)
+        context = resolve_project(self.settings, self.store, pid, text_field(body, "label_config") or None)
+        queue_backfill(self.backend, context)  # clicks never backfill: they predict from what is stored
+        image_key = context.config.image_key
+        slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)},
+                 "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
+                                 for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
+        smart = interactive_regions(body)
+        if smart is not None:  # a smart tool: refined regions for one task, returned only
+            if len(tasks) != 1:
+                raise BadRequest(f"an interactive request (params.context) takes exactly one task, got {len(tasks)}")
+            parse_prompts(smart, context.config)  # a malformed prompt is a 400 now, not a failed job
+            kind, args = "smart-tool", (context.to_job(), slim[0], smart)
+        elif len(tasks) > self.settings.sync_max_tasks:
+            return answer_bulk(self.backend, context, slim)
+        else:
+            kind, args = "click", (context.to_job(), slim)
+        return self._click(context, kind, args, len(tasks), smart is not None)
+
+    def _click(self, context: ProjectContext, kind: str, args: tuple, tasks: int, smart: bool) -> Response:
+        workers = live_workers(self.redis)[QUEUE_CLICK]
+        if workers == 0:
+            raise ServiceUnavailable(
+                f"no worker is running on the {QUEUE_CLICK} queue: start one with `python -m backend worker`")
+        now = server_time(self.redis)
+        admit_click(self.redis, self.settings, workers, now)
+        with web_state().slots.take():
+            deadline = now + self.settings.predict_wait_s
+            job_id = f"click-{context.project}-{uuid.uuid4().hex[:12]}"
+            click_started(self.redis, job_id, deadline)
+            job = submit(self.redis, self.settings, kind, *args, deadline, job_id=job_id,
+                         meta={"project": context.project, "tasks": tasks})
+            outcome = wait(job, deadline + GRACE_S - server_time(self.redis))
+        if outcome is None:
+            raise late(job, context, self.settings.predict_wait_s, posts_later=not smart)
+        if outcome.type != Result.Type.SUCCESSFUL:
+            raise ServiceUnavailable(f"prediction job {job.id} failed: {(outcome.exc_string or '').strip().splitlines()[-1:]}")
+        if smart:
+            return answer_interactive(job, outcome.return_value, context, self.settings.predict_wait_s)
+        return answer(job, outcome.return_value, context, self.settings.predict_wait_s)
+
+    def fit(self, body: dict) -> dict:
+        """A webhook event: annotations stored or removed as support examples, or a training run queued."""
+        action = body.get("action")
+        if not isinstance(action, str):
+            raise BadRequest("webhook body needs an 'action' string")
+        if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING"):
+            return {"status": "ignored", "action": action}
+        pid = parse_project_id(body.get("project"))
+        require_redis(self.redis)
+        project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
+        payload_config = text_field(project_payload, "label_config")
+        known = self.store.project(pid) is not None
+        if not known and not payload_config:
+            self.store.require_project(pid)  # 404 naming the fix
+        context = resolve_project(self.settings, self.store, pid, payload_config or None)
+        if not known:  # Redis lost it (restarted without persistence): the event's project re-registers it
+            logger.warning("project %s was unknown (Redis empty?); registered from the webhook payload", pid)
+            queue_backfill(self.backend, context)
+        if action == "START_TRAINING":
+            return {"action": action, **enqueue_training(self.redis, self.settings, context, "START_TRAINING")}
+        if action == "ANNOTATIONS_DELETED":
+            removed = self.store.remove(pid, annotation_ids(body.get("annotations")))
+            return {"status": "ok", "action": action, "removed": removed, "revision": self.store.revision(pid)}
+        return record_annotations(self.backend, context, action, body)
+
+
+def ml_backend() -> MLBackend:
+    """The MLBackend of the app handling the request."""
+    return MLBackend(web_state().backend)
+
+
+@protocol.get("/health")
+def health():
+    state = web_state()
+    redis, settings = state.backend.redis, state.backend.settings
+    redis_state = ping(redis)
+    up = redis_state == "ok"
+    return jsonify(
+        status="UP" if up else "DEGRADED",
+        model_class="DiffewS",
+        model=describe_model(settings),
+        redis=redis_state,
+        workers=live_workers(redis) if up else {},
+        rejected_webhooks=rejected_webhooks(redis) if up else None,
+        warnings=state.warnings() if up else [],
+    )
+
+
+@protocol.post("/setup")
+def setup():
+    return jsonify(ml_backend().setup(json_body()))
+
+
+@protocol.post("/predict")
+def predict():
+    return ml_backend().predict(json_body())
+
+
+@protocol.post("/webhook")
+def webhook():
+    return jsonify(ml_backend().fit(json_body()))
+
+
+@protocol.get("/versions")
+def versions():
+    backend = web_state().backend
+    names = [base_version(backend.settings)] + [v["name"] for v in VersionRegistry(backend.redis, backend.store).list()]
+    return jsonify(versions=names)

@@ -1,0 +1,1 @@
+"""The worker side: RQ jobs, the loaded models, segmenting, training, media and the Label Studio client."""

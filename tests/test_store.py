@@ -1,0 +1,90 @@
+"""The support store and its per-label index: policy order, K records per selection, counts, revisions, rebuild."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import pytest
+
+from backend.core.store import Example, SupportStore
+
+REGION = {"type": "brushlabels", "value": {"brushlabels": ["car"]}}
+
+
+def example(aid: int, labels: list[str], at: float, truth: bool = False) -> Example:
+    return Example(annotation_id=aid, task_id=100 + aid, image_url=f"/data/{aid}.png", regions=[{**REGION, "n": aid}],
+                   labels=labels, ground_truth=truth, updated_at=at)
+
+
+@pytest.fixture
+def store(redis, tmp_path) -> SupportStore:
+    store = SupportStore(redis, tmp_path)
+    store.register_project(1, "<View/>")
+    return store
+
+
+@pytest.mark.parametrize("policy, expected", [
+    ("ground_truth_first", [4, 2, 6, 5]),  # ground truth newest first, then the newest others
+    ("newest", [6, 5, 4, 3]),
+    ("oldest", [1, 2, 3, 4]),
+])
+def test_policies_order_the_examples(store, policy, expected):
+    """Each SUPPORT_POLICY picks its K in the documented order; equal times order by annotation id."""
+    for aid, at, truth in [(1, 10, False), (2, 20, True), (3, 30, False), (4, 30, True), (5, 50, False), (6, 50, False)]:
+        store.upsert(1, example(aid, ["car"], at, truth))
+    assert [e.annotation_id for e in store.select(1, "car", 4, policy)] == expected
+
+
+def test_selection_reads_only_k_records(store, redis, monkeypatch):
+    """Selecting K of 300 examples reads K records, not the whole hash."""
+    for aid in range(300):
+        store.upsert(1, example(aid, ["car"], float(aid)))
+    calls = []
+    monkeypatch.setattr(redis, "hvals", lambda *a: calls.append(("hvals", a)) or [])
+    original = redis.hmget
+    monkeypatch.setattr(redis, "hmget", lambda key, ids: calls.append(("hmget", len(ids))) or original(key, ids))
+    chosen = store.select(1, "car", 5, "newest")
+    assert [e.annotation_id for e in chosen] == [299, 298, 297, 296, 295]
+    assert calls == [("hmget", 5)]
+
+
+def test_counts_and_revisions_follow_each_label(store):
+    """Counts come from the index; a change to one label's examples bumps that label's revision only."""
+    store.upsert(1, example(1, ["car"], 1))
+    store.upsert(1, example(2, ["car", "sky"], 2))
+    before = store.label_revisions(1)
+    assert store.label_counts(1) == {"car": 2, "sky": 1}
+    store.upsert(1, example(3, ["sky"], 3))
+    after = store.label_revisions(1)
+    assert after["car"] == before["car"] and after["sky"] == before["sky"] + 1
+    store.upsert(1, example(2, ["car"], 4))  # annotation 2 no longer labels sky
+    assert store.label_counts(1) == {"car": 2, "sky": 1}
+    assert [e.annotation_id for e in store.select(1, "sky", 5, "newest")] == [3]
+    assert store.remove(1, [1, 2, 3]) == 3
+    assert store.label_counts(1) == {}
+    assert store.select(1, "car", 5, "newest") == []
+
+
+def test_unchanged_example_changes_nothing(store):
+    """Storing the same content again is no new revision of the project or of the label."""
+    assert store.upsert(1, example(1, ["car"], 1))
+    revisions, revision = store.label_revisions(1), store.revision(1)
+    assert not store.upsert(1, example(1, ["car"], 1))
+    assert store.label_revisions(1) == revisions and store.revision(1) == revision
+
+
+def test_examples_stored_before_the_index_are_indexed_on_first_use(store, redis):
+    """Data written by a version without the index (examples hash only) is indexed once, then kept up to date."""
+    for aid in range(4):
+        redis.hset("dws:examples:1", str(aid), json.dumps(asdict(example(aid, ["car"], float(aid), truth=aid == 0))))
+    assert store.label_counts(1) == {"car": 4}
+    assert [e.annotation_id for e in store.select(1, "car", 2, "ground_truth_first")] == [0, 3]
+    store.upsert(1, example(9, ["car"], 99.0))
+    assert [e.annotation_id for e in store.select(1, "car", 1, "newest")] == [9]
+
+
+def test_unknown_project_stays_unknown(store):
+    """Reading counts or selecting for a project never seen creates no project record."""
+    assert store.label_counts(42) == {} and store.select(42, "car", 3, "newest") == []
+    assert store.project(42) is None
