@@ -40,11 +40,24 @@ def test_more_pending_clicks_than_the_workers_can_answer_are_refused(redis, sett
     click_started(redis, "stale", deadline=now - 1)  # past its deadline: no longer counts
     with pytest.raises(Overloaded) as refused:
         admit_click(redis, settings, workers=1, now=now)
-    assert refused.value.retry_after == 30 and "5 predictions are pending for 1 worker" in refused.value.message
+    assert refused.value.retry_after == 30 and "5 model passes are pending for 1 worker" in refused.value.message
     admit_click(redis, settings, workers=2, now=now)  # two workers work it off in 30 s
     click_ended(redis, "c0")
     assert expected_wait_s(redis, 1, now) == (50.0, 4, 10.0)
     admit_click(redis, settings.replace(admission_control=False), workers=1, now=now)  # off: never refuses
+    assert redis.hlen("dws:clicks:cost") == 4, "the stale click's cost went with it"
+
+
+def test_a_smart_tool_request_counts_its_model_passes(redis, settings):
+    """A request with 4 boxes costs 4 passes: admitted alone in 30 s, refused behind another such request."""
+    redis.set(CLICK_SECONDS_KEY, 7)
+    now = 1000.0
+    admit_click(redis, settings, workers=1, now=now, cost=4)  # 4 * 7 = 28 s
+    click_started(redis, "boxes", deadline=now + 30, cost=4)
+    with pytest.raises(Overloaded, match=r"4 model passes are pending .* this request \(4 passes\)"):
+        admit_click(redis, settings, workers=1, now=now, cost=4)
+    click_ended(redis, "boxes")
+    admit_click(redis, settings, workers=1, now=now, cost=4)  # the passes ahead are done
 
 
 def test_click_seconds_are_a_moving_average(redis):

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,33 +18,9 @@ from rq.job import Job, JobStatus
 from backend.core.ledger import DELIVERING, DeliveryLedger
 from backend.core.queues import QUEUE_BULK, live_workers
 
+from .ls_server import brush_result, create_project, start_backend, wait_for
 from .payloads import CONFIG_XML, annotation_event, square_scene
-from .ls_server import REPO, brush_result, create_project, start_backend, stop, wait_for
-
-HEARTBEAT_S = 6
-
-
-class WorkerProcess:
-    """`python -m backend worker` on the test Redis, started and killed by the test."""
-
-    def __init__(self, redis, settings, queues: list[str], log: Path, **env):
-        environment = {k: v for k, v in os.environ.items() if not k.startswith(("LABEL_STUDIO", "DIFFEWS", "TRAIN"))}
-        environment.update(
-            REDIS_URL=f"unix://{redis.socket_file}", MODEL_DIR=str(settings.model_dir), DIFFEWS_MODEL="tiny",
-            DIFFEWS_TINY_RESOLUTION=str(settings.tiny_resolution), JOB_HEARTBEAT_TTL_S=str(HEARTBEAT_S),
-            PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **env,
-        )
-        self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-m", "backend", "worker", "--queues", *queues], cwd=REPO,
-                                     env=environment, stdout=log.open("a"), stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """SIGKILL: no cleanup of any kind runs in the worker."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        stop(self.proc)
+from .processes import WorkerProcess
 
 
 @pytest.fixture
@@ -55,7 +29,8 @@ def spawn(redis, tmp_path):
     made = []
 
     def start(settings, queues, **env) -> WorkerProcess:
-        made.append(WorkerProcess(redis, settings, queues, tmp_path / f"worker{len(made)}.log", **env))
+        made.append(WorkerProcess(f"unix://{redis.socket_file}", settings, queues, tmp_path / f"worker{len(made)}.log",
+                                  **env))
         return made[-1]
 
     yield start
@@ -191,6 +166,9 @@ def test_sigterm_stops_the_embedded_redis(tmp_path):
 
 def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, settings, tiny_model):
     """An embedded worker that leaves its loop is replaced; /health counts only workers with a fresh heartbeat."""
+    from backend.core.queues import BEAT_AT, WORKER_ALIVE_S, server_time
+    from backend.worker.runtime import noop
+
     from .conftest import LiveBackend
 
     backend = LiveBackend(settings, redis, tiny_model)
@@ -198,11 +176,12 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
         wait_for(lambda: backend.get("/health")["workers"] == {"predict-high": 1, "ingest": 1, "predict-bulk": 1, "train": 1}, 30,
                  "three live workers")
         first = backend.workers.workers[("predict-high",)]
-        first.stop()  # its loop ends as if it had died
+        first._stop_requested = True  # its loop ends with no stop asked, as if it had died
+        first.queues[0].enqueue(noop, job_timeout=10, result_ttl=0)  # wakes its blocked dequeue
         wait_for(lambda: backend.workers.restarts == 1 and backend.workers.workers[("predict-high",)] is not first, 60,
                  "the supervisor to start a new worker")
         wait_for(lambda: backend.get("/health")["workers"]["predict-high"] == 1, 30, "the new worker to register")
-        redis.hset(f"rq:worker:{backend.workers.workers[('train',)].name}", "last_heartbeat", "2020-01-01T00:00:00.000000Z")
+        redis.hset(f"rq:worker:{backend.workers.workers[('train',)].name}", BEAT_AT, server_time(redis) - WORKER_ALIVE_S - 1)
         assert backend.get("/health")["workers"]["train"] == 0  # a silent worker is not reported alive
     finally:
         backend.stop()

@@ -102,7 +102,12 @@ def test_large_broken_rle_is_dropped_by_ingestion(client, worker):
     rle = mask_to_rle(noisy)
     assert len(rle) > 256 << 10
     event["annotation"]["result"][0]["value"]["rle"] = rle[:-1000]
-    assert client.post("/webhook", json=event).json["stored"] == 1
+    r = client.post("/webhook", json=event)  # over WEBHOOK_INLINE_BYTES: answered at once, ingested by a job
+    assert r.status_code == 202 and r.json["status"] == "queued"
+    deadline = time.monotonic() + 30
+    while client.get(f"/jobs/{r.json['job']}").json["status"] != "finished" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.get(f"/jobs/{r.json['job']}").json["meta"]["stored"] == 1
     deadline = time.monotonic() + 30
     while client.get("/status/1").json["examples"] and time.monotonic() < deadline:
         time.sleep(0.1)

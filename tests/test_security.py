@@ -147,3 +147,29 @@ def test_basic_auth_is_added_to_label_studios_webhook(label_studio, live_backend
     wait_for(lambda: requests.get(f"{backend.url}/status/{pid}", auth=auth, timeout=10).json()["examples"], 30,
              "the annotation through the authenticated webhook")
     assert requests.get(f"{backend.url}/health", timeout=10).json()["rejected_webhooks"] is None
+
+
+def test_embedded_redis_files_are_private(tmp_path):
+    """The embedded Redis keeps /setup's Label Studio token: its folder is 0700 and every file in it 0600."""
+    import stat
+
+    from backend.core.queues import connect, embedded_db, stop_embedded
+    from backend.core.settings import Settings
+    from backend.core.store import SupportStore
+
+    settings = Settings(model_dir=tmp_path)
+    folder = embedded_db(settings).parent
+    folder.mkdir(parents=True)
+    (folder / "left-by-an-older-version.aof").write_text("x")
+    (folder / "left-by-an-older-version.aof").chmod(0o644)
+    redis = connect(settings)
+    try:
+        SupportStore(redis, tmp_path).register_project(1, "<View/>", hostname="http://ls", access_token="secret-token")
+        redis.bgrewriteaof()  # a rewrite makes new files: they must be private too
+        wait_for(lambda: redis.info("persistence")["aof_rewrite_in_progress"] == 0, 20, "the AOF rewrite")
+        assert (folder / "appendonly.aof").stat().st_size > 0
+    finally:
+        stop_embedded()
+    modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
+    assert modes["."] == 0o700
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes

@@ -45,6 +45,9 @@ def _click_ttl(settings: Settings) -> int:
     return int(settings.predict_wait_s + GRACE_S) + 1
 
 
+ON_FAILURE = "backend.core.failures.record_job_failure"
+"""Every failed try of every kind is kept for the project's /status (backend.core.failures)."""
+
 _JOBS = "backend.worker.jobs"
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     # Clicks: a person waits for the answer; after the deadline nobody does, so no retry and a queue TTL.
@@ -52,6 +55,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("smart-tool", f"{_JOBS}.predict_interactive", QUEUE_CLICK, _job_timeout, at_front=True, ttl_s=_click_ttl),
     # Ingest: everything that reads from Label Studio or caches files, off the click queue.
     JobKind("backfill", f"{_JOBS}.backfill_if_needed", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("large-webhook", f"{_JOBS}.ingest_large_webhook", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("cache-examples", f"{_JOBS}.ingest_examples", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("secure-webhook", f"{_JOBS}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
     JobKind("list-tasks", f"{_JOBS}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
@@ -69,4 +73,4 @@ def submit(redis: Redis, settings: Settings, kind: str, *args, job_id: str | Non
     spec = KINDS[kind]
     return enqueue(redis, spec.queue, spec.func, args=args, timeout_s=spec.timeout_s(settings), job_id=job_id,
                    meta={"kind": kind, **(meta or {})}, retries=spec.retries, at_front=spec.at_front,
-                   ttl_s=spec.ttl_s(settings))
+                   ttl_s=spec.ttl_s(settings), on_failure=ON_FAILURE)

@@ -19,6 +19,12 @@ class BadRequest(BackendError):
     status = 400
 
 
+class Conflict(BackendError):
+    """The request collides with work in progress (a second training run of a project)."""
+
+    status = 409
+
+
 class NotFound(BackendError):
     """The project, job or model version named does not exist here."""
 
@@ -35,6 +41,12 @@ class ServiceUnavailable(BackendError):
     """Redis or the workers are not there; the message says which and what to start."""
 
     status = 503
+
+
+class DeadlinePassed(BackendError):
+    """A click job's caller stopped waiting: its remaining model passes are not run."""
+
+    status = 504
 
 
 class PredictionTimeout(BackendError):

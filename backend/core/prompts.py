@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .errors import BadRequest
 from .label_config import LabelConfig
+
+
+MAX_PROMPTS = 32
+"""Most boxes and points one smart-tool request may carry, unless told (the MAX_PROMPTS setting)."""
 
 
 @dataclass
@@ -35,15 +37,33 @@ def interactive_regions(body: dict) -> list[dict] | None:
     return regions
 
 
-def _number(value: dict, key: str, where: str) -> float:
+def _number(value: dict, key: str, where: str, low: float = 0.0) -> float:
+    """A coordinate in percent of the image, low..100; BadRequest naming it (huge ints and 1e400 included)."""
     number = value.get(key)
-    if isinstance(number, bool) or not isinstance(number, (int, float)) or not np.isfinite(number):
-        raise BadRequest(f"{where}: value.{key} must be a number (percent of the image), got {number!r}")
+    try:
+        ok = not isinstance(number, bool) and isinstance(number, (int, float)) and low <= float(number) <= 100.0
+    except OverflowError:  # an int beyond any float
+        ok = False
+    if not ok:
+        raise BadRequest(f"{where}: value.{key} must be a number from {low:g} to 100 (percent of the image), "
+                         f"got {str(number)[:40]}")
     return float(number)
 
 
-def parse_prompts(regions: list[dict], config: LabelConfig) -> dict[str, LabelPrompt]:
-    """Prompts per label from smart keypoint/rectangle regions; BadRequest naming what is wrong."""
+def prompt_passes(prompts: dict[str, LabelPrompt]) -> int:
+    """Model passes a request's prompts cost: one per box, one per label with points but no box."""
+    return sum(len(p.boxes) + (1 if p.points and not p.boxes else 0) for p in prompts.values())
+
+
+def parse_prompts(regions: list[dict], config: LabelConfig, limit: int = MAX_PROMPTS) -> dict[str, LabelPrompt]:
+    """Prompts per label from smart keypoint/rectangle regions; BadRequest naming what is wrong.
+
+    At most `limit` boxes and points in all (MAX_PROMPTS): each box is a model pass, and a click's work
+    must stay bounded (an annotator places a handful).
+    """
+    if len(regions) > limit:
+        raise BadRequest(f"params.context.result holds {len(regions)} boxes and points; at most MAX_PROMPTS={limit} "
+                         "per request")
     prompts: dict[str, LabelPrompt] = {}
     for i, region in enumerate(regions):
         where = f"params.context.result[{i}]"
@@ -66,6 +86,9 @@ def parse_prompts(regions: list[dict], config: LabelConfig) -> dict[str, LabelPr
                 w, h = _number(value, "width", where), _number(value, "height", where)
                 if w <= 0 or h <= 0:
                     raise BadRequest(f"{where}: a box needs a positive width and height")
+                if x + w > 100.001 or y + h > 100.001:
+                    raise BadRequest(f"{where}: the box ends outside the image (x + width and y + height are "
+                                     "percent of the image, at most 100)")
                 prompt.boxes.append((x, y, w, h))
             else:
                 prompt.points.append((x, y, region.get("is_positive", True) is not False))

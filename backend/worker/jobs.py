@@ -7,6 +7,7 @@ exactly that model version; every delivery goes through the ledger (backend.core
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 from urllib.parse import urlparse
@@ -16,12 +17,13 @@ from rq import get_current_job
 from ..core.admission import click_ended, record_click_seconds
 from ..core.bulk import Progress, held_predictions, queue_bulk
 from ..core.context import ProjectContext, resolve_project
-from ..core.errors import BackendError, BadRequest
+from ..core.errors import BackendError, BadRequest, DeadlinePassed
 from ..core.ingest import ingest
 from ..core.ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
-from ..core.prompts import parse_prompts
+from ..core.prompts import parse_prompts, prompt_passes
 from ..core.queues import job_alive, server_time
-from ..core.triggers import BACKFILL_RETRY_S
+from ..core.services import Backend
+from ..core.triggers import BACKFILL_RETRY_S, WEBHOOK_BODY_TTL_S, handle_event
 from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
 from .runtime import WorkerContext, get_context, report_progress
 
@@ -41,9 +43,10 @@ def ensure_backfilled(ctx: WorkerContext, context: ProjectContext) -> dict | Non
     project = store.require_project(pid)
     if project.get("backfilled") or not context.has_api:
         return None
-    if time.time() - float(project.get("backfill_tried_at") or 0) < BACKFILL_RETRY_S:
+    now = server_time(ctx.redis)  # one clock for every worker machine
+    if now - float(project.get("backfill_tried_at") or 0) < BACKFILL_RETRY_S:
         return None
-    store.set_project_field(pid, "backfill_tried_at", time.time())
+    store.set_project_field(pid, "backfill_tried_at", now)
     try:
         report = backfill_project(ctx, context)
     except Exception as exc:  # Label Studio unreachable or refusing: predict from what is stored, retry later
@@ -74,6 +77,25 @@ def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
 def backfill_if_needed(context: dict) -> dict | None:
     """Job form of ensure_backfilled, queued by /setup and by clicks while a project is not backfilled."""
     return ensure_backfilled(get_context(), ProjectContext.from_job(context))
+
+
+def ingest_large_webhook(body_key: str) -> dict:
+    """A webhook body too large to ingest within Label Studio's 1 s: parsed and handled here, like /webhook."""
+    ctx = get_context()
+    raw = ctx.redis.get(body_key)
+    if raw is None:
+        raise BadRequest(f"webhook body {body_key} is gone (kept {WEBHOOK_BODY_TTL_S} s)")
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError):
+        body = None
+    if not isinstance(body, dict):
+        ctx.redis.delete(body_key)
+        raise BadRequest("webhook body is not a JSON object")
+    outcome = handle_event(Backend(ctx.settings, ctx.redis, ctx.store), body)
+    ctx.redis.delete(body_key)
+    report_progress(**{k: v for k, v in outcome.items() if k in ("action", "stored", "removed", "unchanged")})
+    return outcome
 
 
 def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
@@ -162,11 +184,15 @@ def predict_interactive(context: dict, task: dict, regions: list[dict], deadline
         if server_time(ctx.redis) >= deadline:
             return {"delivered": "dropped"}
         try:
-            prompts = parse_prompts(regions, project.config)
-            prediction = ctx.segmenter(project).predict_interactive(project.project, task, project.config, prompts)
+            prompts = parse_prompts(regions, project.config, ctx.settings.max_prompts)
+            prediction = ctx.segmenter(project).predict_interactive(
+                project.project, task, project.config, prompts, expired=lambda: server_time(ctx.redis) >= deadline)
+        except DeadlinePassed as exc:  # its caller got a 504 and is gone: the remaining passes are not run
+            logger.info("smart-tool job %s stopped: %s", job_id, exc.message)
+            return {"delivered": "dropped"}
         except BackendError as exc:  # the web answers it with its status and message
             return {"delivered": "error", "status": exc.status, "error": exc.message}
-        record_click_seconds(ctx.redis, time.monotonic() - started)
+        record_click_seconds(ctx.redis, time.monotonic() - started, prompt_passes(prompts))
         return {"delivered": "returned", "prediction": prediction}
     finally:
         click_ended(ctx.redis, job_id)

@@ -9,11 +9,13 @@ x / width * 100 (the convention our own rasteriser, backend.core.annotations, re
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import cv2
 import numpy as np
 
+from ..core.errors import BackendError
 from ..core.label_config import Control
 from ..core.rle import mask_to_rle
 
@@ -23,6 +25,8 @@ disc of radius 18 px read back with IoU 0.947, at 0.5 px 0.967; vertex count sti
 MIN_REGION_SHARE = 0.0002
 """Parts smaller than this share of the image (and under MIN_REGION_PX) get no polygon or box: specks."""
 MIN_REGION_PX = 16
+
+logger = logging.getLogger(__name__)
 
 
 def _region(control: Control, image_name: str, kind: str, mask_shape: tuple[int, int], value: dict,
@@ -40,6 +44,37 @@ def _region(control: Control, image_name: str, kind: str, mask_shape: tuple[int,
         "score": round(float(score), 4),
         "readonly": False,
     }
+
+
+MAX_MASK_RUNS = 1_000_000
+"""Most runs (changes between inside and outside, row-major) a brush mask may have: about 3 MB of RLE. A mask
+of natural shapes at 4000x3000 has tens of thousands; a 1-pixel comb has 12 million (89 MB of JSON, a minute)."""
+
+
+class MaskTooFragmented(BackendError):
+    """A predicted mask too fragmented to send as a brush region, even smoothed."""
+
+    status = 422
+
+
+def runs(mask: np.ndarray) -> int:
+    """Runs of a mask's RLE (counted in milliseconds, before any encoding)."""
+    flat = mask.reshape(-1).view(np.uint8)
+    return int(np.count_nonzero(flat[1:] != flat[:-1])) + 1
+
+
+def bounded(mask: np.ndarray, max_runs: int = MAX_MASK_RUNS) -> np.ndarray:
+    """The mask itself, or smoothed (5x5 median: structures under 3 px go) when it has more than `max_runs` runs;
+    MaskTooFragmented when even that is too many."""
+    if runs(mask) <= max_runs:
+        return mask
+    smooth = cv2.medianBlur(mask.astype(np.uint8) * 255, 5) > 127
+    count = runs(smooth)
+    if count > max_runs:
+        raise MaskTooFragmented(f"the predicted mask has {count} runs even smoothed, more than {max_runs}: too "
+                                "fragmented to send as a brush region")
+    logger.warning("a predicted mask of %d runs was smoothed to %d (more than %d)", runs(mask), count, max_runs)
+    return smooth
 
 
 def _min_area(shape: tuple[int, int]) -> float:
@@ -78,6 +113,7 @@ def boxes(mask: np.ndarray) -> list[dict[str, float]]:
 def mask_regions_for(control: Control, image_name: str, label: str, mask: np.ndarray, score: float) -> list[dict]:
     """The regions of one label's mask in what `control` asks for: one brush, polygons or boxes."""
     if control.kind == "brush":
+        mask = bounded(mask)
         return [_region(control, image_name, "brushlabels", mask.shape,
                         {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}, score)]
     if control.kind == "polygon":

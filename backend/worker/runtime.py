@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 from dataclasses import dataclass, field, replace
@@ -16,7 +17,17 @@ from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
 from ..core.context import ProjectContext
-from ..core.queues import ALL_QUEUES, QUEUE_BULK, QUEUE_CLICK, QUEUE_INGEST, QUEUE_TRAIN, connect, redis_url_warning
+from ..core.queues import (
+    ALL_QUEUES,
+    BEAT_AT,
+    QUEUE_BULK,
+    QUEUE_CLICK,
+    QUEUE_INGEST,
+    QUEUE_TRAIN,
+    connect,
+    redis_url_warning,
+    server_time,
+)
 from ..core.registry import VersionRegistry
 from ..core.settings import Settings
 from ..core.store import SupportStore
@@ -145,6 +156,8 @@ class InProcessWorker(SimpleWorker):
         super().__init__(queues, *args, **kwargs)
         self.heartbeat_ttl_s = heartbeat_ttl_s
         self._due_mover = None
+        self.stop_asked = False
+        """True once stop() or a signal asked this worker to leave (a loop that ends otherwise is restarted)."""
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """How long a running job counts as alive without a new heartbeat."""
@@ -165,15 +178,29 @@ class InProcessWorker(SimpleWorker):
         self.set_state(WorkerStatus.IDLE)
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        """RQ's heartbeat; also registers the worker again if Redis lost it (restarted without persistence)."""
+        """RQ's heartbeat, stamped with Redis's clock (BEAT_AT: liveness never compares two machines' clocks);
+        also registers the worker again if Redis lost it (restarted without persistence)."""
         super().heartbeat(timeout, pipeline)
-        if pipeline is None and not self.connection.hexists(self.key, "birth"):
+        if pipeline is not None:
+            return
+        if not self.connection.hexists(self.key, "birth"):
             with self.connection.pipeline() as pipe:
                 pipe.hset(self.key, mapping=self.serialize())
                 worker_registration.register(self, pipe)
                 pipe.expire(self.key, self.worker_ttl + 60)
                 pipe.execute()
             logger.warning("worker %s: Redis had lost this worker's registration; registered again", self.name)
+        self.connection.hset(self.key, BEAT_AT, server_time(self.connection))
+
+    def register_birth(self) -> None:
+        """RQ's registration, with a first BEAT_AT: a worker counts as live from its start."""
+        super().register_birth()
+        self.connection.hset(self.key, BEAT_AT, server_time(self.connection))
+
+    def request_stop(self, signum, frame) -> None:
+        """SIGTERM or SIGINT: RQ's warm shutdown, remembered so the supervisor does not start a new worker."""
+        self.stop_asked = True
+        super().request_stop(signum, frame)
 
     def _beat(self, job: Job, execution, done: threading.Event) -> None:
         while not done.wait(max(1.0, self.heartbeat_ttl_s / 4)):
@@ -194,11 +221,7 @@ class InProcessWorker(SimpleWorker):
         super().run_maintenance_tasks()
         if self._due_mover is None:
             self._due_mover = RQScheduler(self.queues, connection=self.connection)
-        if self._due_mover.acquire_locks():
-            try:
-                self._due_mover.enqueue_scheduled_jobs()
-            finally:  # held only for the move: a worker killed later leaves no lock for 61 s behind
-                self._due_mover.release_locks()
+        move_due_jobs(self._due_mover)
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is threading.main_thread():
@@ -206,6 +229,7 @@ class InProcessWorker(SimpleWorker):
 
     def stop(self) -> None:
         """Finish the current job, then leave the work loop (a no-op job wakes a blocked dequeue)."""
+        self.stop_asked = True
         self._stop_requested = True
         if self.queues:
             self.queues[0].enqueue(noop, job_timeout=10, result_ttl=0)
@@ -215,20 +239,128 @@ def noop() -> None:
     """Does nothing: enqueued to wake a worker that is blocked waiting for jobs."""
 
 
+def move_due_jobs(scheduler: RQScheduler) -> None:
+    """Move scheduled jobs (retries) that are due back to their queues, under RQ's scheduler lock.
+
+    RQ's own scheduler runs in a forked process; a worker holding a CUDA context must not fork, so the
+    same RQScheduler.enqueue_scheduled_jobs runs in the worker's threads instead.
+    """
+    if scheduler.acquire_locks():
+        try:
+            scheduler.enqueue_scheduled_jobs()
+        finally:  # held only for the move: a worker killed later leaves no lock for 61 s behind
+            scheduler.release_locks()
+
+
 def make_worker(context: WorkerContext, queues: tuple[str, ...]) -> InProcessWorker:
     """A worker on `queues` with the heartbeat settings of the context."""
     return InProcessWorker(list(queues), connection=context.redis, heartbeat_ttl_s=context.settings.job_heartbeat_ttl_s)
 
 
-def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, preload: bool = True) -> bool:
-    """Run a SimpleWorker on `queues` in this process (model loaded once, jobs never forked)."""
+REDIS_BACKOFF_S = (1, 2, 4, 8, 15, 30)
+"""Waits between pings while Redis is away, before a new worker is started (then every 30 s)."""
+DUE_JOBS_EVERY_S = 1.0
+"""How often each worker process moves retries that are due back to their queues."""
+
+
+def wait_for_redis(redis: Redis, stopping: threading.Event) -> bool:
+    """Ping Redis with backoff until it answers (True) or `stopping` is set (False)."""
+    for attempt in itertools.count():
+        try:
+            redis.ping()
+            return True
+        except (RedisError, OSError) as exc:
+            pause = REDIS_BACKOFF_S[min(attempt, len(REDIS_BACKOFF_S) - 1)]
+            logger.warning("Redis unavailable (%s); trying again in %d s", exc, pause)
+        if stopping.wait(pause):
+            return False
+    return False
+
+
+class Supervisor:
+    """Worker loops on some queues, one after another, until stopped.
+
+    RQ's loop ends on any error it does not expect, Redis going away in the middle of a job included. A loop
+    that ends without a stop is followed by a new worker once Redis answers again (REDIS_BACKOFF_S); the job
+    it was running is handed back by the registry maintenance of the other workers (retried, or failed
+    after its retries), as for a killed worker.
+    """
+
+    def __init__(self, context: WorkerContext, queues: tuple[str, ...], stopping: threading.Event):
+        self.context = context
+        self.queues = queues
+        self.stopping = stopping
+        self.worker: InProcessWorker | None = None
+        self.restarts = 0
+        self._lock = threading.Lock()
+
+    def run(self, *, burst: bool = False) -> None:
+        """Run worker loops until a stop (or, with burst, until the queues are empty)."""
+        while True:
+            worker = make_worker(self.context, self.queues)
+            with self._lock:  # stop() either sees this worker, or this loop sees stop()
+                if self.stopping.is_set():
+                    return
+                self.worker = worker
+            try:
+                worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+            except Exception:
+                logger.exception("worker on %s died", ",".join(self.queues))
+            if burst or worker.stop_asked or self.stopping.is_set():
+                return
+            if not wait_for_redis(self.context.redis, self.stopping):
+                return
+            try:  # the old loop could not say goodbye while Redis was away: /health would count it twice
+                worker.register_death()
+            except (RedisError, OSError):
+                pass
+            self.restarts += 1
+            logger.warning("worker on %s left its loop; started a new one (%d restarts)", ",".join(self.queues),
+                           self.restarts)
+
+    def stop(self) -> None:
+        """Ask the current worker to finish its job and leave; no new one is started."""
+        with self._lock:
+            self.stopping.set()
+            worker = self.worker
+        if worker is not None:
+            try:
+                worker.stop()
+            except (RedisError, OSError):
+                pass
+
+
+def start_due_job_mover(context: WorkerContext, stopping: threading.Event) -> threading.Thread:
+    """A thread moving due retries of every queue back every DUE_JOBS_EVERY_S (RQ's maintenance does it
+    only every heartbeat_ttl / 3: a "5 s" retry then waited up to 15 s more)."""
+    scheduler = RQScheduler(list(ALL_QUEUES), connection=context.redis)
+
+    def loop() -> None:
+        while not stopping.wait(DUE_JOBS_EVERY_S):
+            try:
+                move_due_jobs(scheduler)
+            except (RedisError, OSError):  # Redis away: the supervisors wait for it; so does this
+                pass
+
+    thread = threading.Thread(target=loop, name="diffews-due-jobs", daemon=True)
+    thread.start()
+    return thread
+
+
+def run_worker(queues: tuple[str, ...] = ALL_QUEUES, *, burst: bool = False, preload: bool = True) -> None:
+    """Run worker loops on `queues` in this process (model loaded once, jobs never forked) until stopped."""
     context = get_context()
     if warning := redis_url_warning(context.settings.redis_url):
         logger.warning(warning)
     if preload:
         context.model  # load before taking the first job, so a bad DIFFEWS_MODEL fails at start
-    worker = make_worker(context, queues)
-    return worker.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    stopping = threading.Event()
+    if not burst:
+        start_due_job_mover(context, stopping)
+    try:
+        Supervisor(context, queues, stopping).run(burst=burst)
+    finally:
+        stopping.set()
 
 
 EMBEDDED_QUEUES = ((QUEUE_CLICK,), (QUEUE_INGEST,), (QUEUE_BULK,), (QUEUE_TRAIN,))
@@ -236,56 +368,38 @@ EMBEDDED_QUEUES = ((QUEUE_CLICK,), (QUEUE_INGEST,), (QUEUE_BULK,), (QUEUE_TRAIN,
 
 
 class EmbeddedWorkers:
-    """One supervised worker thread per queue inside the web process (one-command mode).
-
-    A worker whose loop dies (Redis gone for a while, an RQ error) is replaced after a second.
-    """
+    """One supervised worker thread per queue inside the web process (one-command mode)."""
 
     def __init__(self, context: WorkerContext, queues: tuple[tuple[str, ...], ...] = EMBEDDED_QUEUES):
         self.context = context
-        self.queues = queues
-        self.workers: dict[tuple[str, ...], InProcessWorker] = {}
-        self.restarts = 0
         self._stopping = threading.Event()
-        self._lock = threading.Lock()
+        self.supervisors = {q: Supervisor(context, q, self._stopping) for q in queues}
         self.threads: list[threading.Thread] = []
+
+    @property
+    def workers(self) -> dict[tuple[str, ...], InProcessWorker]:
+        """The current worker of each queue group."""
+        return {q: s.worker for q, s in self.supervisors.items() if s.worker is not None}
+
+    @property
+    def restarts(self) -> int:
+        """Worker loops restarted since start, all queues together."""
+        return sum(s.restarts for s in self.supervisors.values())
 
     def start(self) -> EmbeddedWorkers:
         """Load the model once, then start the threads."""
         set_context(self.context)
         self.context.model
-        for queues in self.queues:
-            thread = threading.Thread(target=self._supervise, args=(queues,), name=f"diffews-worker-{queues[0]}",
-                                      daemon=True)
+        start_due_job_mover(self.context, self._stopping)
+        for queues, supervisor in self.supervisors.items():
+            thread = threading.Thread(target=supervisor.run, name=f"diffews-worker-{queues[0]}", daemon=True)
             thread.start()
             self.threads.append(thread)
         return self
 
-    def _supervise(self, queues: tuple[str, ...]) -> None:
-        while True:
-            worker = make_worker(self.context, queues)
-            with self._lock:  # stop() either sees this worker, or this thread sees stop()
-                if self._stopping.is_set():
-                    return
-                self.workers[queues] = worker
-            try:
-                worker.work(logging_level=logging.getLevelName(logging.getLogger().level))
-            except Exception:
-                logger.exception("embedded worker on %s died; starting a new one", ",".join(queues))
-            if self._stopping.wait(1.0):
-                break
-            self.restarts += 1
-            logger.warning("embedded worker on %s left its loop; restarted (%d restarts)", ",".join(queues), self.restarts)
-
     def stop(self, timeout: float = 30.0) -> None:
         """Let each worker finish its job and leave; wait up to `timeout` seconds for the threads."""
-        with self._lock:
-            self._stopping.set()
-            workers = list(self.workers.values())
-        for worker in workers:
-            try:
-                worker.stop()
-            except (RedisError, OSError):
-                pass
+        for supervisor in self.supervisors.values():
+            supervisor.stop()
         for thread in self.threads:
             thread.join(timeout)

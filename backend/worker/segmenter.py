@@ -7,6 +7,7 @@ route and fit() is backend.worker.training.train_project.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..core.store import SupportStore
 from ..core.supports import SupportSetKey, SupportSets
 from .example_files import ExampleFiles
 from .refine import refine
-from .regions import mask_regions_for
+from .regions import MaskTooFragmented, mask_regions_for
 
 logger = logging.getLogger(__name__)
 
@@ -143,13 +144,19 @@ class FewShotSegmenter:
             return run
         outputs = self.model.segment_many(images, memories, batch_size=self.settings.model_batch_size)
         for task, per_label in zip(ok_tasks, outputs):
-            regions = [region for label, out in per_label.items() if out.mask.any()
-                       for region in label_regions(config, label, out.mask, out.score)]
+            try:
+                regions = [region for label, out in per_label.items() if out.mask.any()
+                           for region in label_regions(config, label, out.mask, out.score)]
+            except MaskTooFragmented as exc:  # this task fails with why; the others of the batch are delivered
+                run.failures.append(TaskFailure(int(task["id"]), exc.message))
+                continue
             run.predictions[int(task["id"])] = summarise(regions, self.model_version)
         return run
 
-    def predict_interactive(self, pid: int, task: dict, config: LabelConfig, prompts: dict) -> dict:
-        """One prediction with the regions the smart-tool prompts (interactive.LabelPrompt per label) refine."""
+    def predict_interactive(self, pid: int, task: dict, config: LabelConfig, prompts: dict,
+                            expired: Callable[[], bool] = lambda: False) -> dict:
+        """One prediction with the regions the smart-tool prompts (prompts.LabelPrompt per label) refine;
+        DeadlinePassed between model passes once `expired()` says the caller stopped waiting."""
         memories = self.supports(pid, config, list(prompts))
         missing = [label for label in prompts if label not in memories]
         if missing:
@@ -161,7 +168,7 @@ class FewShotSegmenter:
             raise MediaError(failures[0].message)
         regions = []
         for label, prompt in prompts.items():
-            mask, score = refine(self.model, images[0], memories[label], prompt)
+            mask, score = refine(self.model, images[0], memories[label], prompt, expired)
             if mask.any():
                 regions += label_regions(config, label, mask, score)
         return summarise(regions, self.model_version)
