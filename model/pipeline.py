@@ -23,7 +23,8 @@ from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
 from .scoring import margin_score
-from .support import SupportCache, SupportMemory
+from .similarity import descriptor_space, latent_descriptor
+from .support import SupportCache, SupportMemory, split_shots
 from .tiny import TINY_RESOLUTION
 from .unet_ref import reference_input
 
@@ -60,6 +61,14 @@ class QueryBatch:
 
     latents: torch.Tensor
     sizes: list[tuple[int, int]]
+
+    @property
+    def descriptors(self) -> torch.Tensor:
+        """[B, D] image descriptors (model.similarity) of the queries, from their latents."""
+        return latent_descriptor(self.latents)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
 
 
 def default_device() -> torch.device:
@@ -301,25 +310,67 @@ class DiffewS:
             bins.append(resize_mask(binary, size))
         return np.stack(rgbs), np.stack(bins)
 
-    @torch.inference_mode()
-    def encode_support(
-        self, images: Sequence[ImageInput], masks: Sequence[MaskInput], *, use_cache: bool = True, batch_size: int = 8
-    ) -> SupportMemory:
-        """Encode N support images with their masks into a reusable SupportMemory (cached by content)."""
-        rgbs, bins = self._prepare_support(images, masks)
-        key = _content_key([rgbs, bins], f"{self.config.resolution}:{self.dtype}")
-        if use_cache and (cached := self.support_cache.get(key)) is not None:
-            return cached
+    def _encode_prepared(self, rgbs: np.ndarray, bins: np.ndarray, key: str, batch_size: int) -> SupportMemory:
+        """Prepared support images and masks at the working resolution -> their memory, with descriptors."""
         pixels = torch.stack([rgb_to_tensor(r) for r in rgbs])  # [N, 3, R, R]
         mask_pixels = torch.stack([mask_to_tensor(m) for m in bins])  # [N, 3, R, R]
         both = torch.cat([pixels, mask_pixels])  # [2N, 3, R, R]: one VAE pass for images and masks
         latents = torch.cat([self.encode_latents_torch(chunk) for chunk in both.split(batch_size)])
         n = len(rgbs)
         bank = self.support_kv_torch(latents[:n], latents[n:])
-        memory = SupportMemory(kv=bank, num_shots=n, key=key)
+        return SupportMemory(kv=bank, num_shots=n, key=key, descriptors=latent_descriptor(latents[:n]))
+
+    def _support_key(self, parts: Sequence[np.ndarray]) -> str:
+        return _content_key(parts, f"{self.config.resolution}:{self.dtype}")
+
+    @torch.inference_mode()
+    def encode_support(
+        self, images: Sequence[ImageInput], masks: Sequence[MaskInput], *, use_cache: bool = True, batch_size: int = 8
+    ) -> SupportMemory:
+        """Encode N support images with their masks into a reusable SupportMemory (cached by content)."""
+        rgbs, bins = self._prepare_support(images, masks)
+        key = self._support_key([rgbs, bins])
+        if use_cache and (cached := self.support_cache.get(key)) is not None:
+            return cached
+        memory = self._encode_prepared(rgbs, bins, key, batch_size)
         if use_cache:
             self.support_cache.put(key, memory)
         return memory
+
+    @torch.inference_mode()
+    def encode_examples(
+        self, images: Sequence[ImageInput], masks: Sequence[MaskInput], *, use_cache: bool = True, batch_size: int = 8
+    ) -> list[SupportMemory]:
+        """One single-shot memory per (image, mask), each cached by its own content: support.compose() makes the
+        memory of any subset of them, equal to encode_support() of that subset, without encoding anything again."""
+        rgbs, bins = self._prepare_support(images, masks)
+        keys = [self._support_key([rgb[None], mask[None]]) for rgb, mask in zip(rgbs, bins)]
+        found = [self.support_cache.get(key) if use_cache else None for key in keys]
+        missing = [i for i, memory in enumerate(found) if memory is None]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start : start + batch_size]
+            encoded = self._encode_prepared(rgbs[chunk], bins[chunk], "", batch_size)
+            for i, part in zip(chunk, split_shots(encoded)):
+                part.key = keys[i]
+                found[i] = part
+                if use_cache:
+                    self.support_cache.put(keys[i], part)
+        return found
+
+    @property
+    def descriptor_space(self) -> str:
+        """Names the descriptors this model gives (its VAE at its working resolution): models sharing a VAE share it."""
+        resolution = self.config.resolution
+        cached = self.__dict__.get("_descriptor_space")
+        if cached is None or cached[0] != resolution:
+            cached = (resolution, descriptor_space(self.vae, resolution))
+            self.__dict__["_descriptor_space"] = cached
+        return cached[1]
+
+    @torch.inference_mode()
+    def describe_images(self, images: Sequence[ImageInput], *, batch_size: int = 8) -> torch.Tensor:
+        """[N, D] descriptors (model.similarity) of images, as their support or query encoding would give them."""
+        return self.encode_queries(images, batch_size=batch_size).descriptors
 
     # ---- queries ----------------------------------------------------------------------------
 
@@ -346,7 +397,8 @@ class DiffewS:
     ) -> list[SegmentationOutput]:
         """Segment already-encoded queries with one support memory."""
         ratio = self._checked_ratio(threshold_ratio)
-        outputs = self._segment_pairs(queries, {"": self._bank(support, generator)}, ratio, batch_size)
+        bank = self._bank(support, generator)
+        outputs = self._segment_pairs(queries, [{"": bank}] * len(queries), ratio, batch_size)
         return [out[""] for out in outputs]
 
     def _checked_ratio(self, threshold_ratio: float | None) -> float:
@@ -362,30 +414,31 @@ class DiffewS:
             support = support.subsample(self.config.support_token_shots, generator)
         return support.to(self.device, self.dtype).kv
 
-    def _segment_pairs(self, queries: QueryBatch, banks: Mapping[str, KVBank], ratio: float,
+    def _segment_pairs(self, queries: QueryBatch, banks: Sequence[Mapping[str, KVBank]], ratio: float,
                        batch_size: int) -> list[dict[str, SegmentationOutput]]:
-        """Every (query, label) pair through the UNet in batches of `batch_size`, one decode per pair.
+        """Every (query, label) pair through the UNet in batches of `batch_size`, one decode per pair; `banks[i]`
+        holds query i's bank per label.
 
-        A batch of one label uses its bank as is ([1, tokens, C], shared by every sample); a batch mixing
-        labels gets one bank row per sample. Samples of one batch need as many support tokens each, so
-        labels are grouped by that count.
+        A batch whose samples all use one bank uses it as is ([1, tokens, C], shared by every sample); any other
+        batch gets one bank row per sample. Samples of one batch need as many support tokens each, so pairs are
+        grouped by that count.
         """
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for label, bank in banks.items():
-            groups.setdefault(tuple(k.shape[1] for k, _ in bank.values()), []).append(label)
+        groups: dict[tuple[int, ...], list[tuple[int, str]]] = {}
+        for i, per_label in enumerate(banks):
+            for label, bank in per_label.items():
+                groups.setdefault(tuple(k.shape[1] for k, _ in bank.values()), []).append((i, label))
         outputs: list[dict[str, SegmentationOutput]] = [{} for _ in queries.sizes]
-        for labels in groups.values():
-            pairs = [(i, label) for label in labels for i in range(len(queries.sizes))]
+        for pairs in groups.values():
+            pairs.sort(key=lambda pair: (pair[1], pair[0]))  # label-major: a label's queries share batches
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
                 z_q = queries.latents[[i for i, _ in chunk]]
-                chunk_labels = list(dict.fromkeys(label for _, label in chunk))
-                if len(chunk_labels) == 1:
-                    bank = banks[chunk_labels[0]]
+                chunk_banks = [banks[i][label] for i, label in chunk]
+                if all(b is chunk_banks[0] for b in chunk_banks):
+                    bank = chunk_banks[0]
                 else:
-                    bank = {name: (torch.cat([banks[label][name][0] for _, label in chunk]),
-                                   torch.cat([banks[label][name][1] for _, label in chunk]))
-                            for name in banks[chunk_labels[0]]}
+                    bank = {name: (torch.cat([b[name][0] for b in chunk_banks]), torch.cat([b[name][1] for b in chunk_banks]))
+                            for name in chunk_banks[0]}
                 prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
                 for (i, label), p, k in zip(chunk, prob, peak):
                     outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i])
@@ -418,11 +471,32 @@ class DiffewS:
         """Segment query images against several labelled support memories: each query encoded once, and
         (query, label) pairs batched together through the UNet, each sample attending to its own label's
         supports; one decode per pair."""
-        ratio = self._checked_ratio(threshold_ratio)
         queries = self.encode_queries(images, batch_size=batch_size)
-        banks = {label: self._bank(memory) for label, memory in supports.items()}
-        outputs = self._segment_pairs(queries, banks, ratio, batch_size)
-        return [{label: out[label] for label in supports} for out in outputs]
+        return self.segment_many_encoded(queries, supports, threshold_ratio=threshold_ratio, batch_size=batch_size)
+
+    @torch.inference_mode()
+    def segment_many_encoded(
+        self,
+        queries: QueryBatch,
+        supports: Mapping[str, SupportMemory] | Sequence[Mapping[str, SupportMemory]],
+        *,
+        threshold_ratio: float | None = None,
+        batch_size: int = 8,
+    ) -> list[dict[str, SegmentationOutput]]:
+        """Segment encoded queries with one memory per label shared by all, or (a sequence, one mapping per
+        query) with each query's own memories, e.g. the examples most similar to it; batched either way."""
+        ratio = self._checked_ratio(threshold_ratio)
+        per_query = [supports] * len(queries) if isinstance(supports, Mapping) else list(supports)
+        if len(per_query) != len(queries):
+            raise InvalidInputError(f"got support memories for {len(per_query)} queries, but {len(queries)} queries")
+        banks: dict[int, KVBank] = {}  # one bank per distinct memory, so that shared memories stay shared
+        for memories in per_query:
+            for memory in memories.values():
+                if id(memory) not in banks:
+                    banks[id(memory)] = self._bank(memory)
+        outputs = self._segment_pairs(queries, [{label: banks[id(m)] for label, m in memories.items()} for memories in per_query],
+                                      ratio, batch_size)
+        return [{label: out[label] for label in memories} for out, memories in zip(outputs, per_query)]
 
 
 _ACTIVE_ADAPTER = "_diffews_active_adapter"

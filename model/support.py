@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +24,8 @@ class SupportMemory:
     kv: KVBank
     num_shots: int
     key: str = ""
+    descriptors: torch.Tensor | None = None
+    """[N, D] float32 on the CPU: each shot's image descriptor (model.similarity), when it was encoded with one."""
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -51,7 +55,7 @@ class SupportMemory:
         kv = {name: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for name, (k, v) in self.kv.items()}
         if all(kv[n][0] is self.kv[n][0] for n in kv):
             return self
-        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key)
+        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key, descriptors=self.descriptors)
 
     def release(self) -> None:
         """Drop the tensors now; later use raises SupportNotSetError."""
@@ -72,6 +76,43 @@ class SupportMemory:
             idx = torch.randperm(total, generator=generator, device="cpu")[:keep].sort().values.to(k.device)
             kv[name] = (k.index_select(1, idx), v.index_select(1, idx))
         return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}")
+
+
+def compose(parts: Sequence[SupportMemory]) -> SupportMemory:
+    """One memory holding `parts`' shots in order: every layer's K/V laid end to end on the token axis.
+
+    Equal to encoding all their shots at once (the support pass treats each shot on its own), so a label's
+    memory can be assembled from per-example memories for any subset of its examples without re-encoding.
+    """
+    if not parts:
+        raise InvalidInputError("compose needs at least one support memory")
+    for part in parts:
+        part.check()
+    if len(parts) == 1:
+        return parts[0]
+    layers = list(parts[0].kv)
+    for i, part in enumerate(parts[1:], 1):
+        if list(part.kv) != layers:
+            raise InvalidInputError(f"support memory {i} comes from another UNet (its layers differ from memory 0's)")
+    kv = {name: (torch.cat([p.kv[name][0] for p in parts], dim=1), torch.cat([p.kv[name][1] for p in parts], dim=1))
+          for name in layers}
+    descriptors = None
+    if all(p.descriptors is not None for p in parts):
+        descriptors = torch.cat([p.descriptors for p in parts])
+    key = hashlib.sha256("+".join(p.key for p in parts).encode()).hexdigest()
+    return SupportMemory(kv=kv, num_shots=sum(p.num_shots for p in parts), key=key, descriptors=descriptors)
+
+
+def split_shots(memory: SupportMemory) -> list[SupportMemory]:
+    """One memory per shot of `memory` (copies: each can be cached and evicted on its own)."""
+    memory.check()
+    n = memory.num_shots
+    pieces: list[dict] = [{} for _ in range(n)]
+    for name, (k, v) in memory.kv.items():
+        for j, (kj, vj) in enumerate(zip(k.chunk(n, dim=1), v.chunk(n, dim=1))):
+            pieces[j][name] = (kj.clone(), vj.clone())
+    return [SupportMemory(kv=kv, num_shots=1, descriptors=None if memory.descriptors is None else memory.descriptors[j : j + 1])
+            for j, kv in enumerate(pieces)]
 
 
 def split_tokens(memory: SupportMemory, parts: int, generator: torch.Generator | None = None) -> list[SupportMemory]:

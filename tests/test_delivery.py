@@ -31,9 +31,9 @@ class SlowModel:
     def __getattr__(self, name):
         return getattr(self._model, name)
 
-    def segment_many(self, *args, **kwargs):
+    def segment_many_encoded(self, *args, **kwargs):
         time.sleep(self.delay)
-        return self._model.segment_many(*args, **kwargs)
+        return self._model.segment_many_encoded(*args, **kwargs)
 
 
 def _project(label_studio, backend, n_tasks: int = 6, labeled: int = 2) -> tuple[int, list[dict], list]:

@@ -8,6 +8,8 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .supports import POLICIES
+
 
 class Settings(BaseSettings):
     """Everything configurable; each field's alias is its environment variable, its docstring what it means.
@@ -53,7 +55,8 @@ class Settings(BaseSettings):
     max_shots: int = Field(5, alias="MAX_SHOTS")
     """MAX_SHOTS: support examples used per label and prediction (K)."""
     support_policy: str = Field("ground_truth_first", alias="SUPPORT_POLICY")
-    """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, or oldest."""
+    """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, oldest, or similar (for each
+    query, the K examples of the label whose pictures are most like it)."""
     max_prompts: int = Field(32, alias="MAX_PROMPTS")
     """MAX_PROMPTS: most boxes and keypoints one smart-tool request may carry (each box is a model pass)."""
     prelabel_min_examples: int = Field(0, alias="PRELABEL_MIN_EXAMPLES")
@@ -158,8 +161,8 @@ class Settings(BaseSettings):
         """Refuse settings that cannot work, naming the variable."""
         if self.label_studio_url and not self.label_studio_url.startswith(("http://", "https://")):
             raise ValueError(f"LABEL_STUDIO_URL must start with http:// or https://, got {self.label_studio_url!r}")
-        if self.support_policy not in ("ground_truth_first", "newest", "oldest"):
-            raise ValueError(f"SUPPORT_POLICY must be ground_truth_first, newest or oldest, got {self.support_policy!r}")
+        if self.support_policy not in POLICIES:
+            raise ValueError(f"SUPPORT_POLICY must be one of {', '.join(POLICIES)}, got {self.support_policy!r}")
         if self.dtype not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"DIFFEWS_DTYPE must be auto, fp32, bf16 or fp16, got {self.dtype!r}")
         if self.support_cache_mb < 0:

@@ -311,6 +311,13 @@ class SupportStore:
         raw = self.redis.hmget(self._examples_key(pid), [str(a) for a in ids]) if ids else []
         return [Example(**json.loads(r)) for r in raw if r]
 
+    def pool(self, pid: int, label: str) -> list[Example]:
+        """Every example of `label`, oldest first: what the similar policy chooses from."""
+        self.ensure_index(pid)
+        ids = self.redis.zrange(self.index.all_key(pid, label), 0, -1)
+        raw = self.redis.hmget(self._examples_key(pid), [str(int(m)) for m in ids]) if ids else []
+        return [Example(**json.loads(r)) for r in raw if r]
+
     def ensure_index(self, pid: int) -> None:
         """Build the project's support index from its examples if it has none (data older than the index)."""
         if self.redis.exists(self.index.built_key(pid)):

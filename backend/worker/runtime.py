@@ -38,6 +38,7 @@ from .loaded_models import LoadedModels
 from .ls_client import LabelStudioAPI
 from .media import MediaFetcher
 from .segmenter import FewShotSegmenter
+from .similar import SimilarSupports
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +53,11 @@ class WorkerContext:
     models: LoadedModels = field(init=False)
     support_sets: SupportSets = field(init=False, default_factory=SupportSets)
     """The support sets this process encoded, by (version, project, label, revision) (see FewShotSegmenter)."""
+    similar: SimilarSupports = field(init=False)
+    """Pools and per-example memories of SUPPORT_POLICY=similar in this process."""
 
     def __post_init__(self) -> None:
+        self.similar = SimilarSupports(self.store)
         registry = VersionRegistry(self.redis, self.store)
         registry.rebuild_at_start()  # the version folders are the truth: a Redis that lost them gets them back
         self.models = LoadedModels(base_version(self.settings), lambda: load_model(self.settings), registry,
@@ -79,7 +83,7 @@ class WorkerContext:
     def segmenter(self, context: ProjectContext):
         """A FewShotSegmenter for the context's project and model version (the version is never re-derived)."""
         return FewShotSegmenter(self.settings, self.store, self.models.get(context.model_version),
-                                context.model_version, self.example_files(context), self.support_sets)
+                                context.model_version, self.example_files(context), self.support_sets, self.similar)
 
 
 def report_progress(**meta) -> None:

@@ -12,16 +12,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model import DiffewS, InvalidInputError, SupportMemory, to_rgb
+from model import DiffewS, InvalidInputError, QueryBatch, SupportMemory, to_rgb
 
 from ..core.errors import BackendError, BadRequest, MediaError
 from ..core.label_config import LabelConfig
 from ..core.settings import Settings
-from ..core.store import SupportStore
+from ..core.store import Example, SupportStore
 from ..core.supports import SupportSetKey, SupportSets
 from .example_files import ExampleFiles
 from .refine import refine
 from .regions import MaskTooFragmented, mask_regions_for
+from .similar import SimilarSupports
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class FewShotSegmenter:
     """Predict brush masks for tasks from a project's support examples with one model version."""
 
     def __init__(self, settings: Settings, store: SupportStore, model: DiffewS, model_version: str, files: ExampleFiles,
-                 sets: SupportSets | None = None):
+                 sets: SupportSets | None = None, similar: SimilarSupports | None = None):
         self.settings = settings
         self.store = store
         self.model = model
@@ -67,6 +68,8 @@ class FewShotSegmenter:
         self.files = files
         self.sets = sets if sets is not None else SupportSets()
         """The support sets this process encoded (shared by the segmenters of one worker process)."""
+        self.similar = similar if similar is not None else SimilarSupports(store)
+        """Pools and per-example memories of SUPPORT_POLICY=similar (shared like `sets`)."""
 
     # ---- support ----------------------------------------------------------------------------
 
@@ -94,25 +97,48 @@ class FewShotSegmenter:
         return memories
 
     def _encode(self, pid: int, label: str) -> SupportMemory | None:
-        images, masks = [], []
-        for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy):
-            try:
-                rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
-                mask = self.files.example_mask(pid, example, label)
-            except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
-                message = exc.message if isinstance(exc, BackendError) else str(exc)
-                logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
-                self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
-                continue
-            if mask.shape != rgb.shape[:2] or not mask.any():
-                logger.warning("project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
-                               pid, example.annotation_id, label, mask.shape, rgb.shape[:2])
-                continue
-            images.append(rgb)
-            masks.append(mask)
-        if not images:
+        loaded = [self._load_example(pid, example, label)
+                  for example in self.store.select(pid, label, self.settings.max_shots, self.settings.support_policy)]
+        usable = [pair for pair in loaded if pair is not None]
+        if not usable:
             return None
-        return self.model.encode_support(images, masks, batch_size=self.settings.model_batch_size)
+        images, masks = zip(*usable)
+        return self.model.encode_support(list(images), list(masks), batch_size=self.settings.model_batch_size)
+
+    def _load_example(self, pid: int, example: Example, label: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """An example's image and its mask of `label`, or None (why is logged, and recorded for /status)."""
+        try:
+            rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
+            mask = self.files.example_mask(pid, example, label)
+        except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
+            message = exc.message if isinstance(exc, BackendError) else str(exc)
+            logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
+            self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
+            return None
+        if mask.shape != rgb.shape[:2] or not mask.any():
+            logger.warning("project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
+                           pid, example.annotation_id, label, mask.shape, rgb.shape[:2])
+            return None
+        return rgb, mask
+
+    def supports_per_query(self, pid: int, config: LabelConfig, queries: QueryBatch,
+                           labels: list[str] | None = None) -> list[dict[str, SupportMemory]]:
+        """Each query's support memory per label with usable examples: by SUPPORT_POLICY=similar its own K
+        examples (backend.worker.similar), by any other policy the label's one support set."""
+        if self.settings.support_policy != "similar":
+            return [self.supports(pid, config, labels)] * len(queries)
+        revisions = self.store.label_revisions(pid)
+        out: list[dict[str, SupportMemory]] = [{} for _ in range(len(queries))]
+        descriptors = queries.descriptors
+        for label in labels if labels is not None else config.labels:
+            if not revisions.get(label):
+                continue
+            memories = self.similar.choose(self.model, self.model_version, pid, label, revisions[label], descriptors,
+                                           self.settings.max_shots, lambda e, lab: self._load_example(pid, e, lab))
+            for per_query, memory in zip(out, memories or []):
+                if memory is not None:
+                    per_query[label] = memory
+        return out
 
     # ---- prediction -------------------------------------------------------------------------
 
@@ -135,14 +161,21 @@ class FewShotSegmenter:
         run = PredictionRun({}, [], revision)
         if not tasks:
             return run
-        memories = self.supports(pid, config)
         ok_tasks, images, run.failures = self.load_queries(pid, tasks, config)
         if not ok_tasks:
             return run
-        if not memories:  # no prediction at all rather than an empty one that would block a later retrieval
-            run.failures += [TaskFailure(int(t["id"]), "no support examples yet: label a few images first") for t in ok_tasks]
+        queries = self.model.encode_queries(images, batch_size=self.settings.model_batch_size)
+        memories = self.supports_per_query(pid, config, queries)
+        for task, per_label in zip(ok_tasks, memories):
+            if not per_label:  # no prediction at all rather than an empty one that would block a later retrieval
+                run.failures.append(TaskFailure(int(task["id"]), "no support examples yet: label a few images first"))
+        ok_tasks = [task for task, per_label in zip(ok_tasks, memories) if per_label]
+        if not ok_tasks:
             return run
-        outputs = self.model.segment_many(images, memories, batch_size=self.settings.model_batch_size)
+        keep = [i for i, per_label in enumerate(memories) if per_label]
+        queries = QueryBatch(queries.latents[keep], [queries.sizes[i] for i in keep])
+        outputs = self.model.segment_many_encoded(queries, [memories[i] for i in keep],
+                                                  batch_size=self.settings.model_batch_size)
         for task, per_label in zip(ok_tasks, outputs):
             try:
                 regions = [region for label, out in per_label.items() if out.mask.any()
@@ -157,15 +190,18 @@ class FewShotSegmenter:
                             expired: Callable[[], bool] = lambda: False) -> dict:
         """One prediction with the regions the smart-tool prompts (prompts.LabelPrompt per label) refine;
         DeadlinePassed between model passes once `expired()` says the caller stopped waiting."""
-        memories = self.supports(pid, config, list(prompts))
+        similar = self.settings.support_policy == "similar"  # supports chosen for this image: it is read first
+        memories = None if similar else self.supports(pid, config, list(prompts))
+        _, images, failures = self.load_queries(pid, [task], config)
+        if failures:
+            raise MediaError(failures[0].message)
+        if memories is None:
+            memories = self.supports_per_query(pid, config, self.model.encode_queries(images), list(prompts))[0]
         missing = [label for label in prompts if label not in memories]
         if missing:
             raise BadRequest(f"project {pid} has no usable support examples of {missing[0]!r} yet: label a few "
                              "images with it first (the backend learns them from annotation webhooks, or from "
                              "Label Studio's API when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are set)")
-        _, images, failures = self.load_queries(pid, [task], config)
-        if failures:
-            raise MediaError(failures[0].message)
         regions = []
         for label, prompt in prompts.items():
             mask, score = refine(self.model, images[0], memories[label], prompt, expired)
