@@ -26,4 +26,4 @@ EXPOSE 9090
 HEALTHCHECK --interval=30s --timeout=3s \
   CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:9090/health', timeout=2)"
 
-CMD ["gunicorn", "--workers", "2", "--threads", "48", "--bind", "0.0.0.0:9090", "--timeout", "120", "_wsgi:app"]
+CMD ["gunicorn", "--workers", "2", "--threads", "48", "--bind", "0.0.0.0:9090", "--timeout", "120", "--no-control-socket", "_wsgi:app"]

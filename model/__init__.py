@@ -28,6 +28,7 @@ _EXPORTS = {
     "to_rgb": "images",
     "make_sample": "data",
     "evaluate_episodes": "evaluate",
+    "episode_ious": "evaluate",
     "TrainConfig": "train",
     "finetune": "train",
     "attach_version": "versions",
@@ -56,7 +57,7 @@ if TYPE_CHECKING:
     from .version_file import VersionInfo, is_version_folder
     from .images import to_rgb
     from .data import make_sample
-    from .evaluate import evaluate as evaluate_episodes
+    from .evaluate import episode_ious, evaluate as evaluate_episodes
     from .train import TrainConfig, finetune
     from .versions import attach_version, load_version, save_version, trainable_copy
     from .adapters import remove_adapter

@@ -21,7 +21,8 @@ from tqdm import tqdm
 from .data import Sample, load_label_map
 from .errors import DiffewSError, InvalidInputError
 from .pipeline import DiffewS
-from .scoring import BASELINES, Tally, contrast_score, episode_iou, margin_score, mask_agreement, ranking_quality
+from .scoring import (BASELINES, Tally, area_agreement, contrast_score, episode_iou, margin_score, mask_agreement,
+                      ranking_quality, ranking_quality_within, sharpness_score)
 from .prompts import box_of_mask, point_inside, segment_box, select_components
 from .support import split_tokens
 from .support_choice import CHOICES, compare_choices, format_choices
@@ -57,6 +58,10 @@ SCORES = {
     "contrast": "mean map inside the mask minus outside (the score before margin)",
     "margin": "mean height of the map above the threshold inside the mask, over the room above it (the default)",
     "agreement": "mean IoU with the masks from two disjoint random halves of the support tokens",
+    "flip": "IoU with the mask predicted for the mirrored query, mirrored back (one more query pass)",
+    "sharpness": "1 - share of the mask's pixels whose map lies within 0.05 of the threshold",
+    "area": "closeness of the mask's area to its supports' mean area, exp(-|log ratio|)",
+    "margin x area": "margin times area",
 }
 """Candidate per-mask scores for active learning, compared by `evaluate(score_ranking=True)`."""
 
@@ -134,7 +139,7 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
     pool = support_pool if support_pool is not None else samples
     tallies = {"model": Tally(), **({name: Tally() for name in BASELINES} if baselines else {})}
     prompted, box_itself = Tally(), Tally()
-    ranked: dict[str, list[float]] = {name: [] for name in ("iou", *SCORES)} if score_ranking else {}
+    ranked: dict[str, list] = {name: [] for name in ("iou", "label", *SCORES)} if score_ranking else {}
     generator = torch.Generator().manual_seed(seed)
     for c, query, supports in tqdm(plan, desc=f"{shots}-shot", disable=not progress):
         support_masks = [pool[i].masks[c] for i in supports]
@@ -158,10 +163,16 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
             prompted.add(c, select_components(pred, [point]) if pred.any() else pred, truth, valid)
         if score_ranking:
             halves = [model.segment_encoded(encoded, part)[0] for part in split_tokens(memory, 2, generator)]
+            mirrored = model.segment([np.ascontiguousarray(samples[query].image[:, ::-1])], memory)[0]
             ranked["iou"].append(episode_iou(pred, truth, valid))
+            ranked["label"].append(c)
             ranked["contrast"].append(contrast_score(out.probability, pred))
             ranked["margin"].append(margin_score(out.probability, out.threshold, pred))
             ranked["agreement"].append(mask_agreement(pred, [h.probability > h.threshold for h in halves]))
+            ranked["flip"].append(mask_agreement(pred, [(mirrored.probability > mirrored.threshold)[:, ::-1]]))
+            ranked["sharpness"].append(sharpness_score(out.probability, out.threshold, pred))
+            ranked["area"].append(area_agreement(pred, support_masks))
+            ranked["margin x area"].append(ranked["margin"][-1] * ranked["area"][-1])
 
     def result(name: str, tally: Tally) -> EvalResult:
         per_class = tally.per_class()
@@ -175,16 +186,36 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
     main_result.prompted = [result(f"model + {prompt} prompt", prompted)] if prompt else []
     if prompt == "box":
         main_result.prompted.append(result("the box itself (all foreground)", box_itself))
-    main_result.score_ranking = {name: ranking_quality(ranked[name], ranked["iou"]) for name in SCORES} if ranked else {}
+    main_result.score_ranking = {
+        name: {**ranking_quality(ranked[name], ranked["iou"]),
+               **{f"{k}_within_label": v for k, v in ranking_quality_within(ranked[name], ranked["iou"],
+                                                                              ranked["label"]).items()}}
+        for name in SCORES} if ranked else {}
     return main_result
 
 
+def episode_ious(model: DiffewS, samples: Sequence[Sample], plan: Sequence[tuple[str, int, Sequence[int]]]) -> list[float]:
+    """The IoU (over valid pixels, 0..1) of the model's mask in each planned episode: (label, query index,
+    support indices), all indices into `samples` at the model's working resolution."""
+    out = []
+    for label, query, supports in plan:
+        memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[label] for i in supports])
+        result = model.segment_encoded(model.encode_queries([samples[query].image]), memory)[0]
+        truth = samples[query].masks[label]
+        valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
+        out.append(episode_iou(result.probability > result.threshold, truth, valid))
+    return out
+
+
 def format_score_ranking(results: Sequence[EvalResult]) -> str:
-    """Markdown table: per shot count and candidate score, Spearman with IoU and AUROC for IoU < 0.5."""
-    lines = ["| shots | score | Spearman with IoU | AUROC, IoU < 0.5 | episodes with IoU < 0.5 |", "|---|---|---|---|---|"]
+    """Markdown table: per shot count and candidate score, Spearman with IoU and AUROC for IoU < 0.5, over all
+    episodes and within each label (averaged over labels: what sorting one label's masks by score gives)."""
+    lines = ["| shots | score | Spearman with IoU | AUROC, IoU < 0.5 | Spearman within label | AUROC within label | "
+             "episodes with IoU < 0.5 |", "|---|---|---|---|---|---|---|"]
     for r in results:
         for name, q in r.score_ranking.items():
-            lines.append(f"| {r.shots} | {name} | {q['spearman']:.3f} | {q['auroc']:.3f} | {100 * q['bad_share']:.0f} % |")
+            lines.append(f"| {r.shots} | {name} | {q['spearman']:.3f} | {q['auroc']:.3f} | {q['spearman_within_label']:.3f} "
+                         f"| {q['auroc_within_label']:.3f} | {100 * q['bad_share']:.0f} % |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ from .checkpoint import load_components, quiet_diffusers, tiny_components
 from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
 from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
-from .scoring import margin_score
+from .scoring import margin_score, share_agreement
 from .similarity import descriptor_space, latent_descriptor
 from .support import SupportCache, SupportMemory, split_shots
 from .tiny import TINY_RESOLUTION
@@ -42,9 +42,10 @@ class SegmentationOutput:
 
     mask: [H, W] bool at the query's original size (after EXIF orientation).
     score: confidence in [0, 1]: how far the decoded map rises above the threshold inside the mask, on
-        average, as a share of the room above it (scoring.margin_score); 0 for an empty or full mask.
-        Low scores are the predictions most worth a reviewer's look (it ranked CamVid masks by IoU best of
-        the candidates model.evaluate --score-ranking compares).
+        average, as a share of the room above it (scoring.margin_score), times how close the mask's area is
+        to its supports' mean area (scoring.share_agreement); 0 for an empty or full mask. Low scores are the
+        predictions most worth a reviewer's look (it ranked CamVid masks by IoU best of the candidates
+        model.evaluate --score-ranking compares, within each label as well as across labels).
     probability: [R, R] float32 in [0, 1], the decoded map at the working resolution R.
     threshold: the absolute threshold applied to `probability` (threshold_ratio * its peak).
     """
@@ -318,7 +319,8 @@ class DiffewS:
         latents = torch.cat([self.encode_latents_torch(chunk) for chunk in both.split(batch_size)])
         n = len(rgbs)
         bank = self.support_kv_torch(latents[:n], latents[n:])
-        return SupportMemory(kv=bank, num_shots=n, key=key, descriptors=latent_descriptor(latents[:n]))
+        shares = torch.from_numpy(bins.reshape(n, -1).mean(axis=1).astype(np.float32))
+        return SupportMemory(kv=bank, num_shots=n, key=key, descriptors=latent_descriptor(latents[:n]), shares=shares)
 
     def _support_key(self, parts: Sequence[np.ndarray]) -> str:
         return _content_key(parts, f"{self.config.resolution}:{self.dtype}")
@@ -398,7 +400,8 @@ class DiffewS:
         """Segment already-encoded queries with one support memory."""
         ratio = self._checked_ratio(threshold_ratio)
         bank = self._bank(support, generator)
-        outputs = self._segment_pairs(queries, [{"": bank}] * len(queries), ratio, batch_size)
+        outputs = self._segment_pairs(queries, [{"": bank}] * len(queries), ratio, batch_size,
+                                      [{"": _mean_share(support)}] * len(queries))
         return [out[""] for out in outputs]
 
     def _checked_ratio(self, threshold_ratio: float | None) -> float:
@@ -415,9 +418,9 @@ class DiffewS:
         return support.to(self.device, self.dtype).kv
 
     def _segment_pairs(self, queries: QueryBatch, banks: Sequence[Mapping[str, KVBank]], ratio: float,
-                       batch_size: int) -> list[dict[str, SegmentationOutput]]:
+                       batch_size: int, shares: Sequence[Mapping[str, float | None]]) -> list[dict[str, SegmentationOutput]]:
         """Every (query, label) pair through the UNet in batches of `batch_size`, one decode per pair; `banks[i]`
-        holds query i's bank per label.
+        holds query i's bank per label, `shares[i]` its supports' mean foreground share per label (for the score).
 
         A batch whose samples all use one bank uses it as is ([1, tokens, C], shared by every sample); any other
         batch gets one bank row per sample. Samples of one batch need as many support tokens each, so pairs are
@@ -441,7 +444,7 @@ class DiffewS:
                             for name in chunk_banks[0]}
                 prob, peak = self.decode_probability_torch(self.predict_mask_latents_torch(z_q, bank))
                 for (i, label), p, k in zip(chunk, prob, peak):
-                    outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i])
+                    outputs[i][label] = _postprocess(p, k, ratio, queries.sizes[i], shares[i].get(label))
         return outputs
 
     def segment(
@@ -495,7 +498,8 @@ class DiffewS:
                 if id(memory) not in banks:
                     banks[id(memory)] = self._bank(memory)
         outputs = self._segment_pairs(queries, [{label: banks[id(m)] for label, m in memories.items()} for memories in per_query],
-                                      ratio, batch_size)
+                                      ratio, batch_size,
+                                      [{label: _mean_share(m) for label, m in memories.items()} for memories in per_query])
         return [{label: out[label] for label in memories} for out, memories in zip(outputs, per_query)]
 
 
@@ -526,8 +530,15 @@ def forget_active_adapter(unet: UNet2DConditionModel) -> None:
     unet.__dict__.pop(_ACTIVE_ADAPTER, None)
 
 
-def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int]) -> SegmentationOutput:
-    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it (margin_score)."""
+def _mean_share(memory: SupportMemory) -> float | None:
+    """The supports' mean foreground share, or None for a memory made without masks' shares."""
+    return float(memory.shares.mean()) if memory.shares is not None and len(memory.shares) else None
+
+
+def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int],
+                 support_share: float | None = None) -> SegmentationOutput:
+    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it: margin_score times the
+    mask area's agreement with its supports' (share_agreement), or margin alone without support shares."""
     threshold = float(ratio * peak)
     small = prob > threshold  # [R, R] bool
     # Nearest resizing commutes with a pointwise threshold, so resizing the bool mask is the same as
@@ -536,4 +547,6 @@ def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tup
     probability, small_np = prob.float().cpu().numpy(), small.cpu().numpy()
     inside = int(small_np.sum())
     score = 0.0 if inside in (0, small_np.size) else margin_score(probability, threshold, small_np)
+    if support_share is not None:
+        score *= share_agreement(inside / small_np.size, support_share)
     return SegmentationOutput(mask=full.cpu().numpy(), score=score, probability=probability, threshold=threshold)

@@ -93,6 +93,44 @@ def mask_agreement(mask: np.ndarray, others: Sequence[np.ndarray]) -> float:
     return float(np.mean([episode_iou(mask, other, everywhere) for other in others]))
 
 
+def sharpness_score(probability: np.ndarray, threshold: float, mask: np.ndarray, band: float = 0.05) -> float:
+    """1 minus the share of the mask's pixels whose map value lies within `band` of the threshold: a mask whose
+    edge the map draws sharply scores near 1, one that a small shift of the threshold would redraw near 0."""
+    if not mask.any():
+        return 0.0
+    ambiguous = np.abs(probability - threshold) < band
+    return float(np.clip(1.0 - ambiguous.sum() / mask.sum(), 0.0, 1.0))
+
+
+def share_agreement(share: float, support_share: float) -> float:
+    """How close a mask's share of the image is to its supports' mean share: exp(-|log ratio|), 0 for empty."""
+    if share <= 0.0 or support_share <= 0.0:
+        return 0.0
+    return float(np.exp(-abs(np.log(share / support_share))))
+
+
+def area_agreement(mask: np.ndarray, support_masks: Sequence[np.ndarray]) -> float:
+    """share_agreement of a mask with its support masks."""
+    return share_agreement(float(mask.mean()), float(np.mean([m.mean() for m in support_masks])) if len(support_masks) else 0.0)
+
+
+def ranking_quality_within(scores: Sequence[float], ious: Sequence[float], labels: Sequence[str],
+                           bad_below: float = 0.5) -> dict[str, float]:
+    """ranking_quality inside each label, averaged over the labels where it is defined (a score that only
+    tells labels apart scores near 0 here); "labels" counts those labels."""
+    scores, ious, labels = np.asarray(scores, float), np.asarray(ious, float), np.asarray(labels)
+    rhos, aurocs = [], []
+    for label in np.unique(labels):
+        inside = labels == label
+        quality = ranking_quality(scores[inside], ious[inside], bad_below)
+        if not np.isnan(quality["spearman"]):
+            rhos.append(quality["spearman"])
+        if not np.isnan(quality["auroc"]):
+            aurocs.append(quality["auroc"])
+    return {"spearman": float(np.mean(rhos)) if rhos else float("nan"),
+            "auroc": float(np.mean(aurocs)) if aurocs else float("nan"), "labels": float(len(rhos))}
+
+
 def ranking_quality(scores: Sequence[float], ious: Sequence[float], bad_below: float = 0.5) -> dict[str, float]:
     """How well a score ranks errors: Spearman correlation with IoU, and the AUROC of the score for telling
     masks with IoU >= `bad_below` from worse ones (0.5 = chance, 1 = every bad mask scores below every good one)."""

@@ -26,6 +26,8 @@ class SupportMemory:
     key: str = ""
     descriptors: torch.Tensor | None = None
     """[N, D] float32 on the CPU: each shot's image descriptor (model.similarity), when it was encoded with one."""
+    shares: torch.Tensor | None = None
+    """[N] float32: each shot's foreground share of its mask at the working resolution (for the mask score)."""
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -55,7 +57,7 @@ class SupportMemory:
         kv = {name: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for name, (k, v) in self.kv.items()}
         if all(kv[n][0] is self.kv[n][0] for n in kv):
             return self
-        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key, descriptors=self.descriptors)
+        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key, descriptors=self.descriptors, shares=self.shares)
 
     def release(self) -> None:
         """Drop the tensors now; later use raises SupportNotSetError."""
@@ -75,7 +77,7 @@ class SupportMemory:
             keep = total * shots // self.num_shots
             idx = torch.randperm(total, generator=generator, device="cpu")[:keep].sort().values.to(k.device)
             kv[name] = (k.index_select(1, idx), v.index_select(1, idx))
-        return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}")
+        return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}", shares=self.shares)
 
 
 def compose(parts: Sequence[SupportMemory]) -> SupportMemory:
@@ -96,11 +98,11 @@ def compose(parts: Sequence[SupportMemory]) -> SupportMemory:
             raise InvalidInputError(f"support memory {i} comes from another UNet (its layers differ from memory 0's)")
     kv = {name: (torch.cat([p.kv[name][0] for p in parts], dim=1), torch.cat([p.kv[name][1] for p in parts], dim=1))
           for name in layers}
-    descriptors = None
-    if all(p.descriptors is not None for p in parts):
-        descriptors = torch.cat([p.descriptors for p in parts])
+    descriptors = torch.cat([p.descriptors for p in parts]) if all(p.descriptors is not None for p in parts) else None
+    shares = torch.cat([p.shares for p in parts]) if all(p.shares is not None for p in parts) else None
     key = hashlib.sha256("+".join(p.key for p in parts).encode()).hexdigest()
-    return SupportMemory(kv=kv, num_shots=sum(p.num_shots for p in parts), key=key, descriptors=descriptors)
+    return SupportMemory(kv=kv, num_shots=sum(p.num_shots for p in parts), key=key, descriptors=descriptors,
+                         shares=shares)
 
 
 def split_shots(memory: SupportMemory) -> list[SupportMemory]:
@@ -111,7 +113,8 @@ def split_shots(memory: SupportMemory) -> list[SupportMemory]:
     for name, (k, v) in memory.kv.items():
         for j, (kj, vj) in enumerate(zip(k.chunk(n, dim=1), v.chunk(n, dim=1))):
             pieces[j][name] = (kj.clone(), vj.clone())
-    return [SupportMemory(kv=kv, num_shots=1, descriptors=None if memory.descriptors is None else memory.descriptors[j : j + 1])
+    return [SupportMemory(kv=kv, num_shots=1, descriptors=None if memory.descriptors is None else memory.descriptors[j : j + 1],
+                          shares=None if memory.shares is None else memory.shares[j : j + 1])
             for j, kv in enumerate(pieces)]
 
 
@@ -126,7 +129,7 @@ def split_tokens(memory: SupportMemory, parts: int, generator: torch.Generator |
         for j, idx in enumerate(order.chunk(parts)):
             idx = idx.sort().values.to(k.device)
             out[j][name] = (k.index_select(1, idx), v.index_select(1, idx))
-    return [SupportMemory(kv=kv, num_shots=memory.num_shots, key=f"{memory.key}:part{j}of{parts}")
+    return [SupportMemory(kv=kv, num_shots=memory.num_shots, key=f"{memory.key}:part{j}of{parts}", shares=memory.shares)
             for j, kv in enumerate(out)]
 
 

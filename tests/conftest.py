@@ -65,8 +65,9 @@ def settings(tmp_path):
     """Backend settings for tests: tiny model at 64 px, files under tmp_path."""
     from backend.core.settings import Settings
 
+    # AUTO_REFRESH off: most tests count what one path queues; tests/test_refresh.py and the end-to-end test turn it on
     return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2,
-                    job_heartbeat_ttl_s=12)
+                    job_heartbeat_ttl_s=12, auto_refresh=False)
 
 
 @pytest.fixture
@@ -113,9 +114,12 @@ def label_studio(tmp_path_factory):
         if os.environ.get("DIFFEWS_REQUIRE_LABEL_STUDIO"):
             raise RuntimeError(f"{LS_BIN} is missing: run .ci/setup-label-studio.sh")
         pytest.skip(f"Label Studio not installed at {LS_BIN} (run .ci/setup-label-studio.sh)")
-    proc, url = start_label_studio(tmp_path_factory.mktemp("label-studio"))
+    data_dir = tmp_path_factory.mktemp("label-studio")
+    proc, url = start_label_studio(data_dir)
     try:
-        yield LabelStudioClient(url, personal_access_token(url))
+        client = LabelStudioClient(url, personal_access_token(url))
+        client.log = data_dir / "label-studio.log"
+        yield client
     finally:
         stop(proc)
 

@@ -187,7 +187,8 @@ def test_score_ranking_rates_each_candidate(model, tmp_path, capsys):
     result = evaluate(model, samples, ["disc", "corner"], shots=1, episode_count=8, seed=0, score_ranking=True)
     assert set(result.score_ranking) == set(SCORES)
     for q in result.score_ranking.values():
-        assert set(q) == {"spearman", "auroc", "bad_share"} and 0.0 <= q["bad_share"] <= 1.0
+        assert set(q) == {"spearman", "auroc", "bad_share", "spearman_within_label", "auroc_within_label",
+                          "labels_within_label"} and 0.0 <= q["bad_share"] <= 1.0
     data = _dataset(tmp_path / "ds")
     assert main(["--data", str(data), "--resolution", "64", "--shots", "1", "--episodes", "4", "--score-ranking"]) == 0
     assert "| 1 | agreement |" in capsys.readouterr().out
@@ -208,3 +209,20 @@ def test_prompted_model_on_the_same_episodes(model, prompt):
     assert f"| 1 | model + {prompt} prompt |" in table
     with pytest.raises(Exception, match="prompt must be 'box' or 'point'"):
         evaluate(model, samples, ["disc"], shots=1, episode_count=1, prompt="scribble")
+
+
+def test_within_label_ranking_sees_through_a_score_that_only_tells_labels_apart():
+    """A score equal to each label's mean IoU ranks all masks well but none within a label; a score that
+    follows IoU inside each label ranks both ways."""
+    from model.scoring import ranking_quality, ranking_quality_within
+
+    labels = ["sky"] * 6 + ["car"] * 6
+    ious = [0.9, 0.8, 0.7, 0.6, 0.55, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.0]
+    by_label = [0.75 if label == "sky" else 0.2 for label in labels]
+    assert ranking_quality(by_label, ious)["spearman"] > 0.8
+    assert np.isnan(ranking_quality_within(by_label, ious, labels)["spearman"])  # constant inside each label
+    noisy = [m + 0.01 * ((-1) ** i) for i, m in enumerate(by_label)]
+    assert abs(ranking_quality_within(noisy, ious, labels)["spearman"]) < 0.3
+    following = [iou + (0.5 if label == "sky" else 0.0) for iou, label in zip(ious, labels)]
+    within = ranking_quality_within(following, ious, labels)
+    assert within["spearman"] == pytest.approx(1.0) and within["labels"] == 2

@@ -156,6 +156,29 @@ def test_postprocess_threshold_and_score():
     assert full.mask.all() and full.score == 0.0
 
 
+def test_score_counts_the_mask_area_against_the_supports():
+    """With the supports' mean foreground share, the margin is multiplied by exp(-|log(share / support share)|):
+    a mask of the supports' size keeps its margin, one twice or half that size keeps half of it."""
+    prob = torch.zeros(4, 4)
+    prob[:2, :2] = 0.8  # a quarter of the map
+    margin = _postprocess(prob, torch.tensor(0.8), 0.25, (4, 4)).score
+    assert _postprocess(prob, torch.tensor(0.8), 0.25, (4, 4), 0.25).score == pytest.approx(margin)
+    assert _postprocess(prob, torch.tensor(0.8), 0.25, (4, 4), 0.5).score == pytest.approx(margin / 2)
+    assert _postprocess(prob, torch.tensor(0.8), 0.25, (4, 4), 0.125).score == pytest.approx(margin / 2)
+
+
+def test_memories_carry_their_masks_shares(tiny_model, scenes):
+    """Each shot's foreground share travels with its memory through compose, split and device moves."""
+    from model.support import compose, split_shots
+
+    images, masks = map(list, zip(*scenes[:3]))
+    memory = tiny_model.encode_support(images, masks, use_cache=False)
+    assert memory.shares.shape == (3,) and all(0 < float(v) < 1 for v in memory.shares)
+    parts = split_shots(memory)
+    torch.testing.assert_close(compose(parts).shares, memory.shares)
+    assert memory.to("cpu", torch.float64).shares is memory.shares
+
+
 # ---- image formats -------------------------------------------------------------------------
 
 

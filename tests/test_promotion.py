@@ -1,23 +1,40 @@
-"""The promotion rule: a candidate replaces what a project predicts with only when no incumbent scores better."""
+"""The promotion rule: a candidate replaces what a project predicts with unless an incumbent beats it beyond noise."""
 
 from __future__ import annotations
 
-from backend.core.promotion import decide
+import pytest
+
+from backend.core.promotion import NOISE_SE, decide, paired
 
 
-def test_promoted_when_not_worse_than_every_incumbent():
-    decision = decide("v3", {"v3": 0.50, "v2": 0.50, "base": 0.40}, ["v2", "base"], held_out=4)
-    assert decision.promoted and decision.reason.startswith("promoted") and "v2 0.5000" in decision.reason
+def test_promoted_when_not_worse_beyond_noise():
+    """Slightly below one incumbent, well within the spread of the paired differences: promoted, with counts."""
+    candidate = [0.50, 0.40, 0.70, 0.20, 0.60]
+    v2 = [0.55, 0.35, 0.72, 0.25, 0.58]
+    base = [0.30, 0.20, 0.50, 0.10, 0.40]
+    decision = decide("v3", {"v3": candidate, "v2": v2, "base": base}, ["v2", "base"], images=5, folds=3)
+    assert decision.promoted and decision.reason.startswith("promoted")
+    assert "5 episodes on 5 labeled images, 3-fold cross-validation" in decision.reason
+    assert decision.evidence["versus"]["v2"]["difference"] == pytest.approx(-1.0)
+    assert decision.scores == {"v3": 48.0, "v2": 49.0, "base": 30.0}
 
 
-def test_kept_back_naming_the_best_incumbent():
-    decision = decide("v3", {"v3": 0.30, "v2": 0.45, "base": 0.40}, ["v2", "base"], held_out=4)
-    assert not decision.promoted and "below v2 (0.4500)" in decision.reason
+def test_kept_back_when_worse_beyond_noise_naming_the_incumbent():
+    candidate = [0.30, 0.35, 0.28, 0.40]
+    v2 = [0.45, 0.50, 0.41, 0.52]
+    decision = decide("v3", {"v3": candidate, "v2": v2, "base": candidate}, ["v2", "base"], images=4, folds=2)
+    mean, se = paired(candidate, v2)
+    assert mean < -NOISE_SE * se
+    assert not decision.promoted and decision.reason.startswith("kept back") and "against v2" in decision.reason
 
 
-def test_not_evaluated_without_held_out_images_or_scores():
-    assert "too few labeled images" in decide("v1", {"v1": None}, ["base"], held_out=0).reason
-    assert "no label has both" in decide("v1", {"v1": None, "base": 0.2}, ["base"], held_out=2).reason
-    unscored = decide("v1", {"v1": 0.3, "base": None}, ["base"], held_out=2)
+def test_one_episode_has_no_spread_so_any_loss_counts():
+    assert not decide("v1", {"v1": [0.4], "base": [0.5]}, ["base"], images=2, folds=2).promoted
+    assert decide("v1", {"v1": [0.5], "base": [0.5]}, ["base"], images=2, folds=2).promoted
+
+
+def test_not_evaluated_without_episodes_or_scores():
+    assert "too few labeled images" in decide("v1", {"v1": []}, ["base"], images=2, folds=2).reason
+    unscored = decide("v1", {"v1": [0.3], "base": None}, ["base"], images=3, folds=3)
     assert not unscored.promoted and "base could not be scored" in unscored.reason
-    assert unscored.as_dict() == {"promoted": False, "reason": unscored.reason, "scores": {"v1": 0.3, "base": None}}
+    assert unscored.as_dict()["evidence"] == {"images": 3, "episodes": 1, "folds": 3, "versus": {}}

@@ -89,3 +89,21 @@ def test_config_with_several_outputs_gets_each(tiny_model):
     regions = label_regions(config, "shape", _shapes(), 0.5)
     assert sorted({r["type"] for r in regions}) == ["brushlabels", "polygonlabels", "rectanglelabels"]
     assert {r["from_name"] for r in regions} == {"poly", "box", "tag"}
+
+
+def test_boxes_skip_specks_and_fragments_inside_a_larger_box():
+    """Sky-like mask: one large part, 20 small pieces (each over the minimum area but under 5 % of the large
+    one), and a piece inside the large part's box: one box. Two objects of similar size: two boxes."""
+    mask = np.zeros((300, 400), bool)
+    mask[10:120, 10:390] = True  # the sky
+    mask[40:60, 100:140] = False  # a hole...
+    mask[45:55, 110:130] = True  # ...with a piece of sky seen through it: inside the large box
+    for i in range(20):
+        mask[200 + (i // 10) * 30 : 205 + (i // 10) * 30, 10 + (i % 10) * 38 : 20 + (i % 10) * 38] = True  # 50 px each
+    assert 50 > 0.0002 * mask.size
+    [sky] = boxes(mask)
+    assert sky["width"] == pytest.approx(95.0) and sky["height"] == pytest.approx(110 / 3)
+    two = np.zeros((100, 200), bool)
+    two[10:50, 10:60] = True
+    two[20:70, 120:150] = True  # 1500 px against 2000 px: an object, not a fragment
+    assert len(boxes(two)) == 2

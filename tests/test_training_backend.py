@@ -9,7 +9,7 @@ import pytest
 
 from backend.core.queues import QUEUE_CLICK, QUEUE_TRAIN, live_workers
 from backend.core.store import SupportStore
-from backend.worker.training import split_held_out
+from backend.worker.training import cv_plan, folds_of
 from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
 
 from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
@@ -73,7 +73,7 @@ def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
     assert not errors
     info = client.get("/projects/1/versions").json
     [version] = info["versions"]
-    assert version["name"] == f"{base}-p1-v1" and version["parent"] == base
+    assert version["name"] == f"{base.removesuffix('-untrained')}-p1-v1" and version["parent"] == base
     assert set(version["scores"]) == {version["name"], base}
     assert version["path"] == f"versions/1/{version['name']}"  # relative to MODEL_DIR
     if version["promoted"]:
@@ -106,13 +106,24 @@ def test_train_every_triggers_once(client, redis, settings):
     assert replies[2]["training"]["status"] == "queued"
 
 
-def test_held_out_split_is_stable():
-    """Every 5th example by annotation id is held out, whatever the order they arrive in."""
-    from backend.core.store import Example
+def test_cross_validation_queries_every_image_with_supports_from_other_folds():
+    """Every labeled image is a query at least once, in its own fold, and no support comes from that fold."""
+    from model.data import Sample
 
-    examples = [Example(annotation_id=i, task_id=i, image_url="x", regions=[], labels=["a"]) for i in (9, 3, 1, 7, 5, 2, 8, 4, 6, 10)]
-    train, held = split_held_out(examples, 5)
-    assert [e.annotation_id for e in held] == [5, 10] and len(train) == 8
+    images = [Sample(image=None, masks={label: True for label in labels}, name=str(i))
+              for i, labels in enumerate([["a"], ["a", "b"], ["b"], ["a"], ["a", "b"], ["b"], ["a"]])]
+    folds = folds_of(len(images), 3)
+    assert sorted(i for fold in folds for i in fold) == list(range(7)) and len(folds) == 3
+    queried = set()
+    for f, fold in enumerate(folds):
+        plan = cv_plan(images, ["a", "b"], fold, 2, budget=4, seed=f)
+        assert plan == cv_plan(images, ["a", "b"], fold, 2, budget=4, seed=f)  # fixed seeds
+        for label, query, supports in plan:
+            assert query in fold and not set(supports) & set(fold) and label in images[query].masks
+            assert all(label in images[i].masks for i in supports)
+            queried.add(query)
+    assert queried == set(range(7))
+    assert folds_of(2, 3) == [[0], [1]]
 
 
 def test_training_with_too_few_labels_fails_visibly(client, two_workers, redis):
@@ -178,11 +189,25 @@ def test_kept_back_when_worse(trainer, redis):
     assert "active_version" not in SupportStore(redis, "/").project(1)
 
 
-def test_not_evaluated_with_too_few_labels(trainer, redis):
-    """With fewer than HELD_OUT_EVERY images nothing is held out: a candidate, not promoted, and why."""
+def test_decided_on_every_labeled_image_with_its_counts(trainer, redis):
+    """Six labeled images, three folds: every image a query at least once, the counts in the decision and the
+    versions listing."""
+    from backend.core.registry import VersionRegistry
     from backend.core.store import SupportStore
 
-    out = trainer(3, train_lr=0.0)
+    out = trainer(6, train_lr=0.0, score_episodes=3)
+    evidence = out["evidence"]
+    assert evidence["images"] == 6 and evidence["folds"] == 3 and evidence["episodes"] >= 6
+    assert f"{evidence['episodes']} episodes on 6 labeled images, 3-fold cross-validation" in out["reason"]
+    [record] = VersionRegistry(redis, SupportStore(redis, "/")).list(1)
+    assert record["evidence"] == evidence
+
+
+def test_not_evaluated_with_too_few_labels(trainer, redis):
+    """Two labeled images: no fold can train without its query image: a candidate, not promoted, and why."""
+    from backend.core.store import SupportStore
+
+    out = trainer(2, train_lr=0.0)
     assert not out["promoted"] and out["reason"].startswith("not evaluated: too few labeled images")
     project = SupportStore(redis, "/").project(1)
     assert "active_version" not in project and out["version"] in project["last_training"]
@@ -265,7 +290,7 @@ def test_versions_and_choices_survive_a_redis_that_lost_everything(trainer, redi
     assert client.post("/setup", json=SETUP).status_code == 200  # Label Studio connects again
     info = client.get("/projects/1/versions").json
     assert (info["active"], info["pinned"], info["current"]) == (out["version"],) * 3
-    assert VersionRegistry(redis, store).next_name(1, base) == f"{base}-p1-v2"
+    assert VersionRegistry(redis, store).next_name(1, base) == f"{base.removesuffix('-untrained')}-p1-v2"
 
 
 def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settings, redis, tiny_model):
@@ -286,4 +311,4 @@ def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settin
     registry = VersionRegistry(redis, SupportStore(redis, settings.model_dir))
     assert registry.get("diffews-tiny-r64-untrained-p3-v1")["project"] == 3
     assert not stale.exists() and fresh.exists()
-    assert registry.next_name(3, "diffews-tiny-r64-untrained") == "diffews-tiny-r64-untrained-p3-v2"
+    assert registry.next_name(3, "diffews-tiny-r64-untrained") == "diffews-tiny-r64-p3-v2"  # trained: no "untrained"

@@ -83,12 +83,13 @@ def held_predictions(tasks: list[dict], version: str) -> dict[int, list[int]]:
 
 
 def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks: list[dict],
-               held: dict[int, list[int]] | None = None) -> dict:
+               held: dict[int, list[int]] | None = None, drop_other_versions: bool = False) -> dict:
     """Claim the tasks that lack a current prediction of the context's version and queue them in batches.
 
     `held` is what Label Studio stores (task id -> prediction ids of the version), when known: a
     prediction the ledger did not know is recorded instead of redone, a missing one is redone, and
-    duplicates are collapsed into one. Tasks queued or running in another job are skipped.
+    duplicates are collapsed into one. Tasks queued or running in another job are skipped. With
+    `drop_other_versions` (unlabeled tasks only), posting deletes the tasks' other versions' predictions.
     """
     ledger = DeliveryLedger(redis, context.project, context.model_version)
     entries = ledger.entries()
@@ -101,7 +102,7 @@ def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks:
     may_take = bulk_may_take(context.revision, counts, job_alive(redis))
     by_id = {int(t["id"]): t for t in tasks}
     candidates = [t for t in by_id if may_take(t, entries.get(t))]
-    jobs, queued = [], 0
+    jobs, queued_ids = [], []
     for start in range(0, len(candidates), settings.bulk_batch_size):
         job_id = f"bulk-{context.project}-{uuid.uuid4().hex[:12]}"
         claims = ledger.claim(candidates[start : start + settings.bulk_batch_size], job_id, context.revision,
@@ -109,11 +110,12 @@ def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks:
         if not claims:
             continue
         batch = [by_id[c.task_id] for c in claims]
-        submit(redis, settings, "prelabel-batch", context.to_job(), batch, job_id=job_id,
+        submit(redis, settings, "prelabel-batch", context.to_job(), batch, drop_other_versions, job_id=job_id,
                meta={"project": context.project, "tasks": len(batch)})
         jobs.append(job_id)
-        queued += len(batch)
+        queued_ids += [c.task_id for c in claims]
+    queued = len(queued_ids)
     skipped = len(by_id) - queued
     Progress(redis, context.project).start(context.model_version, context.revision, total=queued, skipped=skipped)
     return {"queued_tasks": queued, "skipped": skipped, "recorded_from_label_studio": seeded, "jobs": jobs,
-            "model_version": context.model_version}
+            "model_version": context.model_version, "queued_ids": queued_ids}

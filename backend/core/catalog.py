@@ -60,6 +60,8 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("secure-webhook", f"{_JOBS}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
     JobKind("list-tasks", f"{_JOBS}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("list-tasks-cli", f"{_JOBS}.prelabel_request", QUEUE_INGEST, _job_timeout, retries=2),
+    # AUTO_REFRESH: list the unlabeled tasks and queue the stale ones (debounced: backend.core.refresh).
+    JobKind("refresh", f"{_JOBS}.refresh_project", QUEUE_INGEST, _job_timeout, retries=2),
     # Bulk: batches post through the API; retried through a Label Studio outage of up to ~17 minutes.
     JobKind("prelabel-batch", f"{_JOBS}.prelabel_batch", QUEUE_BULK, _job_timeout, retries=len(RETRY_INTERVALS_S)),
     # Training holds a per-project lock (backend.core.train_queue); a failed run is retried by a person.
@@ -68,9 +70,10 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
 
 
 def submit(redis: Redis, settings: Settings, kind: str, *args, job_id: str | None = None,
-           meta: dict | None = None) -> Job:
-    """Enqueue a job of a catalog kind with the arguments given (KeyError for a kind not in the catalog)."""
+           meta: dict | None = None, delay_s: float = 0.0) -> Job:
+    """Enqueue a job of a catalog kind with the arguments given, after `delay_s` seconds if given (KeyError for
+    a kind not in the catalog)."""
     spec = KINDS[kind]
     return enqueue(redis, spec.queue, spec.func, args=args, timeout_s=spec.timeout_s(settings), job_id=job_id,
                    meta={"kind": kind, **(meta or {})}, retries=spec.retries, at_front=spec.at_front,
-                   ttl_s=spec.ttl_s(settings), on_failure=ON_FAILURE)
+                   ttl_s=spec.ttl_s(settings), on_failure=ON_FAILURE, delay_s=delay_s)

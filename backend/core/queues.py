@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import time
+from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -224,13 +226,17 @@ def enqueue(
     at_front: bool = False,
     ttl_s: int | None = None,
     on_failure: str | None = None,
+    delay_s: float = 0.0,
 ) -> Job:
     """Enqueue `func` (dotted path) with explicit timeout, TTLs, meta and retry policy (called by backend.core.catalog).
 
     ttl_s: longest the job may wait in the queue before RQ drops it (None: no limit).
     on_failure: dotted path of a function RQ calls after each failed try.
+    delay_s: wait this long in RQ's scheduled registry first (moved to the queue by the workers, every second).
     """
-    return Queue(queue, connection=redis).enqueue(
+    rq_queue = Queue(queue, connection=redis)
+    put = partial(rq_queue.enqueue_in, timedelta(seconds=delay_s)) if delay_s > 0 else rq_queue.enqueue
+    return put(
         func,
         args=args,
         kwargs=kwargs or {},

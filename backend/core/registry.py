@@ -50,7 +50,8 @@ class VersionRegistry:
         decision = info.summary.get("decision") or {}
         project = info.project if info.project is not None else _int_or_none(folder.parent.name)
         return {"name": info.name, "project": project, "parent": info.parent, "mode": info.mode,
-                "created_at": info.created_at, "scores": info.summary.get("held_out_miou", {}),
+                "created_at": info.created_at, "scores": info.summary.get("cv_mean_iou", info.summary.get("held_out_miou", {})),
+                "evidence": info.summary.get("evidence"),
                 "promoted": bool(decision.get("promoted", False)), "decision": decision or None,
                 "path": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)}
 
@@ -106,14 +107,19 @@ class VersionRegistry:
         return json.loads(raw) if raw else None
 
     def next_name(self, pid: int, base: str) -> str:
-        """The name of a project's next version over `base`: one past every number on disk or in Redis."""
-        pattern = re.compile(re.escape(f"{base}-p{pid}-v") + r"(\d+)$")
+        """The name of a project's next version over `base`: one past every number on disk or in Redis.
+
+        A fine-tuned version is trained, so "-untrained" of the tiny base's name is not carried over
+        (diffews-tiny-r256-p1-v1); versions named with it earlier still count.
+        """
+        stem = base.removesuffix("-untrained")
+        pattern = re.compile(f"(?:{re.escape(stem)}|{re.escape(base)})" + re.escape(f"-p{pid}-v") + r"(\d+)$")
         names = [v["name"] for v in self.list(pid)]
         folder = self.root / str(pid)
         if folder.is_dir():
             names += [p.name for p in folder.iterdir()]
         numbers = [int(m.group(1)) for n in names if (m := pattern.match(n))]
-        return f"{base}-p{pid}-v{max(numbers, default=0) + 1}"
+        return f"{stem}-p{pid}-v{max(numbers, default=0) + 1}"
 
     def folder(self, name: str) -> Path:
         """The folder of a registered version on this machine; VersionUnavailable naming it if missing."""

@@ -61,6 +61,17 @@ class Settings(BaseSettings):
     """MAX_PROMPTS: most boxes and keypoints one smart-tool request may carry (each box is a model pass)."""
     prelabel_min_examples: int = Field(0, alias="PRELABEL_MIN_EXAMPLES")
     """PRELABEL_MIN_EXAMPLES: once every label has this many examples, pre-label the rest (0 = off)."""
+    auto_refresh: bool = Field(True, alias="AUTO_REFRESH")
+    """AUTO_REFRESH: when a project's support examples change (new, edited or deleted annotations) or its version
+    changes (promotion, pin), re-predict its unlabeled tasks in the background on the bulk queue, replacing the
+    stale predictions (needs Label Studio API access). Label Studio itself asks only for tasks with none."""
+    refresh_delay_s: float = Field(60.0, alias="REFRESH_DELAY_S")
+    """REFRESH_DELAY_S: how long after the first example change the refresh starts (later changes join it)."""
+    refresh_after_changes: int = Field(25, alias="REFRESH_AFTER_CHANGES")
+    """REFRESH_AFTER_CHANGES: start the refresh at once when this many example changes have gathered."""
+    keep_old_predictions: bool = Field(False, alias="KEEP_OLD_PREDICTIONS")
+    """KEEP_OLD_PREDICTIONS: keep earlier versions' predictions on an unlabeled task when pre-labeling posts the
+    current version's (default: deleted, so the task shows one prediction). Labeled tasks are never touched."""
     sync_max_tasks: int = Field(8, alias="SYNC_MAX_TASKS")
     """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
     predict_wait_s: float = Field(80.0, alias="PREDICT_WAIT_S")
@@ -112,10 +123,12 @@ class Settings(BaseSettings):
     """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
     train_timeout_s: int = Field(4 * 3600, alias="TRAIN_TIMEOUT_S")
     """TRAIN_TIMEOUT_S: longest a fine-tuning job may run."""
-    held_out_every: int = Field(5, alias="HELD_OUT_EVERY")
-    """HELD_OUT_EVERY: every n-th labeled image (by annotation id) is held out to score versions."""
+    cv_folds: int = Field(3, alias="CV_FOLDS")
+    """CV_FOLDS: cross-validation folds scoring a new version (each trains a model without its images; every
+    labeled image is a query once); fewer when there are fewer labeled images."""
     score_episodes: int = Field(40, alias="SCORE_EPISODES")
-    """SCORE_EPISODES: held-out episodes each version is scored on before promotion (fixed seed)."""
+    """SCORE_EPISODES: cross-validation episodes to aim for (fixed seeds); every labeled image is a query at least
+    once even when that is more."""
     resolution: int | None = Field(None, alias="DIFFEWS_RESOLUTION")
     """DIFFEWS_RESOLUTION: working resolution of a real (non-tiny) model instead of its own (512); CPU-only
     installations trade accuracy for time with 384 or 256 (a click costs about (R/512)^2 as much)."""
@@ -169,6 +182,10 @@ class Settings(BaseSettings):
             raise ValueError(f"SUPPORT_CACHE_MB must be >= 0, got {self.support_cache_mb}")
         if self.predict_concurrency < 1:
             raise ValueError(f"PREDICT_CONCURRENCY must be >= 1, got {self.predict_concurrency}")
+        if self.refresh_delay_s < 0:
+            raise ValueError(f"REFRESH_DELAY_S must be >= 0, got {self.refresh_delay_s}")
+        if self.refresh_after_changes < 1:
+            raise ValueError(f"REFRESH_AFTER_CHANGES must be >= 1, got {self.refresh_after_changes}")
         if self.max_shots < 1:
             raise ValueError(f"MAX_SHOTS must be >= 1, got {self.max_shots}")
         if bool(self.basic_auth_user) != bool(self.basic_auth_pass):
@@ -181,8 +198,8 @@ class Settings(BaseSettings):
             raise ValueError(f"DIFFEWS_RESOLUTION must be a multiple of 8 and >= 64, got {self.resolution}")
         if self.score_episodes < 1:
             raise ValueError(f"SCORE_EPISODES must be >= 1, got {self.score_episodes}")
-        if self.held_out_every < 2:
-            raise ValueError(f"HELD_OUT_EVERY must be >= 2, got {self.held_out_every}")
+        if self.cv_folds < 2:
+            raise ValueError(f"CV_FOLDS must be >= 2, got {self.cv_folds}")
         if self.job_timeout_s <= 0:
             raise ValueError("JOB_TIMEOUT_S must be a positive number of seconds")
         if self.job_heartbeat_ttl_s < 4:

@@ -18,6 +18,7 @@ from redis.exceptions import WatchError
 
 from .annotations import DEFAULT_MAX_PIXELS, mask_regions
 from .errors import BadRequest, NotFound
+from .example_health import forget
 from .keys import PREFIX
 from .label_config import LabelConfig
 from .supports import SupportIndex
@@ -238,6 +239,7 @@ class SupportStore:
         if current is not None:
             self.index.drop(pipe, pid, current.annotation_id, current.labels)
         self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at)
+        forget(pipe, pid, [example.annotation_id])  # edited: tried afresh
         pipe.execute()
         if current is not None:
             for label in current.labels:  # masks of the replaced regions are never read again
@@ -270,6 +272,7 @@ class SupportStore:
             pipe.hdel(self._errors_key(pid), *keys)
         else:
             pipe.hset(self._errors_key(pid), mapping={k: reason for k in keys})
+        forget(pipe, pid, annotation_ids)
         pipe.hdel(self._examples_key(pid), *keys)
         removed = pipe.execute()[-1]
         if removed:

@@ -15,6 +15,7 @@ from .ingest import ingest
 from .keys import PREFIX
 from .payloads import annotation_ids, text_field
 from .queues import require_redis
+from .refresh import request_refresh
 from .services import Backend
 from .store import int_id, parse_project_id
 from .train_queue import enqueue_training
@@ -102,6 +103,7 @@ def record_annotations(backend: Backend, context: ProjectContext, action: str, b
            "job": job_id}
     out.update(maybe_prelabel(backend, context, config.labels))
     out.update(maybe_train(backend, context, len(report.stored)))
+    out.update(request_refresh(backend.redis, backend.settings, context, len(report.stored) + len(report.removed), action))
     return out
 
 
@@ -160,5 +162,6 @@ def handle_event(backend: Backend, body: dict) -> dict:
         return {"action": action, **enqueue_training(redis, settings, context, "START_TRAINING")}
     if action == "ANNOTATIONS_DELETED":
         removed = store.remove(pid, annotation_ids(body.get("annotations")))
-        return {"status": "ok", "action": action, "removed": removed, "revision": store.revision(pid)}
+        return {"status": "ok", "action": action, "removed": removed, "revision": store.revision(pid),
+                **request_refresh(redis, settings, context, removed, action)}
     return record_annotations(backend, context, action, body)

@@ -14,9 +14,11 @@ from ..core.bulk import Progress
 from ..core.catalog import submit
 from ..core.context import resolve_project
 from ..core.errors import BadRequest, Conflict, NotFound
+from ..core.example_health import ExampleHealth
 from ..core.failures import job_failures
 from ..core.ledger import DeliveryLedger
 from ..core.queues import live_workers, queue_lengths, running_jobs
+from ..core.refresh import VERSION_CHANGED, request_refresh
 from ..core.registry import VersionRegistry
 from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
@@ -48,9 +50,14 @@ def pin_version(pid: int):
     body = json_body()
     if "version" not in body or not (body["version"] is None or isinstance(body["version"], str)):
         raise BadRequest('body must be {"version": "<name>"} to pin (or roll back), or {"version": null} to unpin')
+    before = current_version(backend.settings, backend.store.project(pid))
     VersionRegistry(backend.redis, backend.store).pin(pid, body["version"], base_version(backend.settings))
-    return jsonify(project=pid, pinned=body["version"],
-                   current=current_version(backend.settings, backend.store.project(pid)))
+    current = current_version(backend.settings, backend.store.project(pid))
+    refresh = {}
+    if current != before:  # the project's tasks should now show the pinned version's predictions
+        context = resolve_project(backend.settings, backend.store, pid)
+        refresh = request_refresh(backend.redis, backend.settings, context, VERSION_CHANGED, f"pinned {current}")
+    return jsonify(project=pid, pinned=body["version"], current=current, **refresh)
 
 
 @admin.get("/status/<int:pid>")
@@ -60,11 +67,13 @@ def status(pid: int):
     project = store.require_project(pid)
     context = resolve_project(settings, store, pid)
     progress = Progress(redis, pid)
+    health = ExampleHealth(redis)
     return jsonify(
         project=pid,
         model_version=context.model_version,
         revision=context.revision,
-        examples=store.label_counts(pid),
+        examples=health.usable_counts(store.label_counts(pid), pid),
+        unusable_examples=health.unusable(pid),
         annotation_errors=store.errors(pid),
         label_studio_api=context.ls_url or None,
         backfill=backfill_state(project, context),

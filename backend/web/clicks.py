@@ -74,6 +74,7 @@ def answer_bulk(backend: Backend, context: ProjectContext, tasks: list[dict]) ->
         )
     held = held_predictions(tasks, context.model_version)
     queued = queue_bulk(backend.redis, backend.settings, context, [{k: t[k] for k in ("id", "data")} for t in tasks], held)
+    queued.pop("queued_ids")
     body = {
         "results": [[] for _ in tasks],  # one empty list per task: Label Studio stores nothing and logs no error
         "status": "queued",

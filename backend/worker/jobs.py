@@ -22,6 +22,7 @@ from ..core.ingest import ingest
 from ..core.ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
 from ..core.prompts import parse_prompts, prompt_passes
 from ..core.queues import job_alive, server_time
+from ..core.refresh import request_refresh, start_refresh
 from ..core.services import Backend
 from ..core.triggers import BACKFILL_RETRY_S, WEBHOOK_BODY_TTL_S, handle_event
 from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
@@ -69,6 +70,7 @@ def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
                         ("backfill_errors", len(report.errors))):
         ctx.store.set_project_field(pid, name, value)
     ctx.store.delete_project_field(pid, "backfill_error")
+    request_refresh(ctx.redis, ctx.settings, context, len(report.stored) + len(report.removed), "backfill")
     report_progress(**summary)
     logger.info("project %s: backfill read %d annotations: %s", pid, len(pairs), summary)
     return summary
@@ -242,8 +244,10 @@ def _predict_claimed(ctx: WorkerContext, project: ProjectContext, ledger: Delive
 
 
 def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, claims: dict[int, Claim],
-          predictions: dict[int, dict], revision: int, progress: Progress | None) -> tuple[int, dict[int, str]]:
-    """Post each claimed prediction through the API as the task's only one of its version.
+          predictions: dict[int, dict], revision: int, progress: Progress | None,
+          drop_other_versions: bool = False) -> tuple[int, dict[int, str]]:
+    """Post each claimed prediction through the API as the task's only one of its version (and with
+    `drop_other_versions`, its only one at all).
 
     Returns how many were posted and, per task that was not, why; its claim is given back, so the next
     run (a job retry, the next prelabel) delivers it. Once Label Studio is unavailable the remaining
@@ -256,7 +260,7 @@ def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, c
     for tid, claim in claims.items():
         if down is None:
             try:
-                ls_id = api.replace_prediction(tid, predictions[tid])
+                ls_id = api.replace_prediction(tid, predictions[tid], project.project, drop_other_versions)
             except LabelStudioUnavailable as exc:
                 down = exc.message
             except LabelStudioRefused as exc:
@@ -285,20 +289,66 @@ def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, c
 
 
 def prelabel_project(context: dict, task_ids: list[int] | None = None) -> dict:
-    """List the project's tasks (or take `task_ids`) and queue batches for those without a current prediction."""
+    """List the project's tasks (or take `task_ids`) and queue batches for those without a current prediction.
+
+    Listing the unlabeled tasks (no `task_ids`), unless KEEP_OLD_PREDICTIONS, each keeps only the current
+    version's prediction: the batches delete other versions' once theirs is posted, and here they go from tasks
+    whose current one is already stored.
+    """
     ctx, project = get_context(), ProjectContext.from_job(context)
     ensure_backfilled(ctx, project)
     image_key = project.config.image_key
     wanted = set(task_ids or [])
     tasks, listed = [], []
-    for task in ctx.api(project).tasks(project.project):
+    api = ctx.api(project)
+    for task in api.tasks(project.project):
         if wanted and int(task["id"]) not in wanted:
             continue
         if task.get("annotations") and not wanted:
             continue  # already labeled by a person: nothing to pre-label
         listed.append(task)
         tasks.append({"id": int(task["id"]), "data": {image_key: (task.get("data") or {}).get(image_key)}})
-    return queue_bulk(ctx.redis, ctx.settings, project, tasks, held_predictions(listed, project.model_version))
+    drop = not ctx.settings.keep_old_predictions and not wanted  # chosen tasks may be labeled: never touched
+    held = held_predictions(listed, project.model_version)
+    out = queue_bulk(ctx.redis, ctx.settings, project, tasks, held, drop_other_versions=drop)
+    if drop:
+        out["deleted_old_versions"] = _drop_other_versions(api, project, listed, held, set(out.pop("queued_ids")))
+    else:
+        out.pop("queued_ids")
+    return out
+
+
+def _drop_other_versions(api, project: ProjectContext, listed: list[dict], held: dict[int, list[int]],
+                         queued: set[int]) -> int:
+    """Delete other versions' predictions of unlabeled tasks that hold exactly one current one and are not
+    queued (a queued task's batch deletes them after posting); returns how many were deleted."""
+    deleted = 0
+    for task in listed:
+        tid = int(task["id"])
+        if task.get("annotations") or tid in queued or len(held.get(tid, [])) != 1:
+            continue
+        for prediction in task.get("predictions") or []:
+            if isinstance(prediction, dict) and prediction.get("model_version") != project.model_version \
+                    and isinstance(prediction.get("id"), int):
+                api.delete_prediction(prediction["id"])
+                deleted += 1
+    return deleted
+
+
+def refresh_project(project_id: int, reason: str = "") -> dict:
+    """AUTO_REFRESH: re-predict the project's unlabeled tasks whose prediction is missing or stale, with the
+    version and supports current now (the changes it covers are cleared first: later ones schedule a new run)."""
+    ctx = get_context()
+    changes = start_refresh(ctx.redis, project_id)
+    context = resolve_project(ctx.settings, ctx.store, project_id)
+    if not context.has_api:
+        return {"skipped": "no Label Studio API access"}
+    if not ctx.store.label_counts(project_id):
+        return {"skipped": "no support examples yet"}
+    report_progress(stage="listing", reason=reason, changes=changes)
+    outcome = {**prelabel_project(context.to_job()), "reason": reason, "changes": changes}
+    logger.info("project %s: refresh (%s) queued %s tasks", project_id, reason, outcome.get("queued_tasks"))
+    return outcome
 
 
 def prelabel_request(project_id: int, task_ids: list[int] | None = None) -> dict:
@@ -311,8 +361,9 @@ def prelabel_request(project_id: int, task_ids: list[int] | None = None) -> dict
     return prelabel_project(context.to_job(), task_ids)
 
 
-def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
-    """Predict a batch of tasks and post each as its task's only prediction of the version (idempotent)."""
+def prelabel_batch(context: dict, tasks: list[dict], drop_other_versions: bool = False) -> dict:
+    """Predict a batch of tasks and post each as its task's only prediction of the version (idempotent); with
+    `drop_other_versions` (pre-labeling unlabeled tasks), as its only prediction."""
     ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
     progress = Progress(ctx.redis, project.project)
     ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
@@ -327,7 +378,8 @@ def prelabel_batch(context: dict, tasks: list[dict]) -> dict:
     for failure in run.failures:
         progress.mark_failed(failure.task_id, failure.message)
     report_progress(failed=len(failed))
-    posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress)
+    posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress,
+                                drop_other_versions)
     failed.update(post_failed)
     report_progress(done=posted, failed=len(failed))
     unreachable = [m for m in post_failed.values() if m.startswith("not posted yet")]

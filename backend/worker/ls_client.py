@@ -43,6 +43,10 @@ class LabelStudioRefused(BackendError):
         self.status_code = status_code
 
 
+TASK_PAGE_SIZE = 100
+"""Tasks per page when listing a project."""
+
+
 class LabelStudioAPI:
     """A thin wrapper over label-studio-sdk: it takes a Personal Access Token or a legacy token alike.
 
@@ -124,9 +128,18 @@ class LabelStudioAPI:
         """Every task of a project with its data, annotations and predictions (read in full, then yielded)."""
 
         def read() -> list[dict]:
-            pager = self.client.tasks.list(project=project_id, fields="all", page_size=100,
-                                           only_annotated=only_annotated or None, request_options=ONCE)
-            return [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t) for t in pager]
+            # Page by page up to the total Label Studio reports: the SDK's pager asks for one page past the last,
+            # which Label Studio 1.23 answers with a logged error ("Invalid page.") and a traceback.
+            tasks, page = [], 1
+            while True:
+                pager = self.client.tasks.list(project=project_id, fields="all", page=page, page_size=TASK_PAGE_SIZE,
+                                               only_annotated=only_annotated or None, request_options=ONCE)
+                items = pager.items or []
+                tasks += [t.model_dump(mode="json") if hasattr(t, "model_dump") else dict(t) for t in items]
+                total = getattr(pager.response, "total", None)
+                if not items or len(items) < TASK_PAGE_SIZE or (total is not None and len(tasks) >= total):
+                    return tasks
+                page += 1
 
         yield from self.call(f"listing the tasks of project {project_id}", read)
 
@@ -135,19 +148,27 @@ class LabelStudioAPI:
         task = self.call(f"reading task {task_id}", lambda: self.client.tasks.get(id=str(task_id), request_options=ONCE))
         return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
 
-    def create_prediction(self, task_id: int, result: list[dict], score: float, model_version: str) -> int:
+    def create_prediction(self, task_id: int, result: list[dict], score: float, model_version: str,
+                          project_id: int | None = None) -> int:
         """POST /api/predictions; returns the new prediction's id."""
         # Not repeated on failure: Label Studio may have stored it and failed afterwards (replace_prediction
-        # repeats the whole delete-then-post instead).
+        # repeats the whole delete-then-post instead). The project is sent too: without it Label Studio 1.23
+        # logs "project_id is not set" for every prediction.
+        extra = {"project": project_id} if project_id is not None else {}
         prediction = self.call(f"posting a prediction for task {task_id}", lambda: self.client.predictions.create(
-            task=task_id, result=result, score=score, model_version=model_version, request_options=ONCE), retry=False)
+            task=task_id, result=result, score=score, model_version=model_version, request_options=ONCE, **extra),
+            retry=False)
         return int(prediction.id)
+
+    def stored_predictions(self, task_id: int) -> list[tuple[int, str]]:
+        """(id, model version) of every prediction Label Studio stores for a task."""
+        stored = self.call(f"reading the predictions of task {task_id}",
+                            lambda: list(self.client.predictions.list(task=task_id, request_options=ONCE)))
+        return [(int(p.id), str(p.model_version or "")) for p in stored]
 
     def prediction_ids(self, task_id: int, model_version: str) -> list[int]:
         """Ids of the task's stored predictions of one model version."""
-        stored = self.call(f"reading the predictions of task {task_id}",
-                            lambda: list(self.client.predictions.list(task=task_id, request_options=ONCE)))
-        return [int(p.id) for p in stored if p.model_version == model_version]
+        return [pid for pid, version in self.stored_predictions(task_id) if version == model_version]
 
     def delete_prediction(self, prediction_id: int) -> None:
         """DELETE /api/predictions/<id>; a prediction already gone is fine."""
@@ -157,24 +178,36 @@ class LabelStudioAPI:
             if exc.status_code != 404:
                 raise
 
-    def replace_prediction(self, task_id: int, prediction: dict) -> int:
-        """Make this the task's only prediction of its model version: delete the stored ones, then post it.
+    def replace_prediction(self, task_id: int, prediction: dict, project_id: int | None = None,
+                           drop_other_versions: bool = False) -> int:
+        """Make this the task's only prediction of its model version: delete the stored ones, then post it; with
+        `drop_other_versions`, other versions' predictions of the task are deleted after the post.
 
         Deleting first keeps at most one at every moment; a retry after a crash between the two steps, or
         after a post that was stored but answered with an error, finds none (or that one) and ends with
-        exactly one again.
+        exactly one again. Other versions' go only once the new one is stored: the task never shows none.
         """
+        version = prediction["model_version"]
         for pause in (*BLIP_RETRIES_S, None):
             try:
-                for stale in self.prediction_ids(task_id, prediction["model_version"]):
-                    self.delete_prediction(stale)
-                return self.create_prediction(task_id, prediction["result"], prediction["score"],
-                                              prediction["model_version"])
+                stored = self.stored_predictions(task_id)
+                for stale, stale_version in stored:
+                    if stale_version == version:
+                        self.delete_prediction(stale)
+                new_id = self.create_prediction(task_id, prediction["result"], prediction["score"], version, project_id)
+                break
             except LabelStudioUnavailable:
                 if pause is None:
                     raise
                 time.sleep(pause)
-        raise AssertionError("unreachable")
+        if drop_other_versions:
+            try:
+                for old, old_version in stored:
+                    if old_version != version:
+                        self.delete_prediction(old)
+            except LabelStudioUnavailable as exc:  # the new one is stored; the next listing deletes the rest
+                logger.warning("task %s: earlier versions' predictions not deleted yet: %s", task_id, exc.message)
+        return new_id
 
 
 def _detail(body: object) -> str:

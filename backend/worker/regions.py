@@ -25,6 +25,8 @@ disc of radius 18 px read back with IoU 0.947, at 0.5 px 0.967; vertex count sti
 MIN_REGION_SHARE = 0.0002
 """Parts smaller than this share of the image (and under MIN_REGION_PX) get no polygon or box: specks."""
 MIN_REGION_PX = 16
+BOX_MIN_SHARE_OF_LARGEST = 0.05
+"""A part smaller than this share of the label's largest part gets no box (fragments and noise, not objects)."""
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +100,25 @@ def polygons(mask: np.ndarray, tolerance: float = POLYGON_TOLERANCE_PX) -> list[
 
 
 def boxes(mask: np.ndarray) -> list[dict[str, float]]:
-    """One box per connected part above the minimum area: {x, y, width, height} in percent."""
+    """One box per object-sized part of the mask: {x, y, width, height} in percent, largest part first.
+
+    A part gets a box if it is above the minimum area, at least BOX_MIN_SHARE_OF_LARGEST of the label's largest
+    part, and its box is not inside a larger part's box (a fragment of the same object). Each box is then
+    something to check, not a speck: a sky mask broken by trees and poles gives its large pieces, not 20 boxes.
+    """
     height, width = mask.shape
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    out = []
-    for x, y, w, h, area in stats[1:count].tolist():
-        if area < _min_area(mask.shape):
+    parts = sorted(stats[1:count].tolist(), key=lambda s: -s[4])
+    if not parts:
+        return []
+    floor = max(_min_area(mask.shape), BOX_MIN_SHARE_OF_LARGEST * parts[0][4])
+    kept: list[list[int]] = []
+    for x, y, w, h, area in parts:
+        if area < floor or any(x >= kx and y >= ky and x + w <= kx + kw and y + h <= ky + kh for kx, ky, kw, kh, _ in kept):
             continue
-        out.append({"x": 100.0 * x / width, "y": 100.0 * y / height, "width": 100.0 * w / width,
-                    "height": 100.0 * h / height, "rotation": 0})
-    return out
+        kept.append([x, y, w, h, area])
+    return [{"x": 100.0 * x / width, "y": 100.0 * y / height, "width": 100.0 * w / width, "height": 100.0 * h / height,
+             "rotation": 0} for x, y, w, h, _ in kept]
 
 
 def mask_regions_for(control: Control, image_name: str, label: str, mask: np.ndarray, score: float) -> list[dict]:

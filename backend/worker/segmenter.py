@@ -15,6 +15,7 @@ import numpy as np
 from model import DiffewS, InvalidInputError, QueryBatch, SupportMemory, to_rgb
 
 from ..core.errors import BackendError, BadRequest, MediaError
+from ..core.example_health import ExampleHealth
 from ..core.label_config import LabelConfig
 from ..core.settings import Settings
 from ..core.store import Example, SupportStore
@@ -106,15 +107,24 @@ class FewShotSegmenter:
         return self.model.encode_support(list(images), list(masks), batch_size=self.settings.model_batch_size)
 
     def _load_example(self, pid: int, example: Example, label: str) -> tuple[np.ndarray, np.ndarray] | None:
-        """An example's image and its mask of `label`, or None (why is logged, and recorded for /status)."""
+        """An example's image and its mask of `label`, or None (why is logged, and recorded for /status).
+
+        One that failed is not fetched again before its next try (backing off: backend.core.example_health).
+        """
+        health = ExampleHealth(self.store.redis)
+        if health.blocked(pid, example.annotation_id):
+            return None
         try:
             rgb = to_rgb(self.files.image_bytes(pid, example.task_id, example.image_url), f"task {example.task_id}")
             mask = self.files.example_mask(pid, example, label)
         except (BackendError, InvalidInputError) as exc:  # one bad example never breaks the project
             message = exc.message if isinstance(exc, BackendError) else str(exc)
-            logger.warning("project %s: skipping example of annotation %s: %s", pid, example.annotation_id, message)
+            wait = health.failed(pid, example.annotation_id, example.labels, message)
+            logger.warning("project %s: skipping example of annotation %s for %d s: %s", pid, example.annotation_id,
+                           wait, message)
             self.store.record_errors(pid, {str(example.annotation_id): f"skipped when predicting: {message}"})
             return None
+        health.recovered(pid, example.annotation_id)
         if mask.shape != rgb.shape[:2] or not mask.any():
             logger.warning("project %s: skipping annotation %s label %r: mask %s vs image %s or empty",
                            pid, example.annotation_id, label, mask.shape, rgb.shape[:2])

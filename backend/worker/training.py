@@ -1,18 +1,20 @@
-"""Fine-tuning jobs: train on a project's accepted labels, score on a held-out slice, promote by backend.core.promotion."""
+"""Fine-tuning jobs: train on a project's accepted labels, score by cross-validation, promote by backend.core.promotion."""
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from pathlib import Path
 
-from model import InvalidInputError, TrainConfig, evaluate_episodes, finetune, make_sample, save_version, trainable_copy
+from model import InvalidInputError, TrainConfig, episode_ious, finetune, make_sample, save_version, trainable_copy
 from rq import get_current_job
 
 from ..core.context import ProjectContext
 from ..core.errors import BackendError, BadRequest
 from ..core.promotion import decide
+from ..core.refresh import VERSION_CHANGED, request_refresh
 from ..core.registry import TRAIN_LOCK_KEY, VersionRegistry
 from ..core.settings import Settings
 from ..core.store import Example
@@ -21,11 +23,23 @@ from .runtime import WorkerContext, get_context, report_progress
 
 logger = logging.getLogger(__name__)
 
-def split_held_out(examples: list[Example], every: int) -> tuple[list[Example], list[Example]]:
-    """(train, held out): every n-th example by annotation id is held out, so the split is stable as labels grow."""
-    ordered = sorted(examples, key=lambda e: e.annotation_id)
-    return ([e for i, e in enumerate(ordered) if i % every != every - 1],
-            [e for i, e in enumerate(ordered) if i % every == every - 1])
+def folds_of(count: int, folds: int) -> list[list[int]]:
+    """Image indices (in annotation-id order) per fold: image i goes to fold i % k, k = min(folds, count)."""
+    k = max(1, min(folds, count))
+    return [list(range(f, count, k)) for f in range(k)]
+
+
+def cv_plan(samples: list, labels: list[str], fold: list[int], shots: int, budget: int, seed: int) -> list:
+    """Episodes whose queries are the fold's images (each at least once, one label in turn, then more labels up to
+    `budget` episodes in all) and whose supports come from the other images (fixed seed)."""
+    rng = random.Random(seed)
+    inside = set(fold)
+    others = {c: [i for i in range(len(samples)) if i not in inside and c in samples[i].masks] for c in labels}
+    pairs = [[(c, q) for c in labels if c in samples[q].masks and others[c]] for q in fold]
+    plan = [held[j % len(held)] for j, held in enumerate(pairs) if held]  # every image once
+    extra = [pair for j, held in enumerate(pairs) for pair in held if held and pair != held[j % len(held)]]
+    plan += extra[: max(0, budget - len(plan))]
+    return [(c, q, rng.sample(others[c], min(shots, len(others[c])))) for c, q in plan]
 
 
 def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example], resolution: int) -> list:
@@ -41,13 +55,30 @@ def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example
     return samples
 
 
-def _score(model, held: list, train: list, labels: list[str], episodes: int) -> float | None:
-    if not held:
-        return None
-    try:
-        return evaluate_episodes(model, held, labels, shots=1, episode_count=episodes, seed=0, support_pool=train).miou
-    except InvalidInputError:  # no label has both a held-out query and a support
-        return None
+def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list[str], config: TrainConfig,
+                   against: list[str], settings: Settings) -> tuple[dict[str, list[float]], int]:
+    """Per version, its IoU on every cross-validation episode: the candidate's through a model trained without the
+    episode's query image (one per fold), each incumbent's as served; returns (IoUs by name, folds). The key
+    "candidate" holds the candidate's."""
+    groups = folds_of(len(samples), settings.cv_folds)
+    ious: dict[str, list[float]] = {"candidate": [], **{name: [] for name in against}}
+    budget = max(1, settings.score_episodes // len(groups))
+    for f, fold in enumerate(groups):
+        plan = cv_plan(samples, labels, fold, 1, budget, seed=f)
+        if not plan:
+            continue
+        train = [sample for i, sample in enumerate(samples) if i not in set(fold)]
+        report_progress(stage="cross-validation", fold=f + 1, folds=len(groups), episodes=len(plan))
+        fold_model = trainable_copy(parent_model, settings.train_mode)
+        try:
+            finetune(fold_model, train, config)
+        except InvalidInputError as exc:  # too few images left to train without this fold: it gives no evidence
+            logger.info("cross-validation fold %d of %d skipped: %s", f + 1, len(groups), exc)
+            continue
+        ious["candidate"] += episode_ious(fold_model, samples, plan)
+        for name in against:
+            ious[name] += episode_ious(ctx.models.get(name), samples, plan)
+    return ious, len(groups)
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
@@ -65,36 +96,34 @@ def train_project(context: dict, reason: str = "") -> dict:
         settings, store = ctx.settings, ctx.store
         registry = VersionRegistry(ctx.redis, store)
         labels = list(project_ctx.config.labels)
-        train_ex, held_ex = split_held_out(store.examples(project_id), settings.held_out_every)
         base = base_version(settings)
         parent_folder = registry.folder(parent) if parent != base else None
+        parent_model = ctx.models.get(parent)
         # A copy to train, sharing the serving model's frozen tensors (LoRA) or a float32 copy of its UNet (full):
         # the model answering clicks meanwhile is never touched.
-        model = trainable_copy(ctx.models.get(parent), settings.train_mode)
-        resolution = model.config.resolution
-        train = _samples(ctx, project_ctx, train_ex, resolution)
-        held = _samples(ctx, project_ctx, held_ex, resolution)
-        if len(train) < 2:
-            raise BadRequest(f"project {project_id} has {len(train)} usable training images; label at least 2 (plus held-out)")
+        model = trainable_copy(parent_model, settings.train_mode)
+        samples = _samples(ctx, project_ctx, sorted(store.examples(project_id), key=lambda e: e.annotation_id),
+                           model.config.resolution)
+        if len(samples) < 2:
+            raise BadRequest(f"project {project_id} has {len(samples)} usable labeled images; label at least 2")
         seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
         config = TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum, max_shots=settings.max_shots,
                              lr=settings.train_lr, mode=settings.train_mode, augment=settings.train_augment, seed=seed)
         every = max(1, settings.train_steps // 100)
-        report_progress(stage="training", train_images=len(train), held_out_images=len(held))
-        result = finetune(model, train, config, on_step=lambda step, loss: step % every == 0 and report_progress(
+        report_progress(stage="training", train_images=len(samples))
+        result = finetune(model, samples, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))
         name = registry.next_name(project_id, base)
-        report_progress(stage="scoring")
         against = incumbents(settings, store.require_project(project_id))  # what is live now, not at enqueue time
-        scores = {name: _score(model, held, train, labels, settings.score_episodes)}
-        for incumbent in against:
-            scores[incumbent] = _score(ctx.models.get(incumbent), held, train, labels, settings.score_episodes)
-        decision = decide(name, scores, against, held_out=len(held))
+        ious, folds = cross_validate(ctx, parent_model, samples, labels, config, against, settings)
+        ious[name] = ious.pop("candidate")
+        decision = decide(name, ious, against, images=len(samples), folds=folds)
+        scores = decision.scores
         summary = {
-            "reason": reason, "train_images": len(train), "held_out_images": len(held), "labels": result.labels,
+            "reason": reason, "train_images": len(samples), "labels": result.labels,
             "steps": result.steps, "final_loss": result.final_loss, "seed": seed,
             "loss_curve": result.losses[:: max(1, len(result.losses) // 100)],
-            "held_out_miou": scores, "decision": decision.as_dict(), "config": result.config,
+            "cv_mean_iou": scores, "evidence": decision.evidence, "decision": decision.as_dict(), "config": result.config,
         }
         root = Path(settings.model_dir) / "versions" / str(project_id)
         weights_base = {"version": parent_folder.name} if parent_folder else base_ref(settings)
@@ -102,13 +131,16 @@ def train_project(context: dict, reason: str = "") -> dict:
                             project=project_id, weights=result.weights)
         registry.add(path)
         if decision.promoted:
+            before = current_version(settings, store.require_project(project_id))
             registry.promote(project_id, name)
+            if current_version(settings, store.require_project(project_id)) != before:  # not while pinned
+                request_refresh(ctx.redis, settings, project_ctx, VERSION_CHANGED, f"promoted {name}")
         outcome = {"version": name, "at": time.time(), "reason": reason, **decision.as_dict()}
         store.set_project_field(project_id, "last_training", json.dumps(outcome))
         logger.info("project %s: version %s: %s", project_id, name, decision.reason)
         report_progress(stage="done", version=name, promoted=decision.promoted, decision=decision.reason)
         return {"version": name, "promoted": decision.promoted, "reason": decision.reason, "scores": scores,
-                "steps": result.steps}
+                "evidence": decision.evidence, "steps": result.steps}
     finally:
         lock = TRAIN_LOCK_KEY.format(pid=project_id)
         if job is None or ctx.redis.get(lock) == job.id.encode():

@@ -1,0 +1,86 @@
+"""AUTO_REFRESH: changes are counted and debounced into one refresh job; posting keeps one prediction per task."""
+
+from __future__ import annotations
+
+import pytest
+from rq import Queue
+from rq.registry import ScheduledJobRegistry
+
+from backend.core.context import resolve_project
+from backend.core.refresh import VERSION_CHANGED, request_refresh, start_refresh
+from backend.core.settings import Settings
+from backend.core.store import SupportStore
+
+from .payloads import CONFIG_XML, square_scene
+from .ls_server import create_project
+
+
+@pytest.fixture
+def refreshing(settings, redis):
+    """Settings with AUTO_REFRESH on (30 s, or 3 changes), a project with Label Studio access, and its context."""
+    on = settings.replace(auto_refresh=True, refresh_delay_s=30, refresh_after_changes=3,
+                          label_studio_url="http://ls.invalid", label_studio_api_key="k")
+    store = SupportStore(redis, on.model_dir)
+    store.register_project(1, CONFIG_XML)
+    return on, resolve_project(on, store, 1)
+
+
+def _waiting(redis) -> tuple[int, int]:
+    """(refresh jobs scheduled for later, refresh jobs queued now)."""
+    return ScheduledJobRegistry("ingest", connection=redis).count, Queue("ingest", connection=redis).count
+
+
+def test_changes_are_debounced_into_one_refresh(redis, refreshing):
+    """The first change schedules one job REFRESH_DELAY_S later; REFRESH_AFTER_CHANGES start one at once; a job
+    that starts clears the count, and the next change schedules again."""
+    on, context = refreshing
+    assert request_refresh(redis, on, context, 1, "ANNOTATION_CREATED") == {"refresh": "in 30 s"}
+    assert request_refresh(redis, on, context, 1, "ANNOTATION_UPDATED") == {"refresh": "scheduled earlier"}
+    assert _waiting(redis) == (1, 0)
+    assert request_refresh(redis, on, context, 1, "ANNOTATION_UPDATED") == {"refresh": "queued"}
+    assert request_refresh(redis, on, context, 2, "ANNOTATIONS_DELETED") == {"refresh": "queued earlier"}
+    assert _waiting(redis) == (1, 1)
+    assert start_refresh(redis, 1) == 5
+    assert request_refresh(redis, on, context, 1, "ANNOTATION_CREATED") == {"refresh": "in 30 s"}
+    assert _waiting(redis) == (2, 1)
+
+
+def test_a_version_change_refreshes_at_once(redis, refreshing):
+    on, context = refreshing
+    assert request_refresh(redis, on, context, VERSION_CHANGED, "promoted v1") == {"refresh": "queued"}
+    [job] = Queue("ingest", connection=redis).jobs
+    assert job.func_name == "backend.worker.jobs.refresh_project" and job.args == (1, "promoted v1")
+
+
+def test_off_without_api_or_when_disabled(redis, settings, refreshing):
+    """AUTO_REFRESH=false does nothing; without Label Studio access the answer says why nothing is queued."""
+    on, context = refreshing
+    assert request_refresh(redis, on.replace(auto_refresh=False), context, 5, "x") == {}
+    store = SupportStore(redis, settings.model_dir)
+    no_api = resolve_project(settings.replace(auto_refresh=True), store, 1)
+    assert request_refresh(redis, settings.replace(auto_refresh=True), no_api, 5, "x") == {
+        "refresh": "off: no Label Studio API access to post predictions"}
+    assert request_refresh(redis, on, context, 0, "nothing changed") == {}
+    assert _waiting(redis) == (0, 0)
+
+
+@pytest.mark.parametrize("name,value", [("REFRESH_AFTER_CHANGES", 0), ("REFRESH_DELAY_S", -1)])
+def test_refresh_settings_are_checked(name, value):
+    with pytest.raises(ValueError, match=name):
+        Settings(**{name: value})
+
+
+@pytest.mark.label_studio
+@pytest.mark.parametrize("drop", [True, False], ids=["drop-other-versions", "keep"])
+def test_posting_drops_other_versions_only_when_asked(label_studio, drop):
+    """replace_prediction: one prediction of the version always; others deleted only with drop_other_versions."""
+    from backend.worker.ls_client import LabelStudioAPI
+
+    pid, [task] = create_project(label_studio, CONFIG_XML, [square_scene(0)[0]])
+    for version in ("v-old", "v-new", "v-new"):
+        label_studio.request("POST", "/api/predictions", json={"task": task["id"], "project": pid, "result": [],
+                                                                "model_version": version})
+    api = LabelStudioAPI(label_studio.url, label_studio.pat)
+    api.replace_prediction(task["id"], {"model_version": "v-new", "result": [], "score": 0.5}, pid, drop)
+    versions = sorted(p["model_version"] for p in label_studio.predictions(task["id"]))
+    assert versions == (["v-new"] if drop else ["v-new", "v-old"])
