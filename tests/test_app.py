@@ -287,3 +287,15 @@ def test_cli_joins_the_running_backends_embedded_redis(tmp_path, monkeypatch, ca
     finally:
         stop_embedded()
     assert main(["status", "--project", "3"]) == 2  # stopped: nothing to join, and nothing started
+
+
+def test_error_messages_ride_in_the_status_line(client):
+    """4xx answers carry their message as the HTTP reason phrase too (Label Studio shows only the status line),
+    reduced to one line of printable ASCII and bounded."""
+    from backend.web.app import reason_phrase
+
+    r = client.get("/jobs/a.b")
+    assert r.status_code == 400 and r.status.split(" ", 1)[1] == reason_phrase(r.json["error"])
+    assert reason_phrase("caf\u00e9\nline two\r") == "caf  line two"
+    assert len(reason_phrase("x" * 1000)) == 300 and reason_phrase("x" * 1000).endswith("...")
+    assert reason_phrase("\n") == "error"

@@ -188,3 +188,26 @@ def test_backfill_reports_a_malformed_annotation_and_runs_once(label_studio, liv
     after = backend.get(f"/status/{pid}")
     assert after["backfill"]["at"] == status["backfill"]["at"] and after["revision"] == status["revision"]
     assert len(_ours(label_studio, tasks[3]["id"])) == 1
+
+
+def test_the_test_button_is_not_counted_as_a_delivery(label_studio, live_backend):
+    """Label Studio's Test button (/api/ml/<id>/predict/test) shows a prediction without storing it: the check
+    after CONFIRM_RETURNED_S forgets it, so /status counts what Label Studio holds; an opened task stays counted."""
+    backend = live_backend(confirm_returned_s=5.0)
+    pid, tasks, _ = _project(label_studio, backend, n_tasks=3, labeled=2)
+    [ml] = label_studio.json("GET", f"/api/ml?project={pid}")
+
+    def delivered() -> int:
+        return backend.get(f"/status/{pid}")["deliveries"]["delivered"]
+
+    def stored() -> int:
+        return sum(len(_ours(label_studio, t["id"])) for t in tasks)
+
+    label_studio.request("POST", f"/api/ml/{ml['id']}/predict/test?random=true")
+    assert (delivered(), stored()) == (1, 0)  # answered inline, recorded, but Label Studio kept nothing
+    wait_for(lambda: delivered() == 0, 60, "the unstored test prediction to leave the ledger")
+    unlabeled = tasks[2]["id"]
+    _open(label_studio, unlabeled)
+    assert (delivered(), stored()) == (1, 1)
+    time.sleep(7)  # past CONFIRM_RETURNED_S: the check found it stored and kept it
+    assert (delivered(), stored()) == (1, 1)

@@ -67,3 +67,19 @@ def test_polygon_project_predictions_are_stored(label_studio, live_backend):
     [prediction] = wait_for(lambda: label_studio.predictions(tasks[2]), 60, "the click's prediction")
     assert prediction["result"] and {r["type"] for r in prediction["result"]} == {"polygonlabels"}
     assert all(len(r["value"]["points"]) >= 3 for r in prediction["result"])
+
+
+def test_a_smart_tool_before_any_example_tells_the_annotator_why(label_studio, live_backend):
+    """Label Studio passes on only the status line of a failed answer; the reason rides in its phrase, so the
+    editor's error says what to do instead of "400 Client Error: BAD REQUEST"."""
+    backend = live_backend()
+    pid, tasks = create_project(label_studio, SMART_XML, [square_scene(0, SIZE)[0]])
+    ml = label_studio.json("POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "DiffewS",
+                                                     "is_interactive": True})
+    box = {"type": "rectanglelabels", "original_width": SIZE[1], "original_height": SIZE[0],
+           "value": {"x": 0, "y": 0, "width": 50, "height": 50, "rectanglelabels": ["square"]}}
+    answer = label_studio.json("POST", f"/api/ml/{ml['id']}/interactive-annotating",
+                               json={"task": tasks[0]["id"], "context": {"result": [box]}})
+    [error] = answer["errors"]
+    assert error.startswith("400 Client Error: ") and "no usable support examples of 'square' yet" in error, error
+    assert "label a few images with it first" in error

@@ -60,6 +60,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("secure-webhook", f"{_JOBS}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
     JobKind("list-tasks", f"{_JOBS}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("list-tasks-cli", f"{_JOBS}.prelabel_request", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("confirm-returned", f"{_JOBS}.confirm_returned", QUEUE_INGEST, lambda settings: 120, retries=2),
     # AUTO_REFRESH: list the unlabeled tasks and queue the stale ones (debounced: backend.core.refresh).
     JobKind("refresh", f"{_JOBS}.refresh_project", QUEUE_INGEST, _job_timeout, retries=2),
     # Bulk: batches post through the API; retried through a Label Studio outage of up to ~17 minutes.

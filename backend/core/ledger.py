@@ -162,6 +162,10 @@ class DeliveryLedger:
         back = "" if previous is None or previous.job == claim.entry.job else previous.dump()
         return bool(self._swap([(claim.task_id, claim.entry.dump().encode(), back)]))
 
+    def forget(self, task_id: int, entry: Entry) -> bool:
+        """Delete a task's entry if it is still `entry` (a delivery Label Studio turned out not to store)."""
+        return bool(self._swap([(task_id, entry.dump().encode(), "")]))
+
     def seed(self, found: dict[int, int], revision: int) -> int:
         """Record predictions Label Studio already holds (task -> LS id) where the ledger has no entry."""
         changes = [(task, None, Entry(state=DELIVERED, revision=revision, via=VIA_FOUND, ls_id=ls_id,

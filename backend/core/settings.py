@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     keep_old_predictions: bool = Field(False, alias="KEEP_OLD_PREDICTIONS")
     """KEEP_OLD_PREDICTIONS: keep earlier versions' predictions on an unlabeled task when pre-labeling posts the
     current version's (default: deleted, so the task shows one prediction). Labeled tasks are never touched."""
+    confirm_returned_s: float = Field(30.0, alias="CONFIRM_RETURNED_S")
+    """CONFIRM_RETURNED_S: this long after /predict answered with predictions, check that Label Studio stored them
+    (its Test button does not): the ledger forgets those it did not, so /status counts and later runs are right."""
     sync_max_tasks: int = Field(8, alias="SYNC_MAX_TASKS")
     """SYNC_MAX_TASKS: /predict with at most this many tasks answers inline; more are queued (202)."""
     predict_wait_s: float = Field(80.0, alias="PREDICT_WAIT_S")

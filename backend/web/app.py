@@ -49,7 +49,7 @@ def _register_errors(app: Flask, settings: Settings) -> None:
     @app.errorhandler(BackendError)
     def _backend_error(exc: BackendError):
         response = jsonify(error=exc.message, status=exc.status)
-        response.status_code = exc.status
+        response.status = f"{exc.status} {reason_phrase(exc.message)}"
         if isinstance(exc, Overloaded):
             response.headers["Retry-After"] = str(exc.retry_after)
         return response
@@ -75,6 +75,18 @@ def _register_errors(app: Flask, settings: Settings) -> None:
     @app.errorhandler(405)
     def _bad_method(exc):
         return jsonify(error=f"{request.method} is not allowed on {request.path}", status=405), 405
+
+
+def reason_phrase(message: str, limit: int = 300) -> str:
+    """The error message as an HTTP reason phrase (one line of printable ASCII).
+
+    Label Studio shows an ML backend's failed answer as `str(requests.HTTPError)`, which carries the status
+    line's reason phrase but not the body ("400 Client Error: BAD REQUEST for url: ..."): with the message as the
+    phrase, an annotator using a smart tool reads why in Label Studio ("400 Client Error: project 1 has no usable
+    support examples of 'car' yet: ...").
+    """
+    text = "".join(ch if " " <= ch <= "~" else " " for ch in message).strip()
+    return (text[: limit - 3] + "...") if len(text) > limit else (text or "error")
 
 
 def _basic_auth():

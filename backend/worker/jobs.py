@@ -16,6 +16,7 @@ from rq import get_current_job
 
 from ..core.admission import click_ended, record_click_seconds
 from ..core.bulk import Progress, held_predictions, queue_bulk
+from ..core.catalog import submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BackendError, BadRequest, DeadlinePassed
 from ..core.ingest import ingest
@@ -217,10 +218,31 @@ def _predict_and_deliver(ctx: WorkerContext, project: ProjectContext, tasks: lis
         for tid, claim in claims.items():
             ledger.record(claim, via=VIA_RETURNED, revision=run.revision)
         out["predictions"] = [run.predictions.get(int(t["id"])) for t in tasks]
+        if claims and project.has_api:  # Label Studio's Test button shows predictions without storing them
+            submit(ctx.redis, ctx.settings, "confirm-returned", project.to_job(), sorted(claims),
+                   meta={"project": project.project}, delay_s=ctx.settings.confirm_returned_s)
         return {**out, "delivered": "returned"}
     posted, post_failed = _post(ctx, project, ledger, claims, run.predictions, run.revision, progress=None)
     out["failures"].update(post_failed)
     return {**out, "delivered": "posted", "posted": posted}
+
+
+def confirm_returned(context: dict, task_ids: list[int]) -> dict:
+    """Forget returned deliveries that Label Studio did not store (its Test button answers the user only), so
+    the ledger counts what Label Studio holds and the next run delivers those tasks."""
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    ledger, api = DeliveryLedger(ctx.redis, project.project, project.model_version), ctx.api(project)
+    forgotten = []
+    for tid in task_ids:
+        entry = ledger.get(tid)
+        if entry is None or entry.via != VIA_RETURNED:
+            continue  # redone or replaced meanwhile
+        if not api.prediction_ids(tid, project.model_version) and ledger.forget(tid, entry):
+            forgotten.append(tid)
+    if forgotten:
+        logger.info("project %s: %d returned predictions were not stored by Label Studio (the Test button?): %s",
+                    project.project, len(forgotten), forgotten)
+    return {"checked": len(task_ids), "not_stored": forgotten}
 
 
 def _job_id() -> str:
