@@ -42,7 +42,7 @@ def predict_all(model: DiffewS, samples: list, labeled: list[int], unlabeled: li
     scores, tally, copies = {}, Tally(), Tally()
     for task, per_label in zip(unlabeled, outputs):
         sample = samples[task]
-        valid = ~sample.ignore if sample.ignore is not None else np.ones(sample.image.shape[:2], bool)
+        valid = sample.valid
         found = [out.score for out in per_label.values() if out.mask.any()]
         scores[task] = min(found, default=0.0)
         for c, out in per_label.items():

@@ -114,7 +114,7 @@ def evaluate_supervised(net: SupervisedBaseline, samples: list[Sample], classes:
             cache[query] = net(x).argmax(1)[0].numpy()
         pred = cache[query] == classes.index(c)
         truth = samples[query].masks[c]
-        valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
+        valid = samples[query].valid
         inter[c] = inter.get(c, 0) + int((pred & truth & valid).sum())
         union[c] = union.get(c, 0) + int(((pred | truth) & valid).sum())
     return float(np.mean([100.0 * inter[c] / union[c] for c in inter if union[c]]))

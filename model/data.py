@@ -26,6 +26,11 @@ class Sample:
     name: str = ""
     meta: dict = field(default_factory=dict)
 
+    @property
+    def valid(self) -> np.ndarray:
+        """[R, R] bool: the pixels that are scored (all but the void ones)."""
+        return ~self.ignore if self.ignore is not None else np.ones(self.image.shape[:2], dtype=bool)
+
 
 def make_sample(image: ImageInput, masks: dict[str, MaskInput], resolution: int, name: str = "") -> Sample:
     """A Sample from any accepted image and its masks; InvalidInputError for missing or mismatched masks."""

@@ -148,7 +148,7 @@ def evaluate(model: DiffewS, samples: Sequence[Sample], classes: Sequence[str], 
         out = model.segment_encoded(encoded, memory)[0]
         pred = out.probability > out.threshold
         truth = samples[query].masks[c]
-        valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
+        valid = samples[query].valid
         tallies["model"].add(c, pred, truth, valid)
         for name in BASELINES if baselines else ():
             tallies[name].add(c, BASELINES[name](support_masks, truth.shape), truth, valid)
@@ -202,7 +202,7 @@ def episode_ious(model: DiffewS, samples: Sequence[Sample], plan: Sequence[tuple
         memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[label] for i in supports])
         result = model.segment_encoded(model.encode_queries([samples[query].image]), memory)[0]
         truth = samples[query].masks[label]
-        valid = ~samples[query].ignore if samples[query].ignore is not None else np.ones_like(truth)
+        valid = samples[query].valid
         out.append(episode_iou(result.probability > result.threshold, truth, valid))
     return out
 

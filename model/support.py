@@ -6,7 +6,7 @@ import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -57,7 +57,7 @@ class SupportMemory:
         kv = {name: (k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for name, (k, v) in self.kv.items()}
         if all(kv[n][0] is self.kv[n][0] for n in kv):
             return self
-        return SupportMemory(kv=kv, num_shots=self.num_shots, key=self.key, descriptors=self.descriptors, shares=self.shares)
+        return replace(self, kv=kv)
 
     def release(self) -> None:
         """Drop the tensors now; later use raises SupportNotSetError."""
@@ -77,7 +77,7 @@ class SupportMemory:
             keep = total * shots // self.num_shots
             idx = torch.randperm(total, generator=generator, device="cpu")[:keep].sort().values.to(k.device)
             kv[name] = (k.index_select(1, idx), v.index_select(1, idx))
-        return SupportMemory(kv=kv, num_shots=self.num_shots, key=f"{self.key}:sub{shots}", shares=self.shares)
+        return replace(self, kv=kv, key=f"{self.key}:sub{shots}")
 
 
 def compose(parts: Sequence[SupportMemory]) -> SupportMemory:
@@ -129,8 +129,7 @@ def split_tokens(memory: SupportMemory, parts: int, generator: torch.Generator |
         for j, idx in enumerate(order.chunk(parts)):
             idx = idx.sort().values.to(k.device)
             out[j][name] = (k.index_select(1, idx), v.index_select(1, idx))
-    return [SupportMemory(kv=kv, num_shots=memory.num_shots, key=f"{memory.key}:part{j}of{parts}", shares=memory.shares)
-            for j, kv in enumerate(out)]
+    return [replace(memory, kv=kv, key=f"{memory.key}:part{j}of{parts}") for j, kv in enumerate(out)]
 
 
 class SupportCache:

@@ -86,7 +86,7 @@ def compare_choices(model: DiffewS, samples: Sequence[Sample], pool: Sequence[Sa
                 parts = model.encode_examples([pool[i].image for i in chosen], support_masks)
                 out = model.segment_encoded(queries[q], compose(parts))[0]
                 truth = samples[q].masks[c]
-                valid = ~samples[q].ignore if samples[q].ignore is not None else np.ones_like(truth)
+                valid = samples[q].valid
                 tallies.add(c, out.probability > out.threshold, truth, valid)
                 copies.add(c, copy_support(support_masks, truth.shape), truth, valid)
             per_class, copy_per_class = tallies.per_class(), copies.per_class()

@@ -63,8 +63,10 @@ def expected_wait_s(redis: Redis, workers: int, now: float, cost: int = 1) -> tu
     pipe = redis.pipeline()
     if expired:
         pipe.hdel(COSTS_KEY, *expired)
-    pipe.hmget(COSTS_KEY, pending) if pending else pipe.ping()
-    costs = pipe.execute()[-1] if pending else []
+    if pending:
+        pipe.hmget(COSTS_KEY, pending)
+    results = pipe.execute() if expired or pending else []
+    costs = results[-1] if pending else []
     passes = sum(int(c) if c else 1 for c in costs)
     per_click = float(per_click or FIRST_GUESS_S)
     return (passes + cost) * per_click / max(workers, 1), passes, per_click

@@ -176,17 +176,16 @@ class FewShotSegmenter:
             return run
         queries = self.model.encode_queries(images, batch_size=self.settings.model_batch_size)
         memories = self.supports_per_query(pid, config, queries)
-        for task, per_label in zip(ok_tasks, memories):
-            if not per_label:  # no prediction at all rather than an empty one that would block a later retrieval
-                run.failures.append(TaskFailure(int(task["id"]), "no support examples yet: label a few images first"))
-        ok_tasks = [task for task, per_label in zip(ok_tasks, memories) if per_label]
-        if not ok_tasks:
-            return run
         keep = [i for i, per_label in enumerate(memories) if per_label]
+        # no prediction at all rather than an empty one that would block a later retrieval
+        run.failures += [TaskFailure(int(task["id"]), "no support examples yet: label a few images first")
+                         for task, per_label in zip(ok_tasks, memories) if not per_label]
+        if not keep:
+            return run
         queries = QueryBatch(queries.latents[keep], [queries.sizes[i] for i in keep])
         outputs = self.model.segment_many_encoded(queries, [memories[i] for i in keep],
                                                   batch_size=self.settings.model_batch_size)
-        for task, per_label in zip(ok_tasks, outputs):
+        for task, per_label in zip([ok_tasks[i] for i in keep], outputs):
             try:
                 regions = [region for label, out in per_label.items() if out.mask.any()
                            for region in label_regions(config, label, out.mask, out.score)]

@@ -47,12 +47,12 @@ class SimilarSupports:
 
     def pool(self, model: DiffewS, pid: int, label: str, revision: int, load: ExampleLoader) -> LabelPool:
         """The label's pool at `revision`: from this process's memory, else read, missing descriptors computed."""
-        slot = (model.descriptor_space, pid, label)
+        space = model.descriptor_space
+        slot = (space, pid, label)
         cached = self._pools.get(slot)
         if cached is not None and cached.revision == revision:
             return cached
         examples = self.store.pool(pid, label)
-        space = model.descriptor_space
         fields = [image_field(e.task_id, e.image_url) for e in examples]
         found = self.descriptor_store.get_many(pid, space, fields)
         missing = [i for i, d in enumerate(found) if d is None]

@@ -35,9 +35,13 @@ def cv_plan(samples: list, labels: list[str], fold: list[int], shots: int, budge
     rng = random.Random(seed)
     inside = set(fold)
     others = {c: [i for i in range(len(samples)) if i not in inside and c in samples[i].masks] for c in labels}
-    pairs = [[(c, q) for c in labels if c in samples[q].masks and others[c]] for q in fold]
-    plan = [held[j % len(held)] for j, held in enumerate(pairs) if held]  # every image once
-    extra = [pair for j, held in enumerate(pairs) for pair in held if held and pair != held[j % len(held)]]
+    plan, extra = [], []
+    for j, q in enumerate(fold):
+        held = [(c, q) for c in labels if c in samples[q].masks and others[c]]
+        if held:
+            first = held[j % len(held)]  # every image once, its labels taken in turn across the fold
+            plan.append(first)
+            extra += [pair for pair in held if pair != first]
     plan += extra[: max(0, budget - len(plan))]
     return [(c, q, rng.sample(others[c], min(shots, len(others[c])))) for c, q in plan]
 
@@ -67,7 +71,8 @@ def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list
         plan = cv_plan(samples, labels, fold, 1, budget, seed=f)
         if not plan:
             continue
-        train = [sample for i, sample in enumerate(samples) if i not in set(fold)]
+        inside = set(fold)
+        train = [sample for i, sample in enumerate(samples) if i not in inside]
         report_progress(stage="cross-validation", fold=f + 1, folds=len(groups), episodes=len(plan))
         fold_model = trainable_copy(parent_model, settings.train_mode)
         try:
