@@ -9,7 +9,7 @@ import signal
 import sys
 
 from backend.web.app import create_app
-from backend.core.settings import Settings
+from backend.core.settings import Settings, settings_or_exit
 from backend.core.versions import describe_model
 
 logger = logging.getLogger("diffews")
@@ -17,10 +17,11 @@ logger = logging.getLogger("diffews")
 
 def _log_model(settings: Settings) -> None:
     info = describe_model(settings)
+    if info.get("note"):
+        logger.info(info["note"])
     if info.get("warning"):
         logger.warning(info["warning"])
-    else:
-        logger.info("model %s (version %s)", info["spec"], info["version"])
+    logger.info("model %s (version %s)", info["spec"] or f"matcher:{info['backbone']}", info["version"])
 
 
 def _log_warnings(app) -> None:
@@ -43,7 +44,7 @@ def _leave_a_core_for_the_web(settings: Settings) -> None:
 
 
 def main() -> None:
-    settings = Settings.from_env()
+    settings = settings_or_exit()
     parser = argparse.ArgumentParser(description="DiffewS few-shot segmentation backend for Label Studio")
     parser.add_argument("--host", default=settings.host,
                         help="address to listen on (default HOST or 127.0.0.1; 0.0.0.0 to accept other machines, e.g. Docker)")
@@ -85,7 +86,7 @@ def main() -> None:
 if __name__ == "__main__":
     main()
 else:  # imported by gunicorn: workers run separately (`python -m backend worker`)
-    _settings = Settings.from_env()
+    _settings = settings_or_exit()
     logging.basicConfig(level=_settings.log_level.upper())
     if not _settings.redis_url:
         raise RuntimeError(

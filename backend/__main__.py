@@ -16,7 +16,7 @@ from .core.bulk import Progress
 from .core.catalog import submit
 from .core.errors import BackendError
 from .core.queues import ALL_QUEUES, NoRedisError, connect
-from .core.settings import Settings
+from .core.settings import Settings, settings_or_exit
 from .core.store import SupportStore
 
 ENDED = (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.STOPPED, JobStatus.CANCELED)
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     stat.add_argument("--project", type=int, required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.from_env()
+    settings = settings_or_exit()
     try:
         return _run(args, settings)
     except NoRedisError as exc:
@@ -113,12 +113,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     store = SupportStore(redis, settings.model_dir)
     store.require_project(args.project)
     if args.command == "pin":
-        from .core.registry import VersionRegistry
-        from .core.versions import base_version, current_version
+        from .core.refresh import pin
 
         version = None if args.version.lower() == "none" else args.version
-        VersionRegistry(redis, store).pin(args.project, version, base_version(settings))
-        print(f"project {args.project} now predicts with {current_version(settings, store.project(args.project))}")
+        answer = pin(redis, settings, store, args.project, version)
+        refresh = f"; refresh of its predictions: {answer['refresh']}" if "refresh" in answer else ""
+        print(f"project {args.project} now predicts with {answer['current']}{refresh}")
         return 0
     print(json.dumps({"examples": store.label_counts(args.project), "revision": store.revision(args.project),
                       "progress": Progress(redis, args.project).read()}, indent=2))

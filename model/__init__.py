@@ -1,4 +1,5 @@
-"""DiffewS: Stable Diffusion 2.1 as a one-step few-shot segmenter with KV-fusion self-attention.
+"""Few-shot segmenters: DiffewS (Stable Diffusion 2.1 as a one-step segmenter with KV-fusion self-attention) and
+the matcher (nearest-neighbour matching of frozen pretrained features), behind one contract.
 
 The names below load on first use (PEP 562), so torch-free modules of this package (errors,
 version_file) can be imported by processes that never load torch, such as the web process.
@@ -17,8 +18,10 @@ _EXPORTS = {
     "SupportNotSetError": "errors",
     "DiffewSConfig": "config",
     "DiffewS": "pipeline",
-    "QueryBatch": "pipeline",
-    "SegmentationOutput": "pipeline",
+    "Matcher": "matcher",
+    "MatcherConfig": "matcher_config",
+    "QueryBatch": "outputs",
+    "SegmentationOutput": "outputs",
     "parse_dtype": "pipeline",
     "SupportMemory": "support",
     "compose": "support",
@@ -51,7 +54,10 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from .errors import CheckpointNotFoundError, DiffewSError, InvalidCheckpointError, InvalidInputError, SupportNotSetError
     from .config import DiffewSConfig
-    from .pipeline import DiffewS, QueryBatch, SegmentationOutput, parse_dtype
+    from .pipeline import DiffewS, parse_dtype
+    from .matcher import Matcher
+    from .matcher_config import MatcherConfig
+    from .outputs import QueryBatch, SegmentationOutput
     from .support import SupportMemory, compose
     from .similarity import most_similar
     from .version_file import VersionInfo, is_version_folder

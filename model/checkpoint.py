@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from .config import CONFIG_NAME, EMBEDS_NAME, DiffewSConfig
+from .matcher_config import MATCHER_CONFIG_NAME
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .tiny import build_tiny_components
 from .unet_ref import (  # quiet_diffusers is imported from here by the rest of the package
@@ -177,6 +178,9 @@ def load_components(spec: str | Path, unet: str | Path | None = None) -> Compone
             raise CheckpointNotFoundError(f"model folder {root} does not exist")
     if not root.is_dir():
         raise InvalidCheckpointError(f"{root} is a file; expected a model folder")
+    if (root / MATCHER_CONFIG_NAME).is_file():
+        raise InvalidCheckpointError(f"{root} is a matcher folder ({MATCHER_CONFIG_NAME}), not a DiffewS checkpoint: load "
+                                     "it as the matcher (python -m model.evaluate --model <folder>)")
     if (root / MODELSCOPE_BASE).is_dir():  # a ModelScope download: its base pipeline, and its in-context UNet unless told
         if unet is None and (root / MODELSCOPE_DEFAULT_UNET).is_dir():
             unet = root / MODELSCOPE_DEFAULT_UNET

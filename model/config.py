@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TypeVar
 
 from .errors import InvalidCheckpointError
+
+T = TypeVar("T")
 
 CONFIG_NAME = "diffews_config.json"
 EMBEDS_NAME = "empty_prompt_embeds.safetensors"
@@ -47,15 +50,20 @@ class DiffewSConfig:
     @classmethod
     def load(cls, folder: Path) -> DiffewSConfig:
         """Read `diffews_config.json` from `folder`, rejecting unknown or mistyped keys."""
-        path = folder / CONFIG_NAME
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
-        known = {f.name for f in fields(cls)}
-        if not isinstance(data, dict) or set(data) - known:
-            raise InvalidCheckpointError(f"{path}: expected an object with keys among {sorted(known)}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise InvalidCheckpointError(f"{path}: {exc}") from None
+        return read_config(cls, folder / CONFIG_NAME)
+
+
+def read_config(cls: type[T], path: Path) -> T:
+    """The dataclass `cls` from a JSON object file; InvalidCheckpointError naming the file for an unreadable one,
+    unknown keys or values the class refuses."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
+    known = {f.name for f in fields(cls)}
+    if not isinstance(data, dict) or set(data) - known:
+        raise InvalidCheckpointError(f"{path}: expected an object with keys among {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise InvalidCheckpointError(f"{path}: {exc}") from None

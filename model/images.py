@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from typing import Union
 
 import numpy as np
@@ -160,3 +161,31 @@ def mask_of_image(mask: MaskInput, rgb: np.ndarray, what: str) -> np.ndarray:
             f"{what} is {binary.shape[1]}x{binary.shape[0]} but its image is {rgb.shape[1]}x{rgb.shape[0]}"
         )
     return binary
+
+
+def support_examples(images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Checked support examples: (HxWx3 uint8 RGB, HxW bool mask of that size, not empty) per image;
+    InvalidInputError naming what is wrong."""
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
+        raise InvalidInputError("support images must be a sequence (list or tuple) of images")
+    if isinstance(masks, (str, bytes)) or not isinstance(masks, Sequence):
+        raise InvalidInputError("support masks must be a sequence (list or tuple) of masks")
+    if len(images) == 0:
+        raise InvalidInputError("a support set needs at least one image and mask (got N = 0)")
+    if len(images) != len(masks):
+        raise InvalidInputError(f"got {len(images)} support images but {len(masks)} masks")
+    pairs = []
+    for i, (image, mask) in enumerate(zip(images, masks)):
+        rgb = to_rgb(image, f"support image {i}")
+        binary = mask_of_image(mask, rgb, f"support mask {i}")
+        if not binary.any():
+            raise InvalidInputError(f"support mask {i} is empty: a support example needs at least one foreground pixel")
+        pairs.append((rgb, binary))
+    return pairs
+
+
+def query_images(images: Sequence[ImageInput]) -> list[np.ndarray]:
+    """Checked query images as HxWx3 uint8 RGB; InvalidInputError for anything but a non-empty sequence of images."""
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+        raise InvalidInputError("queries must be a non-empty sequence (list or tuple) of images")
+    return [to_rgb(image, f"query image {i}") for i, image in enumerate(images)]

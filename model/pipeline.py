@@ -8,12 +8,11 @@ import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
@@ -21,8 +20,9 @@ from .attention import FusionMode, KVBank, install_kv_fusion
 from .checkpoint import load_components, quiet_diffusers, tiny_components
 from .config import EMBEDS_NAME, DiffewSConfig
 from .errors import InvalidInputError
-from .images import ImageInput, MaskInput, mask_of_image, mask_to_tensor, resize_mask, resize_rgb, rgb_to_tensor, to_rgb
-from .scoring import margin_score, share_agreement
+from .images import (ImageInput, MaskInput, mask_to_tensor, query_images, resize_mask, resize_rgb, rgb_to_tensor,
+                     support_examples)
+from .outputs import QueryBatch, SegmentationOutput, mask_output
 from .similarity import descriptor_space, latent_descriptor
 from .support import SupportCache, SupportMemory, split_shots
 from .tiny import TINY_RESOLUTION
@@ -34,42 +34,6 @@ DEFAULT_SUPPORT_CACHE_BYTES = 2 << 30
 """Bytes of support K/V kept in the cache (SD 2.1 at 512: about 46 MB per shot in bf16, 92 MB in fp32)."""
 TIMESTEP = 1
 """The release always runs the UNet at t = 1 (alpha_bar = 0, so the prediction is -UNet(z))."""
-
-
-@dataclass
-class SegmentationOutput:
-    """One predicted mask.
-
-    mask: [H, W] bool at the query's original size (after EXIF orientation).
-    score: confidence in [0, 1]: how far the decoded map rises above the threshold inside the mask, on
-        average, as a share of the room above it (scoring.margin_score), times how close the mask's area is
-        to its supports' mean area (scoring.share_agreement); 0 for an empty or full mask. Low scores are the
-        predictions most worth a reviewer's look (it ranked CamVid masks by IoU best of the candidates
-        model.evaluate --score-ranking compares, within each label as well as across labels).
-    probability: [R, R] float32 in [0, 1], the decoded map at the working resolution R.
-    threshold: the absolute threshold applied to `probability` (threshold_ratio * its peak).
-    """
-
-    mask: np.ndarray
-    score: float
-    probability: np.ndarray
-    threshold: float
-
-
-@dataclass
-class QueryBatch:
-    """Encoded query images: latents [B, 4, R/8, R/8] on the model's device and original (H, W) sizes."""
-
-    latents: torch.Tensor
-    sizes: list[tuple[int, int]]
-
-    @property
-    def descriptors(self) -> torch.Tensor:
-        """[B, D] image descriptors (model.similarity) of the queries, from their latents."""
-        return latent_descriptor(self.latents)
-
-    def __len__(self) -> int:
-        return len(self.sizes)
 
 
 def default_device() -> torch.device:
@@ -292,24 +256,9 @@ class DiffewS:
     # ---- support memory ---------------------------------------------------------------------
 
     def _prepare_support(self, images: Sequence[ImageInput], masks: Sequence[MaskInput]) -> tuple[np.ndarray, np.ndarray]:
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence):
-            raise InvalidInputError("support images must be a sequence (list or tuple) of images")
-        if isinstance(masks, (str, bytes)) or not isinstance(masks, Sequence):
-            raise InvalidInputError("support masks must be a sequence (list or tuple) of masks")
-        if len(images) == 0:
-            raise InvalidInputError("a support set needs at least one image and mask (got N = 0)")
-        if len(images) != len(masks):
-            raise InvalidInputError(f"got {len(images)} support images but {len(masks)} masks")
         size = self.config.resolution
-        rgbs, bins = [], []
-        for i, (image, mask) in enumerate(zip(images, masks)):
-            rgb = to_rgb(image, f"support image {i}")
-            binary = mask_of_image(mask, rgb, f"support mask {i}")
-            if not binary.any():
-                raise InvalidInputError(f"support mask {i} is empty: a support example needs at least one foreground pixel")
-            rgbs.append(resize_rgb(rgb, size))
-            bins.append(resize_mask(binary, size))
-        return np.stack(rgbs), np.stack(bins)
+        pairs = support_examples(images, masks)
+        return np.stack([resize_rgb(rgb, size) for rgb, _ in pairs]), np.stack([resize_mask(m, size) for _, m in pairs])
 
     def _encode_prepared(self, rgbs: np.ndarray, bins: np.ndarray, key: str, batch_size: int) -> SupportMemory:
         """Prepared support images and masks at the working resolution -> their memory, with descriptors."""
@@ -379,9 +328,7 @@ class DiffewS:
     @torch.inference_mode()
     def encode_queries(self, images: Sequence[ImageInput], *, batch_size: int = 8) -> QueryBatch:
         """Encode query images once (reusable across several support memories)."""
-        if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
-            raise InvalidInputError("queries must be a non-empty sequence (list or tuple) of images")
-        rgbs = [to_rgb(image, f"query image {i}") for i, image in enumerate(images)]
+        rgbs = query_images(images)
         sizes = [(r.shape[0], r.shape[1]) for r in rgbs]
         pixels = torch.stack([rgb_to_tensor(resize_rgb(r, self.config.resolution)) for r in rgbs])
         latents = torch.cat([self.encode_latents_torch(chunk) for chunk in pixels.split(batch_size)])
@@ -537,16 +484,5 @@ def _mean_share(memory: SupportMemory) -> float | None:
 
 def _postprocess(prob: torch.Tensor, peak: torch.Tensor, ratio: float, size: tuple[int, int],
                  support_share: float | None = None) -> SegmentationOutput:
-    """Threshold a [R, R] map at ratio * peak, resize to `size` (nearest) and score it: margin_score times the
-    mask area's agreement with its supports' (share_agreement), or margin alone without support shares."""
-    threshold = float(ratio * peak)
-    small = prob > threshold  # [R, R] bool
-    # Nearest resizing commutes with a pointwise threshold, so resizing the bool mask is the same as
-    # resizing the map first (the release's order) and cheaper for large originals.
-    full = F.interpolate(small[None, None].to(torch.uint8), size=size, mode="nearest-exact")[0, 0].bool()
-    probability, small_np = prob.float().cpu().numpy(), small.cpu().numpy()
-    inside = int(small_np.sum())
-    score = 0.0 if inside in (0, small_np.size) else margin_score(probability, threshold, small_np)
-    if support_share is not None:
-        score *= share_agreement(inside / small_np.size, support_share)
-    return SegmentationOutput(mask=full.cpu().numpy(), score=score, probability=probability, threshold=threshold)
+    """Threshold a [R, R] decoded map at ratio * peak (the release's relative threshold), then mask_output."""
+    return mask_output(prob, float(ratio * peak), size, support_share)

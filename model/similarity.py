@@ -23,15 +23,15 @@ def descriptor_space(vae: torch.nn.Module, resolution: int) -> str:
     return digest.hexdigest()[:16]
 
 
-def latent_descriptor(latents: torch.Tensor) -> torch.Tensor:
-    """[B, C, h, w] VAE latents -> [B, C*GRID*GRID] float32 CPU descriptors, centred and of unit length.
+def latent_descriptor(latents: torch.Tensor, grid: int = DESCRIPTOR_GRID) -> torch.Tensor:
+    """[B, C, h, w] latents or feature maps -> [B, C*grid*grid] float32 CPU descriptors, centred, of unit length.
 
     The coarse layout of the latent (where sky, road and dark or bright masses lie) is what street scenes of
     the same kind share; centring removes the overall brightness offset, so a dot product is a correlation.
     """
     if latents.ndim != 4:
         raise InvalidInputError(f"latent_descriptor takes [B, C, h, w] latents, got shape {tuple(latents.shape)}")
-    pooled = F.adaptive_avg_pool2d(latents.float(), DESCRIPTOR_GRID).flatten(1).cpu()
+    pooled = F.adaptive_avg_pool2d(latents.float(), grid).flatten(1).cpu()
     centred = pooled - pooled.mean(dim=1, keepdim=True)
     return centred / centred.norm(dim=1, keepdim=True).clamp_min(1e-8)
 

@@ -126,7 +126,7 @@ def split_tokens(memory: SupportMemory, parts: int, generator: torch.Generator |
     out: list[dict] = [{} for _ in range(parts)]
     for name, (k, v) in memory.kv.items():
         order = torch.randperm(k.shape[1], generator=generator, device="cpu")
-        for j, idx in enumerate(order.chunk(parts)):
+        for j, idx in enumerate(torch.tensor_split(order, parts)):  # `parts` pieces even with fewer tokens
             idx = idx.sort().values.to(k.device)
             out[j][name] = (k.index_select(1, idx), v.index_select(1, idx))
     return [replace(memory, kv=kv, key=f"{memory.key}:part{j}of{parts}") for j, kv in enumerate(out)]

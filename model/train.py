@@ -20,6 +20,7 @@ from .adapters import TRAIN_ADAPTER, add_adapter, adapter_parameters, lora_confi
 from .data import Sample
 from .errors import DiffewSError, InvalidInputError
 from .images import mask_to_tensor, rgb_to_tensor
+from .matcher import Matcher
 from .pipeline import DiffewS
 from .unet_weights import plain_unet_state
 from .versions import load_model_or_version, save_version, trainable_copy
@@ -285,6 +286,10 @@ def finetune(
     resumable state (weights, optimizer, scheduler, RNGs, losses); a run finds and continues it.
     `on_step(step, loss)` reports progress. The model is left in eval mode.
     """
+    if isinstance(model, Matcher):  # the matcher trains its projection head
+        from .matcher_train import finetune_head
+
+        return finetune_head(model, samples, config, on_step=on_step)
     validate_samples(samples)
     sampler = EpisodeSampler(samples, config.max_shots, config.seed)
     gen = torch.Generator().manual_seed(config.seed)

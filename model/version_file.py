@@ -13,7 +13,8 @@ VERSION_FILE = "version.json"
 SCHEMA = 2
 """1: LoRA folders held `unet_lora.safetensors` and `lora_config.json` with the rank only; 2: a peft adapter
 folder (`adapter_config.json` with the whole LoraConfig, `adapter_model.safetensors`) and the project."""
-MODES = ("full", "lora")
+MODES = ("full", "lora", "head")
+"""full / lora: DiffewS UNet weights or adapter; head: the matcher's projection head (matcher_head.safetensors)."""
 FULL_WEIGHTS = "unet.safetensors"
 """A full version's UNet weights (float32 master weights); it shares everything else with its base."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -45,7 +46,7 @@ class VersionInfo:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise InvalidCheckpointError(f"version {self.name!r}: mode must be 'full' or 'lora', got {self.mode!r}")
+            raise InvalidCheckpointError(f"version {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.base, dict) or not ({"spec", "version"} & set(self.base)):
             raise InvalidCheckpointError(f"version {self.name!r}: base must name a 'spec' or a 'version', got {self.base!r}")
 

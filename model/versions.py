@@ -7,6 +7,7 @@ the prompt embedding are the base's: a loaded version costs an adapter, or one U
 
 from __future__ import annotations
 
+from copy import deepcopy
 import json
 import os
 import shutil
@@ -24,6 +25,8 @@ from .errors import CheckpointNotFoundError, InvalidCheckpointError
 from .pipeline import DiffewS, forget_active_adapter
 from .tiny import TINY_RESOLUTION
 from .unet_weights import plain_unet_state, unet_like
+from .matcher import Matcher
+from .matcher_config import DEFAULT_BACKBONE, is_matcher_folder
 from .version_file import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -36,6 +39,16 @@ from .version_file import (
 )
 
 
+def is_matcher(model) -> bool:
+    """True for the matcher, False for DiffewS."""
+    return isinstance(model, Matcher)
+
+
+def replace_head_config(model: Matcher, name: str) -> Matcher:
+    """The matcher `model` named `name` as a version."""
+    return model.with_head(model.head, replace(model.config, name=name))
+
+
 def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, parent: str | None, mode: str,
                  summary: dict, project: int | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a version folder: version.json, diffews_config.json and the UNet weights (full) or the adapter (LoRA).
@@ -45,6 +58,8 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     (relative to `root`, so a tree of versions can move). The folder appears complete or not at all
     (temporary folder, fsync, rename); an existing name is an error.
     """
+    if is_matcher(model):
+        mode = "head"
     root = Path(root)
     final = root / name
     if final.exists():
@@ -54,13 +69,15 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        state = weights if weights is not None else trainable_state(model, mode)
-        if mode == "lora":
-            save_file(state, tmp / ADAPTER_WEIGHTS)
+        if mode == "head":  # the matcher: its whole head and config (the frozen backbone comes from the base spec)
+            replace_head_config(model, name).save_pretrained(tmp)
+        elif mode == "lora":
+            save_file(weights if weights is not None else trainable_state(model, mode), tmp / ADAPTER_WEIGHTS)
             model.unet.peft_config[model.adapter].save_pretrained(tmp)  # ADAPTER_CONFIG, the whole LoraConfig
         else:
-            save_file(state, tmp / FULL_WEIGHTS)
-        replace(model.config, trained=True, name=name).save(tmp)
+            save_file(weights if weights is not None else trainable_state(model, mode), tmp / FULL_WEIGHTS)
+        if mode != "head":
+            replace(model.config, trained=True, name=name).save(tmp)
         info.write(tmp)
         for path in tmp.iterdir():  # data on disk before the rename makes the version visible
             with open(path, "rb") as f:
@@ -112,6 +129,13 @@ def attach_version(host: DiffewS, folder: str | Path, info: VersionInfo | None =
     host's UNet, a full version a new UNet; both share host's VAE, decoder and prompt embedding."""
     folder = Path(folder)
     info = info or read_version(folder)
+    if (info.mode == "head") != is_matcher(host):
+        kind, other = ("a matcher", "DiffewS") if info.mode == "head" else ("a DiffewS", "the matcher")
+        raise InvalidCheckpointError(f"{folder} is {kind} version; it cannot run over {other} (the model this process "
+                                     "serves): serve its own model family, or train a version of this one")
+    if info.mode == "head":
+        saved = Matcher.from_pretrained(folder, backbone=host.backbone)
+        return host.with_head(saved.head, saved.config)
     config = replace(DiffewSConfig.load(folder), family=host.config.family)  # folders from before `family`
     if info.mode == "lora":
         name = adapter_key(f"{info.name}_{int(info.created_at * 1000)}")  # one name per folder ever written
@@ -132,6 +156,8 @@ def load_version(folder: str | Path, *, device: torch.device | str | None = None
     """Load a version with its base (recursively for versions of versions)."""
     folder = Path(folder)
     info = read_version(folder)
+    if info.mode == "head":
+        return Matcher.from_pretrained(folder, device=device or "cpu")
     config = DiffewSConfig.load(folder)
     parent = info.base_folder(folder)
     if parent is not None:
@@ -150,8 +176,11 @@ def trainable_copy(model: DiffewS, mode: str) -> DiffewS:
 
     "lora": a UNet that shares model's frozen weights tensor for tensor, carrying a float32 copy of model's
     adapter (if it runs with one) as TRAIN_ADAPTER. "full": a float32 copy of the UNet with model's adapter
-    merged in. Both share model's VAE, decoder and prompt embedding.
+    merged in. Both share model's VAE, decoder and prompt embedding. A matcher: the same backbone with a float32
+    copy of its head (none: training starts from the identity head).
     """
+    if is_matcher(model):
+        return model.with_head(deepcopy(model.head) if model.head is not None else None)
     with model._lock:
         plain = plain_unet_state(model.unet)
         adapter = adapter_state(model, model.adapter) if model.adapter else None
@@ -174,7 +203,12 @@ def trainable_copy(model: DiffewS, mode: str) -> DiffewS:
 
 def load_model_or_version(spec: str, *, unet: str | None = None, resolution: int | None = None,
                           device: torch.device | str | None = None) -> DiffewS:
-    """A version folder, "tiny" (at `resolution`) or any spec DiffewS.from_pretrained takes."""
+    """A version folder, "tiny" (at `resolution`), "matcher" or "matcher:<backbone>", a saved matcher folder, or
+    any spec DiffewS.from_pretrained takes."""
+    if spec == "matcher" or spec.startswith("matcher:") or is_matcher_folder(spec):
+        backbone = spec.removeprefix("matcher:") if spec.startswith("matcher:") else DEFAULT_BACKBONE
+        return Matcher.from_pretrained(spec if is_matcher_folder(spec) else backbone, resolution=resolution,
+                                       device=device or "cpu")
     if is_version_folder(spec):
         model = load_version(spec, device=device)
     elif spec == "tiny":

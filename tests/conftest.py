@@ -36,6 +36,7 @@ def scenes() -> list[tuple[np.ndarray, np.ndarray]]:
 
 import threading  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory):
@@ -62,11 +63,12 @@ def redis(redis_server):
 
 @pytest.fixture
 def settings(tmp_path):
-    """Backend settings for tests: tiny model at 64 px, files under tmp_path."""
+    """Backend settings for tests: the tiny DiffewS at 64 px (fast plumbing; the matcher default has its own tests),
+    files under tmp_path."""
     from backend.core.settings import Settings
 
     # AUTO_REFRESH off: most tests count what one path queues; tests/test_refresh.py and the end-to-end test turn it on
-    return Settings(model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2,
+    return Settings(model_spec="tiny", model_dir=tmp_path, tiny_resolution=64, predict_wait_s=30, sync_max_tasks=4, bulk_batch_size=2,
                     job_heartbeat_ttl_s=12, auto_refresh=False)
 
 
@@ -78,15 +80,15 @@ def client(settings, redis):
     return create_app(settings, redis).test_client()
 
 
-@pytest.fixture
-def worker(settings, redis, tiny_model):
-    """A real RQ SimpleWorker on all queues in a thread, sharing the session's tiny model."""
+@contextmanager
+def serving(settings, redis, model):
+    """A real RQ SimpleWorker on all queues in a thread, serving `model` with `settings`, until the block ends."""
     from backend.core.queues import ALL_QUEUES, live_workers
     from backend.core.store import SupportStore
     from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
-    context.models.base = tiny_model
+    context.models.base = model
     set_context(context)
     w = InProcessWorker(list(ALL_QUEUES), connection=redis)
     thread = threading.Thread(target=w.work, kwargs={"burst": False, "with_scheduler": False}, daemon=True)
@@ -94,10 +96,19 @@ def worker(settings, redis, tiny_model):
     deadline = time.monotonic() + 10
     while live_workers(redis)["predict-high"] == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    yield w
-    w.stop()
-    thread.join(10)
-    set_context(None)
+    try:
+        yield w
+    finally:
+        w.stop()
+        thread.join(20)
+        set_context(None)
+
+
+@pytest.fixture
+def worker(settings, redis, tiny_model):
+    """A real RQ SimpleWorker on all queues in a thread, sharing the session's tiny model."""
+    with serving(settings, redis, tiny_model) as w:
+        yield w
 
 
 # ---- a real Label Studio, and this backend served over HTTP in-process --------------------------

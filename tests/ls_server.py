@@ -165,19 +165,25 @@ def brush_result(mask, label: str = "square") -> list[dict]:
 
 def create_project(client: LabelStudioClient, config_xml: str, images: list) -> tuple[int, list[dict]]:
     """A project whose tasks are these images (H, W, 3 uint8), uploaded as PNG files; returns (id, tasks by id)."""
+    project = client.json("POST", "/api/projects", json={"title": "diffews e2e", "label_config": config_xml})
+    return project["id"], import_images(client, project["id"], images)
+
+
+def import_images(client: LabelStudioClient, project: int, images: list, name: str = "scene") -> list[dict]:
+    """Upload images (H, W, 3 uint8) into a project as PNG tasks; returns the tasks they became, by id."""
     import io
 
     from PIL import Image
 
-    project = client.json("POST", "/api/projects", json={"title": "diffews e2e", "label_config": config_xml})
+    listing = f"/api/tasks?project={project}&page_size=1000"
+    before = {t["id"] for t in client.json("GET", listing)["tasks"]}
     files = []
     for i, image in enumerate(images):
         buf = io.BytesIO()
         Image.fromarray(image).save(buf, format="PNG")
-        files.append((f"file{i}", (f"scene{i}.png", buf.getvalue(), "image/png")))
-    client.request("POST", f"/api/projects/{project['id']}/import", files=files)
-    tasks = client.json("GET", f"/api/tasks?project={project['id']}&page_size=1000")["tasks"]
-    return project["id"], sorted(tasks, key=lambda t: t["id"])
+        files.append((f"file{i}", (f"{name}{i}.png", buf.getvalue(), "image/png")))
+    client.request("POST", f"/api/projects/{project}/import", files=files)
+    return sorted((t for t in client.json("GET", listing)["tasks"] if t["id"] not in before), key=lambda t: t["id"])
 
 
 def wait_for(predicate, seconds: float, what: str):

@@ -110,3 +110,46 @@ def test_bad_regions(region, message):
     """Malformed regions raise BadRequest naming the region and the problem."""
     with pytest.raises(BadRequest, match=message):
         mask_regions([region], parse_label_config(CONFIG))
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"value": ["car"]}, "value is list, not an object"),
+        ({"value": {"format": "rle", "rle": [], "brushlabels": [["car"]]}}, "labels [['car']] name no label"),
+        ({"value": {"format": "rle", "rle": [], "brushlabels": ["bus"]}}, "labels ['bus'] name no label"),
+        ({"from_name": "other"}, "from_name 'other' is no mask control"),
+    ],
+    ids=["value-list", "nested-labels", "unknown-label", "unknown-control"],
+)
+def test_skipped_regions_say_why(change, reason):
+    """A mask region that cannot be used is skipped with its reason; an annotation with no usable one is refused
+    naming it (so /status's annotation_errors shows it), instead of being stored as nothing."""
+    from backend.core.store import Example
+
+    region = {**brush("car", np.ones((4, 4), bool)), **change}
+    skipped: list[str] = []
+    assert mask_regions([region], parse_label_config(CONFIG), skipped=skipped) == [] and reason in skipped[0]
+    with pytest.raises(BadRequest, match="no usable mask region: result\\[0\\]"):
+        Example.from_annotation({"id": 1, "result": [region]}, {"id": 2, "data": {"image": "x.png"}},
+                                parse_label_config(CONFIG))
+
+
+def test_non_mask_regions_are_not_reported():
+    """Regions of other controls (a classification, say) are no mask regions: nothing to report."""
+    skipped: list[str] = []
+    choice = {"from_name": "weather", "type": "choices", "value": {"choices": ["sunny"]}}
+    assert mask_regions([choice], parse_label_config(CONFIG), skipped=skipped) == [] and skipped == []
+
+
+@pytest.mark.parametrize("value, cancelled", [(True, True), (False, False), (None, False)])
+def test_was_cancelled_takes_booleans(value, cancelled):
+    """was_cancelled true gives no example, false or absent one; anything else is refused naming it."""
+    from backend.core.store import Example
+
+    annotation = {"id": 1, "result": [brush("car", np.ones((4, 4), bool))], "was_cancelled": value}
+    example = Example.from_annotation(annotation, {"id": 2, "data": {"image": "x.png"}}, parse_label_config(CONFIG))
+    assert (example is None) == cancelled
+    with pytest.raises(BadRequest, match="was_cancelled must be true or false, got 'no'"):
+        Example.from_annotation({**annotation, "was_cancelled": "no"}, {"id": 2, "data": {"image": "x.png"}},
+                                parse_label_config(CONFIG))

@@ -23,12 +23,20 @@ def _setup(client) -> dict:
 
 
 def test_health_reports_tiny_model_and_redis(client):
-    """/health answers without the model: tiny and untrained, said plainly; Redis ok."""
+    """/health answers without the model: tiny and untrained, said plainly; Redis ok; no worker is DEGRADED."""
     body = client.get("/health").json
-    assert body["status"] == "UP" and body["model_class"] == "DiffewS" and body["redis"] == "ok"
+    assert body["status"] == "DEGRADED" and body["model_class"] == "DiffewS" and body["redis"] == "ok"
+    assert set(body["queues_without_workers"]) == set(body["workers"]) and "no live worker on queue" in body["warnings"][0]
     assert body["model"]["spec"] == "tiny" and body["model"]["trained"] is False
     assert "untrained on real pictures" in body["model"]["warning"]
     assert body["model"]["version"] == "diffews-tiny-r64-untrained"
+
+
+def test_health_is_up_with_a_worker_on_every_queue(client, worker):
+    """With a live worker on every queue /health says UP and names no idle queue."""
+    body = client.get("/health").json
+    assert body["status"] == "UP" and body["queues_without_workers"] == [] and not any(
+        "no live worker" in w for w in body["warnings"])
 
 
 def test_setup_returns_string_version_and_registers(client):
@@ -299,3 +307,18 @@ def test_error_messages_ride_in_the_status_line(client):
     assert reason_phrase("caf\u00e9\nline two\r") == "caf  line two"
     assert len(reason_phrase("x" * 1000)) == 300 and reason_phrase("x" * 1000).endswith("...")
     assert reason_phrase("\n") == "error"
+
+
+def test_a_task_holding_a_prediction_is_answered_with_it(client, worker):
+    """A task that already holds a prediction of the current version (Label Studio's Test button sends one) is
+    answered with that prediction rather than an empty one, and nothing is predicted or recorded again."""
+    _setup(client)
+    client.post("/webhook", json=annotation_event(10, 100, *square_scene(0)))
+    held = {"id": 77, "model_version": "diffews-tiny-r64-untrained", "score": 0.42,
+            "result": [{"type": "brushlabels", "from_name": "tag", "to_name": "image", "value": {"brushlabels": ["square"]}}]}
+    task = {"id": 300, "data": {"image": png_data_uri(square_scene(5)[0])}, "predictions": [held]}
+    r = client.post("/predict", json={"tasks": [task], "project": "1.1795549122", "label_config": CONFIG_XML})
+    assert r.status_code == 200, r.json
+    assert r.json["results"] == [{"result": held["result"], "score": 0.42, "model_version": held["model_version"]}]
+    assert r.json["skipped"] == {"300": "Label Studio holds a prediction of this version"}
+    assert client.get("/status/1").json["deliveries"]["delivered"] == 0

@@ -22,9 +22,9 @@ def test_working_resolution_setting_reaches_the_model_and_its_version_name(tmp_p
 
 
 @pytest.mark.parametrize("env,message", [
-    ({"DIFFEWS_RESOLUTION": "100"}, "DIFFEWS_RESOLUTION must be a multiple of 8 and >= 64, got 100"),
+    ({"DIFFEWS_RESOLUTION": "100"}, r"DIFFEWS_RESOLUTION='100' is not a valid value: it must be a multiple of 8 \(allowed: >= 64 and <= 2048, a multiple of 8\)"),
     ({"DIFFEWS_RESOLUTION": "big"}, "DIFFEWS_RESOLUTION='big' is not a valid"),
-    ({"SCORE_EPISODES": "0"}, "SCORE_EPISODES must be >= 1, got 0"),
+    ({"SCORE_EPISODES": "0"}, r"SCORE_EPISODES='0' is not a valid value: it must be greater than or equal to 1 \(allowed: >= 1"),
 ])
 def test_bad_values_name_the_variable(env, message):
     with pytest.raises(ValueError, match=message):

@@ -119,7 +119,10 @@ def test_click_past_its_deadline_is_posted_once_never_returned(label_studio, liv
     _open(label_studio, tid)  # Label Studio gets a 504 and stores nothing from the answer
     assert time.monotonic() - started < 1.0 + 5.0 + 2.0
     [prediction] = wait_for(lambda: _ours(label_studio, tid), 30, "the posted prediction")
-    entry = DeliveryLedger(backend.redis, pid, VERSION).get(tid)
+    ledger = DeliveryLedger(backend.redis, pid, VERSION)
+    # the worker records the delivery just after Label Studio stored the prediction
+    entry = wait_for(lambda: (e := ledger.get(tid)) is not None and e.state == "delivered" and e, 10,
+                     "the delivery recorded")
     assert (entry.state, entry.via, entry.ls_id) == ("delivered", "posted", prediction["id"])
     _open(label_studio, tid)  # it holds one now: no new /predict
     time.sleep(delay + 1)

@@ -1,5 +1,6 @@
 """End to end, as a user runs it: a real Label Studio 1.23.2 (legacy tokens off, a Personal Access Token), the
-one-command backend (`python _wsgi.py`), clicks, Retrieve Predictions, the prelabel CLI, a label edit.
+one-command backend (`python _wsgi.py`) with its default model (the matcher), clicks, Retrieve Predictions, the
+prelabel CLI, a label edit, training.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import requests
 from backend.core.rle import rle_to_mask
 
 from .payloads import CONFIG_XML, square_scene
-from .ls_server import REPO, brush_result, create_project, start_backend, stop, wait_for
+from .ls_server import REPO, brush_result, create_project, import_images, start_backend, stop, wait_for
 
 pytestmark = pytest.mark.label_studio
 
 SIZES = [(80, 96), (72, 88), (90, 64), (64, 100), (70, 70), (66, 90), (84, 60), (76, 80)]  # (H, W) per task
-VERSION = "diffews-tiny-r64-untrained"
+DEFAULT_MODEL = {"DIFFEWS_MODEL": "", "MATCHER_RESOLUTION": "96"}
+"""The default model (the matcher; DIFFEWS_MODEL empty), at a working resolution sized for these small images."""
+VERSION = "matcher-effnet-lite0-r96"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,7 @@ def backend(label_studio, tmp_path_factory):
     """`python _wsgi.py` with LABEL_STUDIO_URL and the PAT, as the README's one command runs it."""
     backend_dir = tmp_path_factory.mktemp("backend")
     # AUTO_REFRESH off: this test counts what each path it drives by hand queues (test_predictions_follow_... has it on)
-    proc, url = start_backend(backend_dir, label_studio.url, label_studio.pat, {"SYNC_MAX_TASKS": "2", "AUTO_REFRESH": "false"})
+    proc, url = start_backend(backend_dir, label_studio.url, label_studio.pat, {"SYNC_MAX_TASKS": "2", "AUTO_REFRESH": "false", **DEFAULT_MODEL})
     yield url, backend_dir
     stop(proc)
 
@@ -40,6 +43,16 @@ def prelabel_cli(backend_dir, project: int) -> subprocess.CompletedProcess:
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
+
+
+def pin_cli(backend_dir, project: int, version: str) -> str:
+    """`python3 -m backend pin --project N --version V` against the one-command backend's embedded Redis."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(MODEL_DIR=str(backend_dir), PYTHONUNBUFFERED="1")
+    out = subprocess.run([sys.executable, "-m", "backend", "pin", "--project", str(project), "--version", version],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
 
 
 def complaints(label_studio, start: int) -> list[str]:
@@ -136,7 +149,7 @@ def refreshing_backend(label_studio, tmp_path_factory):
     """The one-command backend with AUTO_REFRESH on (the default), its debounce shortened to 2 s."""
     backend_dir = tmp_path_factory.mktemp("refreshing-backend")
     proc, url = start_backend(backend_dir, label_studio.url, label_studio.pat,
-                              {"REFRESH_DELAY_S": "2", "TRAIN_STEPS": "8"})
+                              {"REFRESH_DELAY_S": "2", "TRAIN_STEPS": "8", **DEFAULT_MODEL})
     yield url, backend_dir
     stop(proc)
 
@@ -144,7 +157,7 @@ def refreshing_backend(label_studio, tmp_path_factory):
 def test_predictions_follow_labels_and_versions(label_studio, refreshing_backend):
     """With no click and no prelabel: unlabeled tasks get predictions once examples exist, are refreshed after a
     label edit and after a version change, always one prediction per task; labeled tasks are never touched."""
-    backend_url, _ = refreshing_backend
+    backend_url, backend_dir = refreshing_backend
     scenes = [square_scene(i, size) for i, size in enumerate(SIZES[:6])]
     pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
     ids = [t["id"] for t in tasks]
@@ -168,6 +181,14 @@ def test_predictions_follow_labels_and_versions(label_studio, refreshing_backend
     assert all(p[0]["model_version"] == VERSION for t, p in first.items() if t in unlabeled)
     assert all(first[t] == [] for t in labeled), "labeled tasks get no prediction"
 
+    # 1b. Tasks imported now get predictions with no action (TASKS_CREATED joins the debounced refresh).
+    imported = [t["id"] for t in import_images(label_studio, pid, [square_scene(10 + i, size)[0]
+                                                                   for i, size in enumerate(SIZES[6:8])], "late")]
+    ids, unlabeled = ids + imported, unlabeled + imported
+    wait_for(lambda: all(len(label_studio.predictions(t)) == 1 for t in imported), 120,
+             "predictions of the imported tasks")
+    first = predictions()
+
     # 2. A label edit: every unlabeled task's prediction is replaced, none added.
     [annotation] = label_studio.json("GET", f"/api/tasks/{labeled[1]}/annotations")
     label_studio.request("PATCH", f"/api/annotations/{annotation['id']}",
@@ -188,10 +209,11 @@ def test_predictions_follow_labels_and_versions(label_studio, refreshing_backend
     trained = requests.get(f"{backend_url}/jobs/{job}", timeout=10).json()
     assert trained["status"] == "finished", trained
     version = trained["meta"]["version"]
-    # promoted, the promotion queued the refresh; kept back, the pin does (a pin that changes nothing does not)
-    pinned = requests.post(f"{backend_url}/projects/{pid}/pin", json={"version": version}, timeout=10).json()
-    assert pinned["current"] == version
-    assert ("refresh" in pinned) != trained["meta"]["promoted"], (pinned, trained["meta"])
+    # promoted, the promotion queued the refresh; kept back, the pin does (a pin that changes nothing does not):
+    # pinned from the command line, as the README gives it
+    pinned = pin_cli(backend_dir, pid, version)
+    assert f"now predicts with {version}" in pinned
+    assert ("refresh of its predictions: queued" in pinned) != trained["meta"]["promoted"], (pinned, trained["meta"])
     wait_for(lambda: all([p["model_version"] for p in predictions()[t]] == [version] for t in unlabeled), 180,
              f"predictions of {version} only on every unlabeled task")
     final = predictions()

@@ -87,13 +87,13 @@ def test_refused_media(image_server, settings, url, message):
     "env,message",
     [
         ({"LABEL_STUDIO_URL": "localhost:8080"}, "must start with http"),
-        ({"MAX_SHOTS": "0"}, "MAX_SHOTS must be >= 1"),
-        ({"MAX_SHOTS": "five"}, "MAX_SHOTS='five' is not a valid value: Input should be a valid integer"),
+        ({"MAX_SHOTS": "0"}, r"MAX_SHOTS='0' is not a valid value: it must be greater than or equal to 1 \(allowed"),
+        ({"MAX_SHOTS": "five"}, "MAX_SHOTS='five' is not a valid value: it must be a valid integer"),
         ({"SUPPORT_POLICY": "random"}, "SUPPORT_POLICY must be"),
         ({"BASIC_AUTH_USER": "u"}, "set both BASIC_AUTH_USER and BASIC_AUTH_PASS"),
-        ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S must be a positive"),
-        ({"TRAIN_GRAD_ACCUM": "0"}, "TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1"),
-        ({"TRAIN_STEPS": "-5"}, "TRAIN_STEPS and TRAIN_GRAD_ACCUM must be >= 1"),
+        ({"JOB_TIMEOUT_S": "0"}, "JOB_TIMEOUT_S='0' is not a valid value: it must be greater than or equal to 1"),
+        ({"TRAIN_GRAD_ACCUM": "0"}, "TRAIN_GRAD_ACCUM='0' is not a valid value: it must be greater than or equal to 1"),
+        ({"TRAIN_STEPS": "-5"}, "TRAIN_STEPS='-5' is not a valid value: it must be greater than or equal to 1"),
     ],
     ids=["url-scheme", "shots-zero", "shots-not-int", "policy", "half-auth", "timeout", "grad-accum", "train-steps"],
 )

@@ -26,7 +26,7 @@ def test_setting_is_read_and_checked():
     assert Settings.from_env({"DIFFEWS_DTYPE": "bf16"}).dtype == "bf16"
     with pytest.raises(ValueError, match="DIFFEWS_DTYPE must be auto, fp32, bf16 or fp16, got 'fp64'"):
         Settings(dtype="fp64").validate()
-    assert load_model(Settings(dtype="bf16", tiny_resolution=64)).dtype is torch.bfloat16
+    assert load_model(Settings(model_spec="tiny", dtype="bf16", tiny_resolution=64)).dtype is torch.bfloat16
 
 
 @torch.inference_mode()

@@ -38,3 +38,25 @@ def test_not_evaluated_without_episodes_or_scores():
     unscored = decide("v1", {"v1": [0.3], "base": None}, ["base"], images=3, folds=3)
     assert not unscored.promoted and "base could not be scored" in unscored.reason
     assert unscored.as_dict()["evidence"] == {"images": 3, "episodes": 1, "folds": 3, "versus": {}}
+
+
+def test_a_chain_of_small_losses_is_stopped_by_the_root():
+    """v2 lost to v1 within noise, and v3 loses to v2 within noise, but v3 is worse than the root beyond noise:
+    scoring the root on the same episodes keeps v3 back, naming the root."""
+    from backend.core.settings import Settings
+    from backend.worker.training import incumbents
+
+    settings = Settings(model_spec="tiny", tiny_resolution=64)
+    root = "diffews-tiny-r64-untrained"
+    assert incumbents(settings, {"active_version": "v2"}) == ["v2", root]
+    assert incumbents(settings, {"active_version": "v2", "pinned_version": "v1"}) == ["v1", "v2", root]
+    swing = [0.1, -0.1] * 4
+    base = [0.6, 0.5, 0.7, 0.55, 0.65, 0.6, 0.5, 0.7]
+    v2 = [b - 0.04 + z for b, z in zip(base, swing)]  # 4 points below the root, within noise
+    v3 = [b - 0.08 for b in base]  # 4 more points below v2, within noise: 8 below the root on every episode
+    for worse, better in ((v2, base), (v3, v2)):
+        mean, se = paired(worse, better)
+        assert -NOISE_SE * se < mean < 0  # each step within noise of its parent...
+    decision = decide("v3", {"v3": v3, "v2": v2, root: base}, incumbents(settings, {"active_version": "v2"}),
+                      images=8, folds=3)
+    assert not decision.promoted and f"against {root}" in decision.reason  # ...but not of the root

@@ -7,7 +7,7 @@ from rq import Queue
 from rq.registry import ScheduledJobRegistry
 
 from backend.core.context import resolve_project
-from backend.core.refresh import VERSION_CHANGED, request_refresh, start_refresh
+from backend.core.refresh import VERSION_CHANGED, pending_refresh, pin, request_refresh, start_refresh
 from backend.core.settings import Settings
 from backend.core.store import SupportStore
 
@@ -52,6 +52,51 @@ def test_a_version_change_refreshes_at_once(redis, refreshing):
     assert job.func_name == "backend.worker.jobs.refresh_project" and job.args == (1, "promoted v1")
 
 
+def test_pending_refresh_says_when_and_why(redis, refreshing):
+    """/status's refresh block: none before a change; after one, why, how many changes and when it starts."""
+    on, context = refreshing
+    assert pending_refresh(redis, 1) is None
+    request_refresh(redis, on, context, 1, "ANNOTATION_CREATED")
+    pending = pending_refresh(redis, 1)
+    assert pending["reason"] == "ANNOTATION_CREATED" and pending["changes"] == 1 and 25 < pending["starts_in_s"] <= 30
+    request_refresh(redis, on, context, VERSION_CHANGED, "pinned v2")
+    pending = pending_refresh(redis, 1)
+    assert pending["changes"] == "version change" and pending["starts_in_s"] == 0 and pending["reason"] == "pinned v2"
+    start_refresh(redis, 1)
+    assert pending_refresh(redis, 1) is None
+
+
+def test_cli_pin_refreshes_like_the_route(redis, refreshing, monkeypatch, capsys):
+    """`python -m backend pin` goes through the same pin() as POST /projects/<id>/pin: a pin that changes the
+    version queues a refresh at once, one that changes nothing does not."""
+    from backend.__main__ import main
+
+    on, _ = refreshing
+    base = "diffews-tiny-r64-untrained"
+    store = SupportStore(redis, on.model_dir)
+    assert pin(redis, on, store, 1, base) == {"project": 1, "pinned": base, "current": base}  # nothing changed
+    assert _waiting(redis) == (0, 0)
+    pin(redis, on, store, 1, None)
+    monkeypatch.setattr("backend.__main__.connect", lambda settings, start_embedded=True: redis)
+    monkeypatch.setattr("backend.__main__.Settings.from_env", lambda: on)
+    folder = on.model_dir / "versions" / "1" / "v1"
+    _version_folder(folder)
+    from backend.core.registry import VersionRegistry
+
+    VersionRegistry(redis, store).add(folder)
+    assert main(["pin", "--project", "1", "--version", "v1"]) == 0
+    assert "now predicts with v1; refresh of its predictions: queued" in capsys.readouterr().out
+    assert _waiting(redis) == (0, 1)
+
+
+def _version_folder(folder) -> None:
+    """A version folder of the tiny model (its own weights are not read by the registry)."""
+    from model import DiffewS, save_version
+
+    save_version(DiffewS.tiny(resolution=64), folder.parent, folder.name, base={"spec": "tiny"}, parent=None,
+                 mode="full", summary={}, project=1)
+
+
 def test_off_without_api_or_when_disabled(redis, settings, refreshing):
     """AUTO_REFRESH=false does nothing; without Label Studio access the answer says why nothing is queued."""
     on, context = refreshing
@@ -81,6 +126,20 @@ def test_posting_drops_other_versions_only_when_asked(label_studio, drop):
         label_studio.request("POST", "/api/predictions", json={"task": task["id"], "project": pid, "result": [],
                                                                 "model_version": version})
     api = LabelStudioAPI(label_studio.url, label_studio.pat)
-    api.replace_prediction(task["id"], {"model_version": "v-new", "result": [], "score": 0.5}, pid, drop)
-    versions = sorted(p["model_version"] for p in label_studio.predictions(task["id"]))
-    assert versions == (["v-new"] if drop else ["v-new", "v-old"])
+    new_id, dropped = api.replace_prediction(task["id"], {"model_version": "v-new", "result": [], "score": 0.5}, pid, drop)
+    stored = label_studio.predictions(task["id"])
+    assert sorted(p["model_version"] for p in stored) == (["v-new"] if drop else ["v-new", "v-old"])
+    assert dropped == ({"v-old"} if drop else set()) and new_id in [p["id"] for p in stored]
+
+
+def test_deliveries_of_a_deleted_prediction_stop_counting(redis):
+    """DeliveryLedger.deleted forgets a delivered entry (its prediction was replaced by another version's), and
+    leaves one still being delivered."""
+    from backend.core.ledger import DeliveryLedger
+
+    ledger = DeliveryLedger(redis, 1, "v-old")
+    assert ledger.seed({5: 50, 6: 60}, revision=1) == 2
+    [_] = ledger.claim([7], "job-1", 1, lambda task, entry: entry is None)
+    assert ledger.deleted(5) and ledger.get(5) is None and ledger.counts()["delivered"] == 1
+    assert not ledger.deleted(7) and ledger.get(7) is not None  # in flight: kept
+    assert not ledger.deleted(8)  # never delivered

@@ -107,3 +107,15 @@ def test_boxes_skip_specks_and_fragments_inside_a_larger_box():
     two[10:50, 10:60] = True
     two[20:70, 120:150] = True  # 1500 px against 2000 px: an object, not a fragment
     assert len(boxes(two)) == 2
+
+
+def test_boxes_are_capped_per_label_largest_first():
+    """1-px stripes of similar size would give one box each: at most MAX_BOXES_PER_LABEL, the largest first."""
+    from backend.worker.regions import MAX_BOXES_PER_LABEL
+
+    mask = np.zeros((400, 1200), bool)
+    mask[:, ::2] = True  # 600 stripes of 400 px
+    mask[:, 0] = False
+    mask[:300, 0] = True  # ... and one shorter one
+    found = boxes(mask)
+    assert len(found) == MAX_BOXES_PER_LABEL and all(b["height"] == pytest.approx(100.0) for b in found)

@@ -88,3 +88,29 @@ def test_unknown_project_stays_unknown(store):
     """Reading counts or selecting for a project never seen creates no project record."""
     assert store.label_counts(42) == {} and store.select(42, "car", 3, "newest") == []
     assert store.project(42) is None
+
+
+def test_a_deletion_reads_only_its_own_records(store, redis, monkeypatch):
+    """Removing examples reads no other example (the image sets say whether a cached image is still used): the
+    image shared by two annotations of one task stays until the second goes."""
+    shared = [Example(annotation_id=aid, task_id=500, image_url="/data/shared.png", regions=[{**REGION, "n": aid}],
+                      labels=["car"], updated_at=float(aid)) for aid in (1, 2)]
+    for e in [*shared, *(example(aid, ["car"], float(aid)) for aid in range(3, 50))]:
+        store.upsert(1, e)
+    image = store.image_path(1, 500, "/data/shared.png")
+    image.parent.mkdir(parents=True, exist_ok=True)
+    image.write_bytes(b"png")
+    monkeypatch.setattr(SupportStore, "examples", lambda *a: pytest.fail("a deletion read every example"))
+    assert store.remove(1, [1]) == 1 and image.exists()
+    assert store.remove(1, [2, 3, 4]) == 3 and not image.exists()
+    assert store.label_counts(1) == {"car": 45}
+
+
+def test_an_index_built_before_the_image_sets_is_built_again(store, redis):
+    """Projects indexed by the earlier layout (no image sets) are indexed again on first use."""
+    store.upsert(1, example(1, ["car"], 1.0))
+    redis.delete(store.index.built_key(1), store.index.image_key(1, example(1, ["car"], 1.0).image_id))
+    redis.set("dws:support-indexed:1", 1)  # the earlier layout's marker
+    assert store.label_counts(1) == {"car": 1}
+    store.ensure_index(1)
+    assert redis.smembers(store.index.image_key(1, example(1, ["car"], 1.0).image_id)) == {b"000000000000001"}

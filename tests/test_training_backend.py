@@ -59,6 +59,8 @@ def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
     second = client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).json
     assert first["status"] == "queued" and second == {"action": "START_TRAINING", "status": "already queued or running",
                                                        "job": first["job"]}
+    refused = client.get("/status/1").json["training_request"]  # the refusal leaves a trace
+    assert refused["status"] == "already queued or running" and first["job"] in refused["why"]
     versions_seen, errors = [], []
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # predictions keep working while the training job runs

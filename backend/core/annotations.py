@@ -28,32 +28,45 @@ def _size(region: dict, where: str) -> tuple[int, int]:
     return width, height
 
 
-def mask_regions(result: Iterable[dict], config: LabelConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> list[dict]:
+MASK_REGION_TYPES = ("brushlabels", "polygonlabels", "rectanglelabels")
+"""Region types that carry masks: one whose control the config lacks is reported as skipped, not ignored."""
+
+
+def mask_regions(result: Iterable[dict], config: LabelConfig, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 skipped: list[str] | None = None) -> list[dict]:
     """The mask-able regions of an annotation result, checked and reduced to what rasterising needs.
 
     Keeps brush, polygon and rectangle regions on the brush's image whose label is a brush label. The
     declared size must be within `max_pixels`; a brush RLE must declare W*H*4 values, be no longer than
-    such an RLE can be, and (up to INLINE_DECODE_BYTES) decode in full.
+    such an RLE can be, and (up to INLINE_DECODE_BYTES) decode in full. Mask regions left out (an unknown
+    control or label, a value that is not an object, labels that are not names) are described in `skipped`.
     """
     if not isinstance(result, list):
         raise BadRequest("annotation result must be a list of regions")
     controls = {c.name: c for c in config.mask_controls}
+    skipped = skipped if skipped is not None else []
     regions = []
     for i, region in enumerate(result):
         if not isinstance(region, dict):
             raise BadRequest(f"result[{i}] must be an object")
         from_name = region.get("from_name")
         control = controls.get(from_name) if isinstance(from_name, str) else None
-        if control is None or not isinstance(region.get("value"), dict):
+        if control is None:
+            if region.get("type") in MASK_REGION_TYPES:
+                skipped.append(f"result[{i}]: from_name {from_name!r} is no mask control of the labeling config")
             continue
-        value = region["value"]
         where = f"result[{i}] ({control.name})"
+        value = region.get("value")
+        if not isinstance(value, dict):
+            skipped.append(f"{where}: value is {type(value).__name__}, not an object")
+            continue
         kind = region.get("type")
         named = value.get(kind if isinstance(kind, str) else "", value.get(f"{control.kind}labels")) or []
         if not isinstance(named, list):
             raise BadRequest(f"{where}: labels must be a list of label names")
         labels = [lb for lb in named if isinstance(lb, str) and lb in config.labels]
         if not labels:
+            skipped.append(f"{where}: labels {named!r} name no label of the config ({', '.join(config.labels)})")
             continue
         width, height = _size(region, where)
         if width * height > max_pixels:

@@ -82,6 +82,18 @@ def held_predictions(tasks: list[dict], version: str) -> dict[int, list[int]]:
     return held
 
 
+def held_answers(tasks: list[dict], version: str) -> dict[int, dict]:
+    """Task id -> the prediction of `version` Label Studio sent with the task (result, score, model_version), for
+    answering a task that already holds one (Label Studio asks for such a task only from its Test button)."""
+    answers = {}
+    for task in tasks:
+        for p in task.get("predictions") or []:
+            if isinstance(p, dict) and p.get("model_version") == version and isinstance(p.get("result"), list):
+                answers[int(task["id"])] = {"result": p["result"], "score": p.get("score"), "model_version": version}
+                break
+    return answers
+
+
 def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks: list[dict],
                held: dict[int, list[int]] | None = None, drop_other_versions: bool = False) -> dict:
     """Claim the tasks that lack a current prediction of the context's version and queue them in batches.

@@ -24,6 +24,19 @@ def failures_key(pid: int) -> str:
     return f"{PREFIX}:job-failures:{pid}"
 
 
+ABANDONED = ("the worker {worker} running it stopped before it finished (killed, out of memory or its machine "
+             "lost), and its heartbeat expired")
+
+
+def failure_message(exc_type: type[BaseException] | None, exc_value: BaseException | None, worker: str | None) -> str:
+    """One line saying why a job failed; RQ's AbandonedJobError carries no message, so it is said here."""
+    name = exc_type.__name__ if exc_type else "Error"
+    text = str(exc_value or "").strip()
+    if name == "AbandonedJobError" and not text:
+        text = ABANDONED.format(worker=worker or "(unknown)")
+    return f"{name}: {text}"[:500]
+
+
 def record_job_failure(job: Job, connection: Redis, exc_type: type[BaseException] | None,
                        exc_value: BaseException | None, traceback: TracebackType | None) -> None:
     """RQ on_failure callback (set on every job by backend.core.catalog): keep the failure for /status."""
@@ -31,7 +44,7 @@ def record_job_failure(job: Job, connection: Redis, exc_type: type[BaseException
     if not isinstance(pid, int):
         return
     kind = job.meta.get("kind", "?")
-    message = f"{exc_type.__name__ if exc_type else 'Error'}: {exc_value}"[:500]
+    message = failure_message(exc_type, exc_value, job.worker_name)
     entry = {"job": job.id, "kind": kind, "error": message, "at": server_time(connection),
              "will_retry": bool(job.retries_left)}
     pipe = connection.pipeline()

@@ -166,6 +166,12 @@ class DeliveryLedger:
         """Delete a task's entry if it is still `entry` (a delivery Label Studio turned out not to store)."""
         return bool(self._swap([(task_id, entry.dump().encode(), "")]))
 
+    def deleted(self, task_id: int) -> bool:
+        """Forget a task's delivered entry whose prediction was deleted from Label Studio (a refresh replaced it with
+        another version's), so the counts say what Label Studio holds; an entry being delivered stays."""
+        entry = self.get(task_id)
+        return entry is not None and entry.state == DELIVERED and self.forget(task_id, entry)
+
     def seed(self, found: dict[int, int], revision: int) -> int:
         """Record predictions Label Studio already holds (task -> LS id) where the ledger has no entry."""
         changes = [(task, None, Entry(state=DELIVERED, revision=revision, via=VIA_FOUND, ls_id=ls_id,

@@ -9,12 +9,17 @@ prediction is missing or older than the project's revision (backend.worker.jobs.
 
 from __future__ import annotations
 
+import time
+
 from redis import Redis
 
 from .catalog import submit
-from .context import ProjectContext
+from .context import ProjectContext, resolve_project
 from .keys import PREFIX
+from .registry import VersionRegistry
 from .settings import Settings
+from .store import SupportStore
+from .versions import base_version, current_version
 
 VERSION_CHANGED = 10**6
 """The change count of a promotion or a pin: the refresh starts at once."""
@@ -40,13 +45,42 @@ def request_refresh(redis: Redis, settings: Settings, context: ProjectContext, c
     if total >= settings.refresh_after_changes:
         if redis.set(now, 1, nx=True, ex=ttl):
             submit(redis, settings, "refresh", context.project, reason, meta={"project": context.project})
+            redis.hset(counter, "due_at", time.time())
             return {"refresh": "queued"}
         return {"refresh": "queued earlier"}
     if redis.set(later, 1, nx=True, ex=ttl):
         submit(redis, settings, "refresh", context.project, reason, meta={"project": context.project},
                delay_s=settings.refresh_delay_s)
+        redis.hset(counter, "due_at", time.time() + settings.refresh_delay_s)
         return {"refresh": f"in {settings.refresh_delay_s:g} s"}
     return {"refresh": "scheduled earlier"}
+
+
+def pending_refresh(redis: Redis, pid: int) -> dict | None:
+    """The refresh waiting to run for a project (/status): why, how many changes it covers and in how many seconds
+    it starts (0: queued now); None when none waits."""
+    counter, _, _ = _keys(pid)
+    fields = {k.decode(): v.decode() for k, v in redis.hgetall(counter).items()}
+    if "changes" not in fields:
+        return None
+    changes = int(fields["changes"])
+    due_in = max(0.0, float(fields.get("due_at", 0)) - time.time())
+    return {"reason": fields.get("reason", ""), "changes": "version change" if changes >= VERSION_CHANGED else changes,
+            "starts_in_s": round(due_in, 1), "tasks": "every unlabeled task whose prediction is missing, older than "
+            "the project's labels or of another version (listed when it starts)"}
+
+
+def pin(redis: Redis, settings: Settings, store: SupportStore, pid: int, version: str | None) -> dict:
+    """Pin a project to a version (None: unpin) and, when that changes the version it predicts with, refresh its
+    tasks' predictions (the web route and the CLI both pin through here)."""
+    before = current_version(settings, store.project(pid))
+    VersionRegistry(redis, store).pin(pid, version, base_version(settings))
+    current = current_version(settings, store.project(pid))
+    refresh = {}
+    if current != before:  # the project's tasks should now show the pinned version's predictions
+        refresh = request_refresh(redis, settings, resolve_project(settings, store, pid), VERSION_CHANGED,
+                                  f"pinned {current}")
+    return {"project": pid, "pinned": version, "current": current, **refresh}
 
 
 def start_refresh(redis: Redis, pid: int) -> int:

@@ -44,11 +44,18 @@ class Example:
     @classmethod
     def from_annotation(cls, annotation: dict, task: dict, config: LabelConfig,
                         max_pixels: int = DEFAULT_MAX_PIXELS) -> Example | None:
-        """The example an accepted annotation gives, or None (cancelled, or no mask regions of brush labels)."""
-        if annotation.get("was_cancelled"):
+        """The example an accepted annotation gives, or None (cancelled, or no mask regions of brush labels);
+        BadRequest naming why when mask regions were there but none was usable."""
+        cancelled = annotation.get("was_cancelled")
+        if cancelled is not None and not isinstance(cancelled, bool):
+            raise BadRequest(f"was_cancelled must be true or false, got {cancelled!r}")
+        if cancelled:
             return None
-        regions = mask_regions(annotation.get("result") or [], config, max_pixels)
+        skipped: list[str] = []
+        regions = mask_regions(annotation.get("result") or [], config, max_pixels, skipped)
         if not regions:
+            if skipped:
+                raise BadRequest("no usable mask region: " + "; ".join(skipped[:5]))
             return None
         try:
             annotation_id, task_id = int(annotation["id"]), int(task["id"])
@@ -67,6 +74,11 @@ class Example:
     def same_content(self, other: Example) -> bool:
         """True if both give the same support examples (only the time they were recorded differs)."""
         return {**asdict(self), "updated_at": 0} == {**asdict(other), "updated_at": 0}
+
+    @property
+    def image_id(self) -> str:
+        """Short hash of the example's task and image URL: examples of one image share it."""
+        return hashlib.sha256(f"{self.task_id}\n{self.image_url}".encode()).hexdigest()[:16]
 
     @property
     def stamp(self) -> str:
@@ -125,8 +137,11 @@ class SupportStore:
     # ---- keys and paths ---------------------------------------------------------------------
 
     @staticmethod
-    def _project_key(pid: int) -> str:
+    def project_key(pid: int) -> str:
+        """The Redis hash holding a project's record."""
         return f"{PREFIX}:project:{pid}"
+
+    _project_key = project_key
 
     @staticmethod
     def _examples_key(pid: int) -> str:
@@ -237,8 +252,9 @@ class SupportStore:
         pipe.hset(self._examples_key(pid), str(example.annotation_id), json.dumps(asdict(example)))
         pipe.hincrby(self._project_key(pid), "revision", 1)
         if current is not None:
-            self.index.drop(pipe, pid, current.annotation_id, current.labels)
-        self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at)
+            self.index.drop(pipe, pid, current.annotation_id, current.labels, current.image_id)
+        self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at,
+                       example.image_id)
         forget(pipe, pid, [example.annotation_id])  # edited: tried afresh
         pipe.execute()
         if current is not None:
@@ -250,8 +266,9 @@ class SupportStore:
         return True
 
     def _drop_unused_image(self, pid: int, gone: Example) -> None:
-        """Delete the cached image of an example's task unless another example still uses that image."""
-        if all((e.task_id, e.image_url) != (gone.task_id, gone.image_url) for e in self.examples(pid)):
+        """Delete the cached image of an example's task unless another example still uses that image (the support
+        index's image set: no example is read)."""
+        if not self.redis.scard(self.index.image_key(pid, gone.image_id)):
             self.image_path(pid, gone.task_id, gone.image_url).unlink(missing_ok=True)
 
     def remove(self, pid: int, annotation_ids: list[int], reason: str | None = None) -> int:
@@ -267,7 +284,7 @@ class SupportStore:
         self.ensure_index(pid)
         pipe = self.redis.pipeline(transaction=True)
         for example in filter(None, existing):
-            self.index.drop(pipe, pid, example.annotation_id, example.labels)
+            self.index.drop(pipe, pid, example.annotation_id, example.labels, example.image_id)
         if reason is None:
             pipe.hdel(self._errors_key(pid), *keys)
         else:
@@ -332,9 +349,9 @@ class SupportStore:
                     examples = [Example(**json.loads(r)) for r in pipe.hvals(self._examples_key(pid))]
                     labels = list(self.index.revisions(pid))
                     pipe.multi()
-                    self.index.clear(pipe, pid, labels)
+                    self.index.clear(pipe, pid, labels, [e.image_id for e in examples])
                     for e in examples:
-                        self.index.add(pipe, pid, e.annotation_id, e.labels, e.ground_truth, e.updated_at)
+                        self.index.add(pipe, pid, e.annotation_id, e.labels, e.ground_truth, e.updated_at, e.image_id)
                     pipe.set(self.index.built_key(pid), 1)
                     pipe.execute()
                     return

@@ -46,29 +46,38 @@ class SupportIndex:
         return f"{PREFIX}:support-rev:{pid}"
 
     @staticmethod
+    def image_key(pid: int, image: str) -> str:
+        """The set of examples using one task image (SupportStore: a cached image goes with its last example)."""
+        return f"{PREFIX}:support-image:{pid}:{image}"
+
+    @staticmethod
     def built_key(pid: int) -> str:
-        """Set once the project's index holds all its examples (see SupportStore.ensure_index)."""
-        return f"{PREFIX}:support-indexed:{pid}"
+        """Set once the project's index holds all its examples (see SupportStore.ensure_index); v2 added the image
+        sets, so an index built before them is built again."""
+        return f"{PREFIX}:support-indexed-v2:{pid}"
 
     def add(self, pipe: Pipeline, pid: int, annotation_id: int, labels: list[str], ground_truth: bool,
-            updated_at: float) -> None:
-        """Queue on `pipe`: index an example under its labels and bump their revisions."""
+            updated_at: float, image: str) -> None:
+        """Queue on `pipe`: index an example under its labels and its image, and bump the labels' revisions."""
+        pipe.sadd(self.image_key(pid, image), member(annotation_id))
         for label in labels:
             pipe.zadd(self.all_key(pid, label), {member(annotation_id): updated_at})
             if ground_truth:
                 pipe.zadd(self.truth_key(pid, label), {member(annotation_id): updated_at})
             pipe.hincrby(self.revisions_key(pid), label, 1)
 
-    def drop(self, pipe: Pipeline, pid: int, annotation_id: int, labels: list[str]) -> None:
-        """Queue on `pipe`: remove an example from its labels' index and bump their revisions."""
+    def drop(self, pipe: Pipeline, pid: int, annotation_id: int, labels: list[str], image: str) -> None:
+        """Queue on `pipe`: remove an example from its labels' and its image's index and bump the labels' revisions."""
+        pipe.srem(self.image_key(pid, image), member(annotation_id))
         for label in labels:
             pipe.zrem(self.all_key(pid, label), member(annotation_id))
             pipe.zrem(self.truth_key(pid, label), member(annotation_id))
             pipe.hincrby(self.revisions_key(pid), label, 1)
 
-    def clear(self, pipe: Pipeline, pid: int, labels: list[str]) -> None:
-        """Queue on `pipe`: delete the index of these labels (before a rebuild)."""
+    def clear(self, pipe: Pipeline, pid: int, labels: list[str], images: list[str]) -> None:
+        """Queue on `pipe`: delete the index of these labels and images (before a rebuild)."""
         keys = [k for label in labels for k in (self.all_key(pid, label), self.truth_key(pid, label))]
+        keys += [self.image_key(pid, image) for image in images]
         if keys:
             pipe.delete(*keys)
 

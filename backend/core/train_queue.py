@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -12,6 +13,7 @@ from .context import ProjectContext
 from .queues import job_alive
 from .registry import TRAIN_LOCK_KEY
 from .settings import Settings
+from .store import SupportStore
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +43,14 @@ def enqueue_training(redis: Redis, settings: Settings, context: ProjectContext, 
     pid = context.project
     job_id = f"train-{pid}-{int(time.time() * 1000)}"
     holder = claim_training_lock(redis, settings, pid, job_id)
+    answer = {"status": "queued", "job": job_id}
     if holder is not None:
-        return {"status": "already queued or running", "job": holder}
-    submit(redis, settings, "train", context.to_job(), reason, job_id=job_id, meta={"project": pid, "reason": reason})
-    return {"status": "queued", "job": job_id}
+        answer = {"status": "already queued or running", "job": holder}
+        logger.info("project %s: training request (%s) refused: %s is queued or running", pid, reason, holder)
+    else:
+        submit(redis, settings, "train", context.to_job(), reason, job_id=job_id, meta={"project": pid, "reason": reason})
+    record = {**answer, "reason": reason, "at": time.time()}
+    if holder is not None:
+        record["why"] = f"one training per project at a time: {holder} is queued or running"
+    redis.hset(SupportStore.project_key(pid), "training_request", json.dumps(record))  # /status: the last request and its fate
+    return answer

@@ -134,6 +134,17 @@ def maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str,
     return {"prelabel_job": job.id}
 
 
+def predict_new_tasks(backend: Backend, context: ProjectContext, tasks: object) -> dict:
+    """Imported tasks get predictions with no action, as a label edit's tasks do: once the project has examples,
+    their count goes to the debounced refresh, which predicts every unlabeled task without one."""
+    count = len(tasks) if isinstance(tasks, list) else 0
+    if not count:
+        raise BadRequest("TASKS_CREATED needs a 'tasks' list")
+    if not any(backend.store.label_counts(context.project).values()):
+        return {"tasks": count, "refresh": "not yet: no support examples (label a few images first)"}
+    return {"tasks": count, **request_refresh(backend.redis, backend.settings, context, count, "TASKS_CREATED")}
+
+
 ANNOTATION_EVENTS = ("ANNOTATION_CREATED", "ANNOTATION_UPDATED", "ANNOTATIONS_CREATED")
 WEBHOOK_BODY_TTL_S = 24 * 3600
 """How long the body of a webhook too large to answer inline waits in Redis for its ingest job."""
@@ -145,7 +156,7 @@ def handle_event(backend: Backend, body: dict) -> dict:
     action = body.get("action")
     if not isinstance(action, str):
         raise BadRequest("webhook body needs an 'action' string")
-    if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING"):
+    if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING", "TASKS_CREATED"):
         return {"status": "ignored", "action": action}
     pid = parse_project_id(body.get("project"))
     require_redis(redis)
@@ -160,6 +171,8 @@ def handle_event(backend: Backend, body: dict) -> dict:
         queue_backfill(backend, context)
     if action == "START_TRAINING":
         return {"action": action, **enqueue_training(redis, settings, context, "START_TRAINING")}
+    if action == "TASKS_CREATED":
+        return {"status": "ok", "action": action, **predict_new_tasks(backend, context, body.get("tasks"))}
     if action == "ANNOTATIONS_DELETED":
         removed = store.remove(pid, annotation_ids(body.get("annotations")))
         return {"status": "ok", "action": action, "removed": removed, "revision": store.revision(pid),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 from .settings import Settings
@@ -25,8 +26,32 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "model"
 
 
+MATCHER_NOTE = (
+    "DIFFEWS_MODEL is not set: running the matcher (nearest-neighbour matching of pretrained ImageNet features), the "
+    "default that segments on any CPU with nothing to download. DiffewS is the main model: on a machine with a GPU, "
+    "set DIFFEWS_MODEL=zzzmmz/Diffews (the official weights, about 5 GB, downloaded once) or a folder holding them."
+)
+
+
+GPU_HINT = ("this machine has an NVIDIA GPU but serves the CPU default (the matcher): set DIFFEWS_MODEL=zzzmmz/Diffews "
+            "(or a folder of the official weights) to serve DiffewS on it")
+
+
+def gpu_visible() -> bool:
+    """True when an NVIDIA GPU is visible to this process (its device node or nvidia-smi), without importing torch."""
+    return Path("/dev/nvidia0").exists() or shutil.which("nvidia-smi") is not None
+
+
+def uses_matcher(settings: Settings) -> bool:
+    """True when the configured base model is the matcher (DIFFEWS_MODEL empty)."""
+    return not settings.model_spec
+
+
 def base_version(settings: Settings) -> str:
-    """Version string of the configured weights, e.g. "diffews-tiny-untrained" or "diffews-incontext"."""
+    """Version string of the configured weights, e.g. "matcher-effnet-lite0-r384", "diffews-tiny-r256-untrained"
+    or "diffews-incontext"."""
+    if uses_matcher(settings):
+        return f"matcher-{_slug(settings.matcher_backbone.removeprefix('hf:'))}-r{settings.matcher_resolution}"
     if settings.model_spec == "tiny":
         return f"diffews-tiny-r{settings.tiny_resolution}-untrained"
     spec = Path(settings.model_spec)
@@ -43,12 +68,21 @@ def base_version(settings: Settings) -> str:
 
 def base_ref(settings: Settings) -> dict:
     """The configured weights as a version's version.json names its base."""
+    if uses_matcher(settings):
+        return {"spec": f"matcher:{settings.matcher_backbone}", "unet": None}
     return {"spec": settings.model_spec, "unet": settings.model_unet or None}
 
 
 def describe_model(settings: Settings) -> dict:
     """What /health reports about the model: spec, trained or not, and a warning for the tiny model."""
     info = {"spec": settings.model_spec, "unet": settings.model_unet or None, "version": base_version(settings)}
+    if uses_matcher(settings):
+        info.update(family="matcher", backbone=settings.matcher_backbone, resolution=settings.matcher_resolution,
+                    trained=True, note=MATCHER_NOTE)
+        if gpu_visible():
+            info["warning"] = GPU_HINT
+        return info
+    info["family"] = "diffews"
     if settings.model_spec == "tiny":
         info.update(trained=False, warning=TINY_WARNING)
         return info

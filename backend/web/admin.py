@@ -18,7 +18,7 @@ from ..core.example_health import ExampleHealth
 from ..core.failures import job_failures
 from ..core.ledger import DeliveryLedger
 from ..core.queues import live_workers, queue_lengths, running_jobs
-from ..core.refresh import VERSION_CHANGED, request_refresh
+from ..core.refresh import pending_refresh, pin
 from ..core.registry import VersionRegistry
 from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
@@ -50,14 +50,7 @@ def pin_version(pid: int):
     body = json_body()
     if "version" not in body or not (body["version"] is None or isinstance(body["version"], str)):
         raise BadRequest('body must be {"version": "<name>"} to pin (or roll back), or {"version": null} to unpin')
-    before = current_version(backend.settings, backend.store.project(pid))
-    VersionRegistry(backend.redis, backend.store).pin(pid, body["version"], base_version(backend.settings))
-    current = current_version(backend.settings, backend.store.project(pid))
-    refresh = {}
-    if current != before:  # the project's tasks should now show the pinned version's predictions
-        context = resolve_project(backend.settings, backend.store, pid)
-        refresh = request_refresh(backend.redis, backend.settings, context, VERSION_CHANGED, f"pinned {current}")
-    return jsonify(project=pid, pinned=body["version"], current=current, **refresh)
+    return jsonify(**pin(backend.redis, backend.settings, backend.store, pid, body["version"]))
 
 
 @admin.get("/status/<int:pid>")
@@ -83,6 +76,8 @@ def status(pid: int):
         failures=progress.failures(),
         job_failures=job_failures(redis, pid),
         training=json.loads(project["last_training"]) if project.get("last_training") else None,
+        training_request=json.loads(project["training_request"]) if project.get("training_request") else None,
+        refresh=pending_refresh(redis, pid),
         webhook_auth=project.get("webhook_auth") if settings.auth_enabled else "basic auth is off",
         queues=queue_lengths(redis),
         running=running_jobs(redis),

@@ -14,6 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 from rq.results import Result
 
 from ..core.admission import admit_click, click_started
+from ..core.bulk import held_answers
 from ..core.catalog import GRACE_S, submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BadRequest, ServiceUnavailable
@@ -26,7 +27,7 @@ from ..core.registry import VersionRegistry
 from ..core.services import Backend
 from ..core.store import parse_project_id
 from ..core.triggers import WEBHOOK_BODY_TTL_S, handle_event, queue_backfill, rejected_webhooks, webhook_auth_due
-from ..core.versions import base_version, describe_model
+from ..core.versions import base_version, describe_model, uses_matcher
 from .bodies import json_body
 from .clicks import answer, answer_bulk, answer_interactive, late, wait
 from .state import web_state
@@ -87,6 +88,11 @@ class MLBackend:
             # a malformed or oversized prompt is a 400 now, not a failed job
             cost = prompt_passes(parse_prompts(smart, context.config, self.settings.max_prompts))
             kind, args = "smart-tool", (context.to_job(), slim[0], smart)
+        elif (held := held_answers(tasks, context.model_version)) and len(held) == len(tasks):
+            # every task holds a prediction of this version (Label Studio's Test button sends such a task): answer
+            # with what it holds; Label Studio never stores the answer for a task that holds one
+            return jsonify(results=[held[int(t["id"])] for t in tasks], model_version=context.model_version,
+                           skipped={int(t["id"]): "Label Studio holds a prediction of this version" for t in tasks})
         elif len(tasks) > self.settings.sync_max_tasks:
             return answer_bulk(self.backend, context, slim)
         else:
@@ -131,14 +137,19 @@ def health():
     redis, settings = state.backend.redis, state.backend.settings
     redis_state = ping(redis)
     up = redis_state == "ok"
+    workers = live_workers(redis) if up else {}
+    idle = [queue for queue, count in workers.items() if count == 0]
+    unserved = [f"no live worker on queue {', '.join(idle)}: its jobs wait until one starts "
+                f"(python -m backend worker --queues {' '.join(idle)})"] if idle else []
     return jsonify(
-        status="UP" if up else "DEGRADED",
-        model_class="DiffewS",
+        status="UP" if up and not idle else "DEGRADED",
+        model_class="Matcher" if uses_matcher(settings) else "DiffewS",
         model=describe_model(settings),
         redis=redis_state,
-        workers=live_workers(redis) if up else {},
+        workers=workers,
+        queues_without_workers=idle,
         rejected_webhooks=rejected_webhooks(redis) if up else None,
-        warnings=state.warnings() if up else [],
+        warnings=unserved + (state.warnings() if up else []),
     )
 
 

@@ -12,6 +12,7 @@ import logging
 import time
 from urllib.parse import urlparse
 
+from redis import Redis
 from rq import get_current_job
 
 from ..core.admission import click_ended, record_click_seconds
@@ -282,7 +283,7 @@ def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, c
     for tid, claim in claims.items():
         if down is None:
             try:
-                ls_id = api.replace_prediction(tid, predictions[tid], project.project, drop_other_versions)
+                ls_id, dropped = api.replace_prediction(tid, predictions[tid], project.project, drop_other_versions)
             except LabelStudioUnavailable as exc:
                 down = exc.message
             except LabelStudioRefused as exc:
@@ -293,6 +294,8 @@ def _post(ctx: WorkerContext, project: ProjectContext, ledger: DeliveryLedger, c
                 continue
             else:
                 ledger.record(claim, via=VIA_POSTED, ls_id=ls_id, revision=revision)
+                for version in dropped:  # those deliveries are gone from Label Studio: they stop counting
+                    DeliveryLedger(ctx.redis, project.project, version).deleted(tid)
                 posted += 1
                 if progress is not None:
                     progress.mark_done(tid)
@@ -334,16 +337,18 @@ def prelabel_project(context: dict, task_ids: list[int] | None = None) -> dict:
     held = held_predictions(listed, project.model_version)
     out = queue_bulk(ctx.redis, ctx.settings, project, tasks, held, drop_other_versions=drop)
     if drop:
-        out["deleted_old_versions"] = _drop_other_versions(api, project, listed, held, set(out.pop("queued_ids")))
+        out["deleted_old_versions"] = _drop_other_versions(api, ctx.redis, project, listed, held,
+                                                           set(out.pop("queued_ids")))
     else:
         out.pop("queued_ids")
     return out
 
 
-def _drop_other_versions(api, project: ProjectContext, listed: list[dict], held: dict[int, list[int]],
+def _drop_other_versions(api, redis: Redis, project: ProjectContext, listed: list[dict], held: dict[int, list[int]],
                          queued: set[int]) -> int:
     """Delete other versions' predictions of unlabeled tasks that hold exactly one current one and are not
-    queued (a queued task's batch deletes them after posting); returns how many were deleted."""
+    queued (a queued task's batch deletes them after posting), and their deliveries from those versions' ledgers;
+    returns how many were deleted."""
     deleted = 0
     for task in listed:
         tid = int(task["id"])
@@ -353,6 +358,7 @@ def _drop_other_versions(api, project: ProjectContext, listed: list[dict], held:
             if isinstance(prediction, dict) and prediction.get("model_version") != project.model_version \
                     and isinstance(prediction.get("id"), int):
                 api.delete_prediction(prediction["id"])
+                DeliveryLedger(redis, project.project, prediction["model_version"]).deleted(tid)
                 deleted += 1
     return deleted
 

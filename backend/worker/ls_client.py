@@ -179,9 +179,10 @@ class LabelStudioAPI:
                 raise
 
     def replace_prediction(self, task_id: int, prediction: dict, project_id: int | None = None,
-                           drop_other_versions: bool = False) -> int:
+                           drop_other_versions: bool = False) -> tuple[int, set[str]]:
         """Make this the task's only prediction of its model version: delete the stored ones, then post it; with
-        `drop_other_versions`, other versions' predictions of the task are deleted after the post.
+        `drop_other_versions`, other versions' predictions of the task are deleted after the post. Returns the new
+        prediction's id and the other versions whose predictions were deleted.
 
         Deleting first keeps at most one at every moment; a retry after a crash between the two steps, or
         after a post that was stored but answered with an error, finds none (or that one) and ends with
@@ -200,14 +201,16 @@ class LabelStudioAPI:
                 if pause is None:
                     raise
                 time.sleep(pause)
+        dropped: set[str] = set()
         if drop_other_versions:
             try:
                 for old, old_version in stored:
                     if old_version != version:
                         self.delete_prediction(old)
+                        dropped.add(old_version)
             except LabelStudioUnavailable as exc:  # the new one is stored; the next listing deletes the rest
                 logger.warning("task %s: earlier versions' predictions not deleted yet: %s", task_id, exc.message)
-        return new_id
+        return new_id, dropped
 
 
 def _detail(body: object) -> str:

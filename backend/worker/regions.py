@@ -27,6 +27,8 @@ MIN_REGION_SHARE = 0.0002
 MIN_REGION_PX = 16
 BOX_MIN_SHARE_OF_LARGEST = 0.05
 """A part smaller than this share of the label's largest part gets no box (fragments and noise, not objects)."""
+MAX_BOXES_PER_LABEL = 50
+"""Most boxes one label's mask gives, largest parts first (1-px stripes of equal parts gave 540-1500)."""
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +107,7 @@ def boxes(mask: np.ndarray) -> list[dict[str, float]]:
     A part gets a box if it is above the minimum area, at least BOX_MIN_SHARE_OF_LARGEST of the label's largest
     part, and its box is not inside a larger part's box (a fragment of the same object). Each box is then
     something to check, not a speck: a sky mask broken by trees and poles gives its large pieces, not 20 boxes.
+    At most MAX_BOXES_PER_LABEL boxes.
     """
     height, width = mask.shape
     count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
@@ -117,6 +120,8 @@ def boxes(mask: np.ndarray) -> list[dict[str, float]]:
         if area < floor or any(x >= kx and y >= ky and x + w <= kx + kw and y + h <= ky + kh for kx, ky, kw, kh, _ in kept):
             continue
         kept.append([x, y, w, h, area])
+        if len(kept) == MAX_BOXES_PER_LABEL:
+            break
     return [{"x": 100.0 * x / width, "y": 100.0 * y / height, "width": 100.0 * w / width, "height": 100.0 * h / height,
              "rotation": 0} for x, y, w, h, _ in kept]
 

@@ -7,7 +7,9 @@ import logging
 import threading
 from dataclasses import dataclass, field, replace
 
-from model import DiffewS, parse_dtype
+import torch
+
+from model import DiffewS, Matcher, parse_dtype
 from redis import Redis
 from redis.exceptions import RedisError
 from rq import Queue, SimpleWorker, get_current_job, worker_registration
@@ -32,7 +34,7 @@ from ..core.registry import VersionRegistry
 from ..core.settings import Settings
 from ..core.store import SupportStore
 from ..core.supports import SupportSets
-from ..core.versions import base_ref, base_version
+from ..core.versions import GPU_HINT, MATCHER_NOTE, base_ref, base_version, uses_matcher
 from .example_files import ExampleFiles
 from .loaded_models import LoadedModels
 from .ls_client import LabelStudioAPI
@@ -95,9 +97,16 @@ def report_progress(**meta) -> None:
 
 
 def load_model(settings: Settings):
-    """Load DiffewS as configured (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE, DIFFEWS_DTYPE)."""
+    """Load the configured model: the matcher when DIFFEWS_MODEL is empty (MATCHER_BACKBONE, MATCHER_RESOLUTION),
+    else DiffewS (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE, DIFFEWS_DTYPE)."""
     device = settings.device or None
     cache = settings.support_cache_mb << 20
+    if uses_matcher(settings):
+        logger.info(MATCHER_NOTE)
+        if torch.cuda.is_available():
+            logger.warning(GPU_HINT)
+        return Matcher.from_pretrained(settings.matcher_backbone, resolution=settings.matcher_resolution,
+                                       device=device or "cpu", support_cache_bytes=cache)
     if settings.model_spec == "tiny":
         logger.warning("DIFFEWS_MODEL not set: tiny model, untrained on real pictures (synthetic pre-training only) until fine-tuned")
         return DiffewS.tiny(resolution=settings.tiny_resolution, device=device or "cpu", support_cache_bytes=cache,

@@ -182,7 +182,7 @@ class FewShotSegmenter:
                          for task, per_label in zip(ok_tasks, memories) if not per_label]
         if not keep:
             return run
-        queries = QueryBatch(queries.latents[keep], [queries.sizes[i] for i in keep])
+        queries = queries.select(keep)
         outputs = self.model.segment_many_encoded(queries, [memories[i] for i in keep],
                                                   batch_size=self.settings.model_batch_size)
         for task, per_label in zip([ok_tasks[i] for i in keep], outputs):

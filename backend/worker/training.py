@@ -87,9 +87,11 @@ def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
-    """The versions a candidate must not be worse than: what the project predicts with now, and its active one."""
-    active = project.get("active_version") or base_version(settings)
-    return list(dict.fromkeys([current_version(settings, project), active]))
+    """The versions a candidate must not be worse than: what the project predicts with now, its active one, and the
+    root (the configured base), so that steps each within noise cannot add up to a loss against where it started."""
+    base = base_version(settings)
+    active = project.get("active_version") or base
+    return list(dict.fromkeys([current_version(settings, project), active, base]))
 
 
 def train_project(context: dict, reason: str = "") -> dict:

@@ -1,0 +1,77 @@
+"""Learning curve of the matcher's fine-tuning on CamVid: a projection head trained on n train frames, scored on
+val few-shot episodes, against the training-free matcher and copy-support on the same episodes.
+
+    python -m bench.bench_matcher_finetune --n 5 10 25 50 --train-seeds 0 1 2 --resolution 256
+
+Frames are drawn from the train split with each training seed (as a project labels tasks in random order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from pathlib import Path
+
+from model.data import load_label_map
+from model.evaluate import evaluate
+from model.matcher import Matcher
+from model.train import TrainConfig, finetune
+from model.versions import trainable_copy
+
+from .scenarios import SHARED, Row, print_table, write_csv
+
+
+def _spread(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} ± {sd:.2f}"
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
+    parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 25, 50])
+    parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--episodes", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--backbone", default="effnet-lite0")
+    parser.add_argument("--csv", default="bench/results/matcher_finetune.csv")
+    args = parser.parse_args(argv)
+    base = Matcher.from_pretrained(args.backbone, resolution=args.resolution)
+    classes, val = load_label_map(args.data, "val", args.resolution)
+    _, train = load_label_map(args.data, "train", args.resolution)
+
+    def score(model) -> dict[int, float]:
+        return {k: evaluate(model, val, classes, shots=k, episode_count=args.episodes, seed=args.seed).miou for k in (1, 5)}
+
+    free = {k: evaluate(base, val, classes, shots=k, episode_count=args.episodes, seed=args.seed, baselines=True)
+            for k in (1, 5)}
+    copy = {k: next(b.miou for b in r.baselines if b.predictor == "copy support") for k, r in free.items()}
+    rows = [Row("training-free matcher", {"n": 0}, {f"{k}-shot": f"{r.miou:.2f}" for k, r in free.items()}),
+            Row("copy support", {"n": 0}, {f"{k}-shot": f"{v:.2f}" for k, v in copy.items()})]
+    print_table(rows, ["1-shot", "5-shot"])
+    for n in args.n:
+        runs, seconds = [], []
+        for seed in args.train_seeds:
+            frames = random.Random(seed).sample(range(len(train)), n)
+            model = trainable_copy(base, "head")
+            start = time.perf_counter()
+            finetune(model, [train[i] for i in frames], TrainConfig(steps=args.steps, lr=args.lr, seed=seed))
+            seconds.append(time.perf_counter() - start)
+            runs.append(score(model))
+        figures = {f"{k}-shot": _spread([r[k] for r in runs]) for k in (1, 5)}
+        figures |= {f"{k}-shot gain": _spread([r[k] - free[k].miou for r in runs]) for k in (1, 5)}
+        figures["train_s"] = statistics.mean(seconds)
+        rows.append(Row("fine-tuned head", {"n": n, "steps": args.steps, "seeds": len(args.train_seeds)}, figures))
+        print(f"n={n}: {figures}", flush=True)
+    print_table(rows, ["1-shot", "5-shot", "1-shot gain", "5-shot gain", "train_s"])
+    write_csv(rows, Path(args.csv))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""model/matcher.py: the matcher's contract (support memories, queries, outputs), bounds, versions and errors."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from model import DiffewS
+from model.errors import InvalidCheckpointError, InvalidInputError, SupportNotSetError
+from model.matcher import Matcher, ProjectionHead, guided_upsample
+from model.matcher_config import MatcherConfig
+from model.scoring import copy_support, episode_iou
+from model.support import compose
+
+from .payloads import square_scene
+
+
+@pytest.fixture(scope="module")
+def matcher() -> Matcher:
+    """The default matcher (effnet-lite0 from its wheel) at 64 px."""
+    return Matcher.from_pretrained("effnet-lite0", resolution=64)
+
+
+def test_segments_the_square_better_than_copying_the_support(matcher):
+    """On synthetic scenes whose square moves, the matcher finds it in the query where copying the support's
+    mask (which never looks at the query) does not."""
+    ious, copied = [], []
+    for seed in range(4):
+        image, mask = square_scene(seed, (96, 128))
+        query, truth = square_scene(seed + 10, (96, 128))
+        out = matcher.segment([query], matcher.encode_support([image], [mask]))[0]
+        assert out.mask.shape == truth.shape and 0.0 <= out.score <= 1.0
+        ious.append(episode_iou(out.mask, truth, np.ones_like(truth)))
+        copied.append(episode_iou(copy_support([mask], truth.shape), truth, np.ones_like(truth)))
+    assert np.mean(ious) > 0.6 and np.mean(ious) > np.mean(copied) + 0.3, (ious, copied)
+
+
+def test_examples_compose_to_the_support_set(matcher):
+    """encode_examples gives one cached memory per example; composed they segment exactly as encode_support."""
+    pairs = [square_scene(i) for i in range(3)]
+    images, masks = [p[0] for p in pairs], [p[1] for p in pairs]
+    parts = matcher.encode_examples(images, masks)
+    assert [p.num_shots for p in parts] == [1, 1, 1] and all(p.descriptors.shape[0] == 1 for p in parts)
+    assert matcher.encode_examples(images[:1], masks[:1])[0] is parts[0]  # cached by content
+    query = square_scene(9)[0]
+    a = matcher.segment([query], compose(parts))[0]
+    b = matcher.segment([query], matcher.encode_support(images, masks, use_cache=False))[0]
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-6)
+
+
+def test_support_vectors_are_bounded():
+    """Each example keeps at most max_vectors foreground and background vectors, whatever its resolution."""
+    small = Matcher.from_pretrained("effnet-lite0", resolution=128)
+    small.config = replace(small.config, max_vectors=10)
+    image, mask = square_scene(0, (256, 256))
+    memory = small.encode_support([image, image[::-1].copy()], [mask, mask[::-1].copy()])
+    assert memory.kv["fg"][0].shape[1] == 20 and memory.kv["bg"][0].shape[1] == 20
+
+
+def test_many_labels_and_per_query_supports(matcher):
+    """segment_many_encoded takes one memory per label, or one mapping per query, and answers every pair."""
+    (a, ma), (b, mb) = square_scene(1), square_scene(2)
+    memories = {"x": matcher.encode_support([a], [ma]), "y": matcher.encode_support([b], [mb])}
+    queries = matcher.encode_queries([square_scene(3)[0], square_scene(4, (40, 40))[0]])
+    shared = matcher.segment_many_encoded(queries, memories)
+    assert [sorted(o) for o in shared] == [["x", "y"], ["x", "y"]] and shared[1]["x"].mask.shape == (40, 40)
+    own = matcher.segment_many_encoded(queries, [{"x": memories["x"]}, {"y": memories["y"]}])
+    np.testing.assert_array_equal(own[0]["x"].mask, shared[0]["x"].mask)
+    assert list(own[1]) == ["y"]
+    picked = queries.select([1])
+    assert len(picked) == 1 and picked.sizes == [(40, 40)] and picked.guides.shape[0] == 1
+    assert queries.descriptors.shape == (2, 472 * 4)
+
+
+def test_bad_inputs_raise_typed_errors(matcher):
+    """Empty supports, mismatched counts, empty masks, a released memory and a bad threshold are named."""
+    image, mask = square_scene(0)
+    with pytest.raises(InvalidInputError, match="at least one"):
+        matcher.encode_support([], [])
+    with pytest.raises(InvalidInputError, match="1 support images but 2 masks"):
+        matcher.encode_support([image], [mask, mask])
+    with pytest.raises(InvalidInputError, match="support mask 0 is empty"):
+        matcher.encode_support([image], [np.zeros_like(mask)])
+    with pytest.raises(InvalidInputError, match="non-empty sequence"):
+        matcher.encode_queries([])
+    memory = matcher.encode_support([image], [mask], use_cache=False)
+    with pytest.raises(InvalidInputError, match="threshold_ratio"):
+        matcher.segment([image], memory, threshold_ratio=1.5)
+    memory.release()
+    with pytest.raises(SupportNotSetError):
+        matcher.segment([image], memory)
+
+
+def test_guided_upsampling_follows_the_guide_edge():
+    """A blurry low-resolution step upsampled with a sharp guide keeps the guide's edge: the map changes most
+    where the guide does, and radius 0 is plain bilinear upsampling."""
+    guide = torch.zeros(1, 1, 64, 64)
+    guide[..., 37:] = 1.0  # an edge between columns 36 and 37, off the 8-pixel grid
+    low = torch.zeros(1, 1, 8, 8)
+    low[..., 4:] = 1.0
+    low[..., 4] = 0.5
+    sharp = guided_upsample(low, guide, 4, 1e-3)[0, 0, 32]
+    assert int(torch.argmax(sharp[1:] - sharp[:-1])) == 36
+    plain = torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(guided_upsample(low, guide, 0, 1e-3), plain)
+
+
+def test_head_version_round_trip(tmp_path, matcher):
+    """A matcher with a projection head saves as kilobytes-to-megabytes and loads back to the same masks."""
+    head = ProjectionHead(472, 32)
+    torch.nn.init.normal_(head.proj.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    version = matcher.with_head(head)
+    version.save_pretrained(tmp_path / "v1")
+    size = sum(p.stat().st_size for p in (tmp_path / "v1").iterdir())
+    assert 10_000 < size < 5_000_000
+    loaded = Matcher.from_pretrained(tmp_path / "v1")
+    assert loaded.config == version.config and loaded.config.head_dim == 32
+    image, mask = square_scene(0)
+    query = square_scene(5)[0]
+    a = version.segment([query], version.encode_support([image], [mask]))[0]
+    b = loaded.segment([query], loaded.encode_support([image], [mask]))[0]
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-6)
+
+
+def test_identity_head_is_the_training_free_matcher(matcher):
+    """A fresh head starts as the identity on all channels: it changes nothing until trained."""
+    version = matcher.with_head(ProjectionHead(472, 472))
+    image, mask = square_scene(0)
+    query = square_scene(5)[0]
+    a = matcher.segment([query], matcher.encode_support([image], [mask]))[0]
+    b = version.segment([query], version.encode_support([image], [mask]))[0]
+    np.testing.assert_allclose(a.probability, b.probability, atol=1e-5)
+
+
+def test_other_family_folders_are_refused(tmp_path, matcher):
+    """A DiffewS folder given to the matcher, or a matcher folder given to DiffewS, is refused by name."""
+    DiffewS.tiny(resolution=64).save_pretrained(tmp_path / "diffews")
+    with pytest.raises(InvalidCheckpointError, match="not a matcher folder.*DIFFEWS_MODEL"):
+        Matcher.from_pretrained(tmp_path / "diffews")
+    matcher.save_pretrained(tmp_path / "matcher")
+    with pytest.raises(InvalidCheckpointError, match="is a matcher folder"):
+        DiffewS.from_pretrained(tmp_path / "matcher")
+
+
+def test_damaged_version_files_are_refused(tmp_path, matcher):
+    """A head file that is missing or damaged, or a config with an unknown key, is named when loading."""
+    version = matcher.with_head(ProjectionHead(472, 16))
+    version.save_pretrained(tmp_path / "v")
+    (tmp_path / "v" / "matcher_head.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InvalidCheckpointError, match="matcher_head.safetensors: cannot read"):
+        Matcher.from_pretrained(tmp_path / "v")
+    (tmp_path / "v" / "matcher_head.safetensors").unlink()
+    with pytest.raises(InvalidCheckpointError, match="is missing"):
+        Matcher.from_pretrained(tmp_path / "v")
+    (tmp_path / "v" / "matcher_config.json").write_text('{"backbone": "effnet-lite0", "colour": 1}')
+    with pytest.raises(InvalidCheckpointError, match="keys among"):
+        Matcher.from_pretrained(tmp_path / "v")
+    with pytest.raises(InvalidCheckpointError, match="multiple of 32"):
+        MatcherConfig(resolution=100)
+
+
+def test_finetuning_trains_a_copy_of_the_head(matcher):
+    """trainable_copy + finetune train a head on a copy: the served matcher (with or without a head) is untouched,
+    and training continues from a version's head."""
+    from model.data import make_sample
+    from model.train import TrainConfig, finetune
+    from model.versions import trainable_copy
+
+    samples = [make_sample(*square_scene(i, (64, 64))[:1], {"square": square_scene(i, (64, 64))[1]}, 64) for i in range(4)]
+    first = trainable_copy(matcher, "lora")
+    result = finetune(first, samples, TrainConfig(steps=4, seed=0))
+    assert matcher.head is None and first.head is not None and result.config["mode"] == "head"
+    assert set(result.weights) == {"proj.weight"} and result.steps == 4
+    before = first.head.proj.weight.clone()
+    second = trainable_copy(first, "lora")
+    finetune(second, samples, TrainConfig(steps=4, seed=1, lr=0.1))
+    torch.testing.assert_close(first.head.proj.weight, before)
+    assert not torch.equal(second.head.proj.weight, before)
+
+
+def test_a_support_without_background_and_split_halves(matcher):
+    """A support mask covering the whole image has no background vector: queries still segment (nothing
+    matches background); split_tokens gives both halves every entry even with a single vector."""
+    from model.support import split_tokens
+
+    image, _ = square_scene(0, (64, 64))
+    full = np.ones((64, 64), bool)
+    memory = matcher.encode_support([image], [full])
+    assert memory.kv["bg"][0].shape[1] == 0
+    assert matcher.segment([image], memory)[0].mask.all()
+    small = np.zeros((64, 64), bool)
+    small[:8, :8] = True  # one stride-8 cell of foreground
+    halves = split_tokens(matcher.encode_support([image], [small]), 2, torch.Generator().manual_seed(0))
+    assert all(set(h.kv) == {"fg", "bg"} for h in halves)
+    assert [h.kv["fg"][0].shape[1] for h in halves] == [1, 0]
+    assert matcher.segment([image], halves[1])[0].mask.shape == (64, 64)
+
+
+def test_matcher_masks_are_scored_by_sharpness(matcher):
+    """The matcher's score is the share of its mask drawn sharply (the candidate that ranked best), in [0, 1]."""
+    from model.scoring import sharpness_score
+
+    image, mask = square_scene(0, (64, 64))
+    out = matcher.segment([square_scene(3, (64, 64))[0]], matcher.encode_support([image], [mask]))[0]
+    small = out.probability > out.threshold
+    assert 0.0 < out.score <= 1.0 and out.score == pytest.approx(sharpness_score(out.probability, out.threshold, small))

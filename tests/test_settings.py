@@ -1,0 +1,47 @@
+"""backend/core/settings.py: every numeric setting is bounded, and a bad value stops the start in one line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from backend.core.settings import Settings
+
+from .ls_server import REPO
+
+
+@pytest.mark.parametrize("variable, value, says", [
+    ("BULK_BATCH_SIZE", "0", ">= 1"), ("BULK_BATCH_SIZE", "-1", ">= 1"), ("MODEL_BATCH_SIZE", "0", ">= 1"),
+    ("REFRESH_DELAY_S", "1e12", "<= 86400"), ("SYNC_MAX_TASKS", "0", ">= 1"), ("PREDICT_WAIT_S", "0", "> 0"),
+    ("CV_FOLDS", "1", ">= 2"), ("JOB_TIMEOUT_S", "0", ">= 1"), ("REFRESH_DELAY_S", "-5", ">= 0"),
+    ("MATCHER_RESOLUTION", "100", "multiple of 32"), ("PORT", "70000", "<= 65535"),
+])
+def test_out_of_range_values_are_refused_naming_the_range(variable, value, says):
+    """A value outside its field's bounds is refused naming the variable, the value and the allowed range."""
+    with pytest.raises(ValueError) as caught:
+        Settings.from_env({variable: value})
+    message = str(caught.value)
+    assert message.startswith(f"{variable}={value!r} is not a valid value") and "(allowed: " in message and says in message
+
+
+def test_every_numeric_setting_has_bounds():
+    """Each int or float field carries a lower and an upper bound."""
+    for name, field in Settings.model_fields.items():
+        if field.annotation in (int, float, int | None, float | None):
+            kinds = {type(m).__name__ for m in field.metadata}
+            assert kinds & {"Ge", "Gt"} and "Le" in kinds, f"{field.alias} has no bounds"
+
+
+@pytest.mark.parametrize("command", [["_wsgi.py"], ["-m", "backend", "status", "--project", "1"]])
+def test_a_bad_value_stops_the_start_in_one_line(tmp_path, command):
+    """The one-command backend and the CLI stop at a bad value with one line naming it, exit status 2."""
+    env = {**os.environ, "MODEL_DIR": str(tmp_path), "BULK_BATCH_SIZE": "0"}
+    env.pop("REDIS_URL", None)
+    out = subprocess.run([sys.executable, *command], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "configuration error: BULK_BATCH_SIZE='0' is not a valid value: it must be greater than or equal to 1 "
+        "(allowed: >= 1 and <= 10000)"]
