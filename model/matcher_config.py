@@ -29,7 +29,8 @@ class MatcherConfig:
     temperature: float = 0.05
     """Width of the sigmoid that turns that difference into a probability."""
     guide_radius: int = 4
-    """Radius in stride-8 cells' pixels of the guided filter that upsamples along edges (0: bilinear only)."""
+    """Radius in pixels of the guided filter that upsamples along edges, for a stride-8 backbone (scaled with the
+    stride of others); 0: bilinear upsampling only."""
     guide_eps: float = 0.01
     head_dim: int | None = None
     """Output size of the trained projection head (None: no head, the training-free matcher)."""
@@ -52,12 +53,6 @@ class MatcherConfig:
     def threshold_ratio(self) -> float:
         """The probability threshold (0.5: where the difference equals the bias); named as DiffewS's config."""
         return 0.5
-
-    @property
-    def version_name(self) -> str:
-        """The model_version stem Label Studio shows, e.g. matcher-effnet-lite0-r384."""
-        backbone = self.backbone.removeprefix("hf:").replace("/", "-")
-        return f"{self.name}-{backbone}-r{self.resolution}"
 
     def save(self, folder: Path) -> None:
         """Write `matcher_config.json` into `folder`."""
