@@ -83,7 +83,8 @@ def test_transformers_backbone_from_a_folder(tmp_path):
     assert backbone.strides == (8, 8, 8) and [tuple(m.shape) for m in maps] == [(1, 32, 8, 8)] * 3
 
 
-def test_transformers_backbone_missing_folder(tmp_path):
-    """hf: with a folder that holds no model is a CheckpointNotFoundError naming it."""
+def test_transformers_backbone_missing_folder(tmp_path, monkeypatch):
+    """hf: with a folder that holds no model is a CheckpointNotFoundError naming it (offline: no hub is asked)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(CheckpointNotFoundError, match="nothing-here"):
         load_backbone(f"hf:{tmp_path / 'nothing-here'}")
