@@ -143,3 +143,28 @@ def test_deliveries_of_a_deleted_prediction_stop_counting(redis):
     assert ledger.deleted(5) and ledger.get(5) is None and ledger.counts()["delivered"] == 1
     assert not ledger.deleted(7) and ledger.get(7) is not None  # in flight: kept
     assert not ledger.deleted(8)  # never delivered
+
+
+def test_a_refresh_waits_for_the_previous_one(redis, refreshing):
+    """While the previous refresh's batches are still being predicted, a refresh reschedules itself without clearing
+    the changes it will cover (later changes join it: one runs, one waits); a stalled run is not waited for."""
+    from backend.core.bulk import Progress
+    from backend.worker.jobs import refresh_project
+    from backend.worker.runtime import WorkerContext, set_context
+
+    on, context = refreshing
+    set_context(WorkerContext(on, redis, SupportStore(redis, on.model_dir)))
+    try:
+        request_refresh(redis, on, context, 1, "ANNOTATION_CREATED")
+        Progress(redis, 1).start(context.model_version, context.revision, total=4, skipped=0)
+        assert refresh_project(1, "ANNOTATION_CREATED") == {
+            "waiting": "the previous refresh's batches are still being predicted", "waited": 1}
+        assert pending_refresh(redis, 1)["changes"] == 1  # kept for the run that waits
+        assert request_refresh(redis, on, context, 1, "ANNOTATION_UPDATED") == {"refresh": "scheduled earlier"}
+        waiting = [job for job in ScheduledJobRegistry("ingest", connection=redis).get_job_ids()]
+        assert len(waiting) == 2  # the first schedule and the rescheduled run
+        redis.hset(Progress(redis, 1).key, "updated_at", 0)  # stalled for longer than a job may run
+        assert "waiting" not in refresh_project(1, "ANNOTATION_CREATED", waited=1)
+        assert pending_refresh(redis, 1) is None
+    finally:
+        set_context(None)

@@ -67,6 +67,13 @@ class Progress:
                 raw[name] = float(raw[name])
         return raw
 
+    def in_flight(self, stale_s: float) -> bool:
+        """True while the current run has tasks neither done nor failed and moved within the last `stale_s` seconds
+        (a run whose workers died stops counting as in flight)."""
+        current = self.read()
+        unfinished = current.get("done", 0) + current.get("failed", 0) < current.get("total", 0)
+        return unfinished and time.time() - current.get("updated_at", 0.0) < stale_s
+
     def failures(self) -> dict[int, str]:
         """Tasks that failed in the current run, with their messages."""
         return {int(k): v.decode() for k, v in self.redis.hgetall(self.failed_key).items()}

@@ -363,10 +363,25 @@ def _drop_other_versions(api, redis: Redis, project: ProjectContext, listed: lis
     return deleted
 
 
-def refresh_project(project_id: int, reason: str = "") -> dict:
+REFRESH_WAIT_S = 5.0
+"""How often a refresh looks again whether the previous refresh's batches have finished."""
+REFRESH_MAX_WAITS = 60
+"""Looks before a refresh runs anyway (5 min: batches stuck that long are not waited for)."""
+
+
+def refresh_project(project_id: int, reason: str = "", waited: int = 0) -> dict:
     """AUTO_REFRESH: re-predict the project's unlabeled tasks whose prediction is missing or stale, with the
-    version and supports current now (the changes it covers are cleared first: later ones schedule a new run)."""
+    version and supports current now (the changes it covers are cleared first: later ones schedule a new run).
+
+    While the previous run's batches are still being predicted it waits (rescheduled, its changes and schedule
+    flags kept, so later changes join it): at most one refresh runs and one waits, and the waiting one lists the
+    tasks at the latest revision instead of posting predictions that are stale on arrival.
+    """
     ctx = get_context()
+    if waited < REFRESH_MAX_WAITS and Progress(ctx.redis, project_id).in_flight(ctx.settings.job_timeout_s):
+        submit(ctx.redis, ctx.settings, "refresh", project_id, reason, waited + 1, meta={"project": project_id},
+               delay_s=REFRESH_WAIT_S)
+        return {"waiting": "the previous refresh's batches are still being predicted", "waited": waited + 1}
     changes = start_refresh(ctx.redis, project_id)
     context = resolve_project(ctx.settings, ctx.store, project_id)
     if not context.has_api:
