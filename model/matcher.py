@@ -191,10 +191,16 @@ class Matcher:
         pairs = support_examples(images, masks)
         return [rgb for rgb, _ in pairs], [resize_mask(mask, self.config.resolution) for _, mask in pairs]
 
-    def _key(self, rgb: np.ndarray, mask: np.ndarray) -> str:
+    def _model_digest(self) -> hashlib._Hash:
+        """The part of every example key that names this model (backbone, resolution, bound, head weights)."""
         digest = hashlib.sha256(f"{self.descriptor_space}:{self.config.max_vectors}:{self.config.head_dim}".encode())
         if self.head is not None:
             digest.update(self.head.proj.weight.detach().cpu().numpy().tobytes())
+        return digest
+
+    @staticmethod
+    def _key(model_digest: hashlib._Hash, rgb: np.ndarray, mask: np.ndarray) -> str:
+        digest = model_digest.copy()
         for part in (rgb, mask):
             digest.update(str(part.shape).encode())
             digest.update(np.ascontiguousarray(part).tobytes())
@@ -202,7 +208,7 @@ class Matcher:
 
     def _example_memory(self, features: torch.Tensor, mask: np.ndarray, key: str) -> SupportMemory:
         """One example's memory: at most max_vectors foreground and background vectors of its [D, h, w] features."""
-        d, h, w = features.shape
+        h, w = features.shape[-2:]
         cover = F.adaptive_avg_pool2d(torch.from_numpy(mask).float()[None, None], (h, w))[0, 0].flatten()
         flat = features.flatten(1).T  # [h*w, D]
         generator = torch.Generator().manual_seed(int(key[:8], 16))
@@ -219,7 +225,8 @@ class Matcher:
                         batch_size: int = 8) -> list[SupportMemory]:
         """One single-shot memory per (image, mask), each cached by content; compose() joins any subset."""
         rgbs, bins = self._prepare(images, masks)
-        keys = [self._key(r, m) for r, m in zip(rgbs, bins)]
+        model_digest = self._model_digest()  # hashed once per call, not once per example
+        keys = [self._key(model_digest, r, m) for r, m in zip(rgbs, bins)]
         found = [self.support_cache.get(k) if use_cache else None for k in keys]
         missing = [i for i, m in enumerate(found) if m is None]
         for start in range(0, len(missing), batch_size):
@@ -227,7 +234,7 @@ class Matcher:
             with self._lock:
                 raw = self.backbone_features(self._pixels([rgbs[i] for i in chunk]))
                 projected = self.project(raw)
-            descriptors = _descriptors(raw)
+            descriptors = latent_descriptor(raw, DESCRIPTOR_GRID)
             for j, i in enumerate(chunk):
                 memory = self._example_memory(projected[j], bins[i], keys[i])
                 memory.descriptors = descriptors[j : j + 1]
@@ -322,10 +329,6 @@ class Matcher:
                     for i, prob in zip(chunk, probs):
                         outputs[i][label] = mask_output(prob, threshold, queries.sizes[i], share, score="sharpness")
         return [{label: out[label] for label in memories} for out, memories in zip(outputs, per_query)]
-
-
-def _descriptors(features: torch.Tensor) -> torch.Tensor:
-    return latent_descriptor(features, DESCRIPTOR_GRID)
 
 
 def _load_head(folder: Path, config: MatcherConfig) -> ProjectionHead | None:
