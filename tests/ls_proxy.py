@@ -24,6 +24,8 @@ class FaultyProxy:
         self.mode, self.method, self.prefix = PASS, "", ""
         self.hits = 0
         self.upstream_statuses = []
+        self.paths: list[str] = []
+        """Every request's method and path, in order."""
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._server: http.server.ThreadingHTTPServer | None = None
@@ -58,6 +60,7 @@ class FaultyProxy:
             protocol_version = "HTTP/1.1"
 
             def _relay(self):
+                proxy.paths.append(f"{self.command} {self.path}")
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 matched = (not proxy.method or self.command == proxy.method) and self.path.startswith(proxy.prefix)

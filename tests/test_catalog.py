@@ -56,9 +56,7 @@ def _enqueue_calls(path: Path) -> list[int]:
 
 
 def test_the_catalog_is_the_only_place_jobs_are_enqueued():
-    """No backend module but the catalog calls enqueue (queues.py defines it; the worker's wake-up no-op is
-    enqueued on the worker's own queue and is not a job kind)."""
-    allowed = {"core/catalog.py", "core/queues.py", "worker/runtime.py"}
+    """No backend module but the catalog calls enqueue (queues.py defines it)."""
+    allowed = {"core/catalog.py", "core/queues.py"}
     found = {str(p.relative_to(BACKEND)): lines for p in BACKEND.rglob("*.py") if (lines := _enqueue_calls(p))}
     assert set(found) <= allowed, found
-    assert len(found["worker/runtime.py"]) == 1  # InProcessWorker.stop's no-op

@@ -167,7 +167,6 @@ def test_sigterm_stops_the_embedded_redis(tmp_path):
 def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, settings, tiny_model):
     """An embedded worker that leaves its loop is replaced; /health counts only workers with a fresh heartbeat."""
     from backend.core.queues import BEAT_AT, WORKER_ALIVE_S, server_time
-    from backend.worker.runtime import noop
 
     from .conftest import LiveBackend
 
@@ -177,7 +176,6 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
                  "three live workers")
         first = backend.workers.workers[("predict-high",)]
         first._stop_requested = True  # its loop ends with no stop asked, as if it had died
-        first.queues[0].enqueue(noop, job_timeout=10, result_ttl=0)  # wakes its blocked dequeue
         wait_for(lambda: backend.workers.restarts == 1 and backend.workers.workers[("predict-high",)] is not first, 60,
                  "the supervisor to start a new worker")
         wait_for(lambda: backend.get("/health")["workers"]["predict-high"] == 1, 30, "the new worker to register")
@@ -185,6 +183,33 @@ def test_embedded_worker_loop_is_restarted_and_health_counts_live_ones(redis, se
         assert backend.get("/health")["workers"]["train"] == 0  # a silent worker is not reported alive
     finally:
         backend.stop()
+
+
+def test_an_idle_worker_stops_even_beside_another_worker_of_its_queue(redis, caplog):
+    """stop() is seen by an idle worker within a few seconds, without a wake-up job another worker could take;
+    the due-job mover's once-a-second scheduler lock is not logged."""
+    import logging
+    import threading
+
+    from backend.core.queues import QUEUE_CLICK
+    from backend.worker.runtime import InProcessWorker, move_due_jobs
+    from rq.scheduler import RQScheduler
+
+    caplog.set_level(logging.INFO)
+    workers = [InProcessWorker([QUEUE_CLICK], connection=redis, heartbeat_ttl_s=12) for _ in range(2)]
+    threads = [threading.Thread(target=w.work, daemon=True) for w in workers]
+    for thread in threads:
+        thread.start()
+    wait_for(lambda: all(w.get_state() == "idle" for w in workers), 15, "both workers to listen")
+    workers[0].stop()
+    threads[0].join(10)
+    assert not threads[0].is_alive()
+    assert threads[1].is_alive()  # the other one goes on listening
+    workers[1].stop()
+    threads[1].join(10)
+    assert not threads[1].is_alive()
+    move_due_jobs(RQScheduler([QUEUE_CLICK], connection=redis))
+    assert not [r for r in caplog.records if "scheduler lock" in r.getMessage()]
 
 
 @pytest.mark.parametrize("ttl", [4, 45, 120, 600])

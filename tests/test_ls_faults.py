@@ -109,3 +109,24 @@ def test_download_headers_come_from_the_sdk_token_handling():
 
     api = LabelStudioAPI("http://127.0.0.1:9", "0123456789abcdef")  # not a JWT: no refresh, no network
     assert api.auth_headers() == {"Authorization": "Token 0123456789abcdef"}
+
+
+def test_a_process_exchanges_its_token_once_per_credential(label_studio, proxy):
+    """Clients made for successive jobs share one SDK client: the Personal Access Token is exchanged for an
+    access token once, not once per job; a refused credential drops the cached client."""
+    from backend.worker.ls_client import LabelStudioAPI, LabelStudioUnavailable
+
+    def job() -> None:
+        api = LabelStudioAPI(proxy.url, label_studio.pat)
+        api.call("listing projects", lambda: next(iter(api.client.projects.list(page_size=1)), None), retry=False)
+
+    for _ in range(3):
+        job()
+    refreshes = [p for p in proxy.paths if p.startswith("POST /api/token/refresh")]
+    assert len(refreshes) == 1, proxy.paths
+    proxy.fault(FAIL_401, "GET", "/api/projects")
+    with pytest.raises(LabelStudioUnavailable, match="refused LABEL_STUDIO_API_KEY"):
+        job()
+    proxy.accept()
+    job()
+    assert len([p for p in proxy.paths if p.startswith("POST /api/token/refresh")]) == 2

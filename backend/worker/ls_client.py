@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -47,6 +48,16 @@ TASK_PAGE_SIZE = 100
 """Tasks per page when listing a project."""
 
 
+@functools.lru_cache(maxsize=32)
+def sdk_client(url: str, api_key: str) -> LabelStudio:
+    """One SDK client per (URL, credential) in this process.
+
+    The SDK exchanges a Personal Access Token for a short-lived access token on a client's first call and again
+    only when it expires; a client per job exchanged it on every job (155 exchanges for 131 jobs).
+    """
+    return LabelStudio(base_url=url, api_key=api_key, timeout=API_TIMEOUT_S)
+
+
 class LabelStudioAPI:
     """A thin wrapper over label-studio-sdk: it takes a Personal Access Token or a legacy token alike.
 
@@ -57,7 +68,7 @@ class LabelStudioAPI:
     def __init__(self, url: str, api_key: str, credential: str = "LABEL_STUDIO_API_KEY"):
         self.url = url.rstrip("/")
         self.credential = credential
-        self.client = LabelStudio(base_url=self.url, api_key=api_key, timeout=API_TIMEOUT_S)
+        self.client = sdk_client(self.url, api_key)
 
     @classmethod
     def for_context(cls, settings: Settings, project: dict[str, str] | None, context: ProjectContext) -> LabelStudioAPI:
@@ -82,7 +93,9 @@ class LabelStudioAPI:
         return cls(url, key, credential)
 
     def refused_credential(self, status: int, detail: str = "") -> LabelStudioUnavailable:
-        """The error for a 401/403: which credential Label Studio refused, and what to do."""
+        """The error for a 401/403: which credential Label Studio refused, and what to do (the cached clients are
+        dropped, so the next call exchanges the token again)."""
+        sdk_client.cache_clear()
         return LabelStudioUnavailable(
             f"Label Studio at {self.url} refused {self.credential} (HTTP {status}{': ' + detail if detail else ''}); "
             "create a new Personal Access Token in Label Studio (Account & Settings) and restart the backend with it"
