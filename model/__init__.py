@@ -28,6 +28,7 @@ _EXPORTS = {
     "most_similar": "similarity",
     "VersionInfo": "version_file",
     "is_version_folder": "version_file",
+    "check_version_name": "version_file",
     "to_rgb": "images",
     "make_sample": "data",
     "evaluate_episodes": "evaluate",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from .outputs import QueryBatch, SegmentationOutput
     from .support import SupportMemory, compose
     from .similarity import most_similar
-    from .version_file import VersionInfo, is_version_folder
+    from .version_file import VersionInfo, check_version_name, is_version_folder
     from .images import to_rgb
     from .data import make_sample
     from .evaluate import episode_ious, evaluate as evaluate_episodes

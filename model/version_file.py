@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,29 @@ LEGACY_LORA = {"init_lora_weights": "gaussian", "target_modules": ["to_q", "to_k
 of that time)."""
 
 
+MAX_VERSION_FILE_BYTES = 1 << 20
+"""version.json holds a name, a base and a summary of scores: a larger one is refused unread."""
+VERSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""What a version name may be: it names a folder, a Redis field and what Label Studio shows (no path parts)."""
+
+
+def check_version_name(name: object) -> str:
+    """`name` if it is a valid version name; InvalidCheckpointError saying what is allowed otherwise."""
+    if not isinstance(name, str) or not VERSION_NAME.fullmatch(name) or ".." in name:
+        raise InvalidCheckpointError(f"version name {name!r} is not allowed: use 1-128 letters, digits, '.', '_' or "
+                                     "'-', starting with a letter or digit, without '..'")
+    return name
+
+
+def file_digests(folder: str | Path) -> dict[str, dict]:
+    """Size and SHA-256 of every file of a version folder but version.json."""
+    digests = {}
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and path.name != VERSION_FILE:
+            digests[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return digests
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """What a version folder holds and what its weights apply to.
@@ -43,8 +68,11 @@ class VersionInfo:
     created_at: float = field(default_factory=time.time)
     summary: dict = field(default_factory=dict)
     schema: int = SCHEMA
+    files: dict = field(default_factory=dict)
+    """File name -> {"size", "sha256"} of the folder's other files when it was saved (empty in older folders)."""
 
     def __post_init__(self) -> None:
+        check_version_name(self.name)
         if self.mode not in MODES:
             raise InvalidCheckpointError(f"version {self.name!r}: mode must be one of {MODES}, got {self.mode!r}")
         if not isinstance(self.base, dict) or not ({"spec", "version"} & set(self.base)):
@@ -56,6 +84,20 @@ class VersionInfo:
             return None
         return Path(folder).parent / self.base["version"]  # an absolute path stays as is
 
+    def verify_files(self, folder: str | Path, *, hashes: bool = True) -> None:
+        """InvalidCheckpointError naming the first file that is missing, or whose size (and with `hashes`, SHA-256)
+        differs from what version.json recorded; folders saved before files were recorded pass unchecked."""
+        for name, expected in self.files.items():
+            path = Path(folder) / Path(str(name)).name
+            if not path.is_file():
+                raise InvalidCheckpointError(f"version {self.name!r}: {path} is missing")
+            if path.stat().st_size != expected.get("size"):
+                raise InvalidCheckpointError(f"version {self.name!r}: {path} holds {path.stat().st_size} bytes, "
+                                             f"version.json recorded {expected.get('size')} (truncated or replaced)")
+            if hashes and file_sha256(path) != expected.get("sha256"):
+                raise InvalidCheckpointError(f"version {self.name!r}: {path} does not have the SHA-256 version.json "
+                                             "recorded (changed after it was saved)")
+
     def write(self, folder: Path) -> None:
         """Write version.json into `folder` (save_version syncs the whole folder before it appears)."""
         (Path(folder) / VERSION_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -65,6 +107,9 @@ class VersionInfo:
         """version.json of a version folder; CheckpointNotFoundError if absent, InvalidCheckpointError if unreadable."""
         path = Path(folder) / VERSION_FILE
         try:
+            if path.stat().st_size > MAX_VERSION_FILE_BYTES:
+                raise InvalidCheckpointError(f"{path}: {path.stat().st_size} bytes, more than a version.json may hold "
+                                             f"({MAX_VERSION_FILE_BYTES}); not read")
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise CheckpointNotFoundError(f"{path} does not exist: not a model version folder") from None
@@ -78,6 +123,15 @@ class VersionInfo:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise InvalidCheckpointError(f"{path}: {exc}") from None
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of one file, read in 1 MiB chunks."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
 
 
 def is_version_folder(folder: str | Path) -> bool:

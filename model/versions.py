@@ -35,6 +35,7 @@ from .version_file import (
     LEGACY_ADAPTER_WEIGHTS,
     LEGACY_LORA,
     VersionInfo,
+    file_digests,
     is_version_folder,
 )
 
@@ -78,6 +79,7 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
             save_file(weights if weights is not None else trainable_state(model, mode), tmp / FULL_WEIGHTS)
         if mode != "head":
             replace(model.config, trained=True, name=name).save(tmp)
+        info = replace(info, files=file_digests(tmp))  # checked at registration and at load
         info.write(tmp)
         for path in tmp.iterdir():  # data on disk before the rename makes the version visible
             with open(path, "rb") as f:
@@ -129,6 +131,7 @@ def attach_version(host: DiffewS, folder: str | Path, info: VersionInfo | None =
     host's UNet, a full version a new UNet; both share host's VAE, decoder and prompt embedding."""
     folder = Path(folder)
     info = info or read_version(folder)
+    info.verify_files(folder, hashes=False)  # sizes: a truncated file is named, not a safetensors error
     if (info.mode == "head") != is_matcher(host):
         kind, other = ("a matcher", "DiffewS") if info.mode == "head" else ("a DiffewS", "the matcher")
         raise InvalidCheckpointError(f"{folder} is {kind} version; it cannot run over {other} (the model this process "

@@ -134,7 +134,7 @@ def test_schema_1_lora_version_still_loads(tmp_path):
     (folder / ADAPTER_CONFIG).unlink()
     (folder / "lora_config.json").write_text('{"rank": 4}')
     info = json.loads((folder / "version.json").read_text())
-    del info["schema"], info["project"]
+    del info["schema"], info["project"], info["files"]  # none of these existed then
     (folder / "version.json").write_text(json.dumps(info))
     np.testing.assert_allclose(probability(load_version(folder)), probability(lora), atol=1e-5)
 
@@ -151,6 +151,10 @@ def test_damaged_version_files_are_named(tmp_path):
     _, folder = lora_version(base, tmp_path, "v2", steps=1)
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     (folder / ADAPTER_CONFIG).write_text(json.dumps({**config, "r": 8}))  # weights are rank 4
+    with pytest.raises(InvalidCheckpointError, match="adapter_config.json holds .* bytes"):
+        attach_version(base, folder)  # version.json recorded each file's size
+    info = json.loads((folder / "version.json").read_text())
+    (folder / "version.json").write_text(json.dumps({**info, "files": {}}))  # as folders saved before sizes were
     with pytest.raises(InvalidCheckpointError, match="does not fit"):
         attach_version(base, folder)
 

@@ -14,13 +14,13 @@ import shutil
 import time
 from pathlib import Path
 
-from model import DiffewSError, VersionInfo, is_version_folder
+from model import DiffewSError, VersionInfo, check_version_name, is_version_folder
 from redis import Redis
 from redis.exceptions import RedisError
 
 from .errors import NotFound, VersionUnavailable
 from .keys import PREFIX
-from .store import SupportStore
+from .store import VERSION_CHOICES, SupportStore
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,10 @@ STALE_TEMP_S = 6 * 3600
 """A temporary version folder untouched this long belongs to a save that crashed (a save takes minutes)."""
 TRAIN_LOCK_KEY = PREFIX + ":training:{pid}"
 """Holds the id of a project's queued or running training job (no duplicates)."""
+REJECTED_KEY = f"{PREFIX}:versions-rejected"
+"""Version files refused when read (path relative to MODEL_DIR -> why), for /health."""
+MAX_LISTED = 1000
+"""The most versions one page of a version list holds."""
 
 
 class VersionRegistry:
@@ -44,19 +48,31 @@ class VersionRegistry:
         return self.store.model_dir / "versions"
 
     def record(self, info: VersionInfo, folder: Path) -> dict:
-        """The registry record of a version folder: what version.json says, its path relative to MODEL_DIR."""
+        """The registry record of a version folder: what version.json says, its path relative to MODEL_DIR.
+
+        DiffewSError when the folder may not be served: outside MODEL_DIR/versions/<project>, named otherwise than
+        its version, over a base version that is not a sibling folder's name, or with a file whose size or
+        SHA-256 differs from what version.json recorded (checked here, once, so that every worker agrees).
+        """
         root = self.store.model_dir.resolve()
         folder = Path(folder).resolve()
+        if not folder.is_relative_to(self.root.resolve()) or folder.parent.parent != self.root.resolve():
+            raise DiffewSError(f"{folder} is not a folder MODEL_DIR/versions/<project>/<name>")
+        if folder.name != info.name:
+            raise DiffewSError(f"{folder}: its version.json names it {info.name!r}, not its folder's name")
+        if "version" in info.base:
+            check_version_name(info.base["version"])
+        info.verify_files(folder)
         decision = info.summary.get("decision") or {}
         project = info.project if info.project is not None else _int_or_none(folder.parent.name)
         return {"name": info.name, "project": project, "parent": info.parent, "mode": info.mode,
                 "created_at": info.created_at, "scores": info.summary.get("cv_mean_iou", info.summary.get("held_out_miou", {})),
                 "evidence": info.summary.get("evidence"),
                 "promoted": bool(decision.get("promoted", False)), "decision": decision or None,
-                "path": str(folder.relative_to(root)) if folder.is_relative_to(root) else str(folder)}
+                "checked_files": len(info.files), "path": str(folder.relative_to(root))}
 
     def add(self, folder: Path) -> dict:
-        """Record a new version whose folder is complete on disk."""
+        """Record a new version whose folder is complete on disk (DiffewSError if record() refuses it)."""
         record = self.record(VersionInfo.read(folder), folder)
         self.redis.hset(self.key, record["name"], json.dumps(record))
         return record
@@ -64,11 +80,12 @@ class VersionRegistry:
     def rebuild(self) -> int:
         """Record every version folder under MODEL_DIR/versions that Redis lacks, and restore lost choices.
 
-        Returns how many records were added. Unreadable folders are logged and skipped.
+        Returns how many records were added. Unreadable or refused folders are logged, named in /health
+        (rejected()) and skipped.
         """
         added = self._record_folders()
         for pid in self.store.projects():
-            self.store.restore_choices(pid)
+            self.restore_choices(pid)
         return added
 
     def _record_folders(self) -> int:
@@ -80,17 +97,74 @@ class VersionRegistry:
                     shutil.rmtree(folder, ignore_errors=True)  # a save that crashed before its rename
                     logger.warning("removed the unfinished version folder %s", folder)
                 continue
-            if not is_version_folder(folder):
-                continue
+            if not is_version_folder(folder) or self.redis.hexists(self.key, folder.name):
+                continue  # a recorded version's files were checked when it was recorded
             try:
                 record = self.record(VersionInfo.read(folder), folder)
             except DiffewSError as exc:
-                logger.warning("version folder %s skipped: %s", folder, exc)
+                self.reject(folder, str(exc))
                 continue
+            self.redis.hdel(REJECTED_KEY, self._relative(folder))
             added += int(self.redis.hsetnx(self.key, record["name"], json.dumps(record)))
         if added:
             logger.info("version registry: %d versions recorded again from %s", added, self.root)
         return added
+
+    def _relative(self, path: Path) -> str:
+        return str(Path(path).relative_to(self.store.model_dir))
+
+    def reject(self, path: Path, why: str) -> None:
+        """Log a version file that is not used and keep why for /health."""
+        logger.warning("%s not used: %s", path, why)
+        self.redis.hset(REJECTED_KEY, self._relative(path), why[:500])
+
+    def rejected(self) -> dict[str, str]:
+        """Version files refused when read (path relative to MODEL_DIR -> why)."""
+        return {k.decode(): v.decode() for k, v in self.redis.hgetall(REJECTED_KEY).items()}
+
+    def restore_choices(self, pid: int) -> None:
+        """Set the project's active and pinned versions from its choices.json where its record has none; a choice
+        that is not a valid name, or an active version that is not one of the project's, is refused and named."""
+        path = self.store.choices_path(pid)
+        try:
+            if path.stat().st_size > 4096:
+                raise ValueError(f"{path.stat().st_size} bytes, more than a choices file holds")
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.reject(path, f"cannot read ({exc}); version choices kept in Redis only")
+            return
+        if not isinstance(data, dict):
+            self.reject(path, "not a JSON object")
+            return
+        for field in VERSION_CHOICES:
+            name = data.get(field)
+            if name is None:
+                continue
+            try:
+                check_version_name(name)
+                if field == "active_version" and (self.get(name) or {}).get("project") != pid:
+                    raise DiffewSError(f"active version {name!r} is not a version of project {pid}")
+            except DiffewSError as exc:
+                self.reject(path, f"{field}: {exc}")
+                continue
+            self.store.restore_choice(pid, field, name)
+
+    def lost_choices(self) -> list[str]:
+        """Projects that predict with the base although one of their versions was promoted: their choice was lost
+        with both Redis and choices.json (a pin or promotion restores it)."""
+        lost = []
+        for pid in self.store.projects():
+            project = self.store.project(pid) or {}
+            if project.get("active_version") or project.get("pinned_version"):
+                continue
+            promoted = [v["name"] for v in self.list(pid) if v.get("promoted")]
+            if promoted:
+                lost.append(f"project {pid} predicts with the base, but {promoted[-1]} was promoted: its version "
+                            f"choice is lost (Redis and {self._relative(self.store.choices_path(pid))}); pin it again "
+                            f"(POST /projects/{pid}/pin)")
+        return lost
 
     def rebuild_at_start(self) -> None:
         """rebuild(), or a warning when Redis cannot be reached yet (a later miss rebuilds)."""
@@ -138,12 +212,13 @@ class VersionRegistry:
             )
         return path
 
-    def list(self, project: int | None = None) -> list[dict]:
-        """All versions (of one project), oldest first."""
+    def list(self, project: int | None = None, *, offset: int = 0, limit: int | None = None) -> list[dict]:
+        """Versions (of one project), oldest first; `limit` of them from `offset`."""
         items = [json.loads(v) for v in self.redis.hvals(self.key)]
         if project is not None:
             items = [v for v in items if v.get("project") == project]
-        return sorted(items, key=lambda v: v.get("created_at", 0))
+        items.sort(key=lambda v: v.get("created_at", 0))
+        return items[offset:] if limit is None else items[offset:offset + limit]
 
     def promote(self, pid: int, name: str) -> None:
         """Make `name` the project's active version (workers switch on their next job)."""

@@ -178,7 +178,9 @@ class SupportStore:
         pipe.hsetnx(self._project_key(pid), "created_at", time.time())
         pipe.sadd(f"{PREFIX}:projects", pid)
         if pipe.execute()[1]:  # new to this Redis (or Redis lost it): the version choices written on disk come back
-            self.restore_choices(pid)
+            from .registry import VersionRegistry  # the registry builds on this store
+
+            VersionRegistry(self.redis, self).restore_choices(pid)
 
     def choices_path(self, pid: int) -> Path:
         """Where a project's active and pinned versions are kept on disk (beside its version folders)."""
@@ -190,19 +192,9 @@ class SupportStore:
         choices = {k: project[k] for k in VERSION_CHOICES if project.get(k)}
         write_atomic(self.choices_path(pid), json.dumps(choices).encode())
 
-    def restore_choices(self, pid: int) -> None:
-        """Set the project's active and pinned versions from disk where its record has none."""
-        path = self.choices_path(pid)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError) as exc:
-            logger.warning("%s: cannot read (%s); version choices kept in Redis only", path, exc)
-            return
-        for name in VERSION_CHOICES:
-            if isinstance(data, dict) and isinstance(data.get(name), str):
-                self.redis.hsetnx(self._project_key(pid), name, data[name])
+    def restore_choice(self, pid: int, field: str, name: str) -> None:
+        """Set one version choice unless the project's record has one (the registry checks the name first)."""
+        self.redis.hsetnx(self._project_key(pid), field, name)
 
     def project(self, pid: int) -> dict[str, str] | None:
         """A project's stored fields, or None if this backend has never seen it."""
@@ -304,6 +296,10 @@ class SupportStore:
         """The example of one annotation, or None."""
         raw = self.redis.hget(self._examples_key(pid), str(annotation_id))
         return Example(**json.loads(raw)) if raw else None
+
+    def annotation_ids(self, pid: int) -> set[int]:
+        """Ids of the annotations a project has examples of."""
+        return {int(k) for k in self.redis.hkeys(self._examples_key(pid))}
 
     def examples(self, pid: int) -> list[Example]:
         """Every example of a project, oldest first."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, jsonify, request
 from redis import Redis
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
@@ -19,7 +19,7 @@ from ..core.failures import job_failures
 from ..core.ledger import DeliveryLedger
 from ..core.queues import live_workers, queue_lengths, running_jobs
 from ..core.refresh import pending_refresh, pin
-from ..core.registry import VersionRegistry
+from ..core.registry import MAX_LISTED, VersionRegistry
 from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
 from ..core.versions import base_version, current_version
@@ -36,11 +36,26 @@ JOB_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
 def project_versions(pid: int):
     backend = web_state().backend
     project = backend.store.require_project(pid)
+    offset, limit = page_args(MAX_LISTED)
+    registry = VersionRegistry(backend.redis, backend.store)
+    everything = registry.list(pid)
     return jsonify(
         base=base_version(backend.settings), current=current_version(backend.settings, project),
         active=project.get("active_version"), pinned=project.get("pinned_version"),
-        versions=VersionRegistry(backend.redis, backend.store).list(pid),
+        total=len(everything), offset=offset, limit=limit, versions=everything[offset:offset + limit],
     )
+
+
+def page_args(most: int) -> tuple[int, int]:
+    """?offset= and ?limit= of a listing (0 and `most` by default); BadRequest naming a bad one."""
+    values = {}
+    for name, default, high in (("offset", 0, 10**9), ("limit", most, most)):
+        raw = request.args.get(name, str(default))
+        if not raw.isdigit() or not (name == "offset" or 1 <= int(raw)) or int(raw) > high:
+            raise BadRequest(f"?{name}= must be a whole number {'from 0' if name == 'offset' else f'from 1 to {high}'}, "
+                             f"got {raw!r}")
+        values[name] = int(raw)
+    return values["offset"], values["limit"]
 
 
 @admin.post("/projects/<int:pid>/pin")

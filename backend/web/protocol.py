@@ -23,7 +23,7 @@ from ..core.label_config import parse_label_config
 from ..core.payloads import tasks_of, text_field
 from ..core.prompts import interactive_regions, parse_prompts, prompt_passes
 from ..core.queues import QUEUE_CLICK, live_workers, ping, require_redis, server_time
-from ..core.registry import VersionRegistry
+from ..core.registry import MAX_LISTED, VersionRegistry
 from ..core.services import Backend
 from ..core.store import parse_project_id
 from ..core.triggers import WEBHOOK_BODY_TTL_S, handle_event, queue_backfill, rejected_webhooks, webhook_auth_due
@@ -148,7 +148,8 @@ def health():
         redis=redis_state,
         workers=workers,
         queues_without_workers=idle,
-        rejected_webhooks=rejected_webhooks(redis) if up else None,
+        rejected_webhooks=rejected_webhooks(redis, settings) if up else None,
+        rejected_version_files=VersionRegistry(redis, state.backend.store).rejected() if up else None,
         warnings=unserved + (state.warnings() if up else []),
     )
 
@@ -178,5 +179,6 @@ def webhook():
 @protocol.get("/versions")
 def versions():
     backend = web_state().backend
-    names = [base_version(backend.settings)] + [v["name"] for v in VersionRegistry(backend.redis, backend.store).list()]
+    # the newest MAX_LISTED: GET /projects/<id>/versions pages through a project's own
+    names = [base_version(backend.settings)] + [v["name"] for v in VersionRegistry(backend.redis, backend.store).list()[-MAX_LISTED:]]
     return jsonify(versions=names)

@@ -11,15 +11,19 @@ from redis import Redis
 from ..core.admission import ClickSlots
 from ..core.queues import persistence, redis_url_warning
 from ..core.services import Backend
+from ..core.registry import VersionRegistry
 from ..core.settings import Settings
+from ..core.store import SupportStore
 
 EXTENSION = "diffews"
 """The key of WebState in app.extensions."""
 
 
 def startup_warnings(settings: Settings, redis: Redis) -> list[str]:
-    """What an operator should fix: an exposed Redis, one that forgets everything on restart."""
+    """What an operator should fix: an exposed Redis, one that forgets everything on restart, a project whose
+    promoted version was forgotten."""
     warnings = [w for w in (redis_url_warning(settings.redis_url),) if w]
+    warnings += VersionRegistry(redis, SupportStore(redis, settings.model_dir)).lost_choices()
     if persistence(redis) == "none":
         warnings.append("Redis keeps no data over a restart (no AOF, no RDB snapshots): projects and examples are "
                         "then re-registered on Label Studio's next /setup or webhook and re-read by the backfill, "

@@ -12,7 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from model import DiffewSError, VersionInfo, attach_version, load_version, remove_adapter
+from model import DiffewSError, VersionInfo, attach_version, remove_adapter
 
 from ..core.errors import VersionUnavailable
 from ..core.registry import VersionRegistry
@@ -74,10 +74,10 @@ class LoadedModels:
                 loaded = attach_version(self.get(parent.name), folder, info)
             elif _same_base(info.base, self.base_ref):
                 loaded = attach_version(self.base, folder, info)
-            else:  # trained over other weights than this worker serves: loaded whole, with its own base
-                logger.warning("model version %s was trained over %s, not this worker's %s: loading it with its own "
-                               "base", version, info.base, self.base_ref)
-                loaded = load_version(folder, device=self.base.device, dtype=self.base.dtype)
+            else:  # nothing but MODEL_DIR and the configured base is ever opened
+                raise VersionUnavailable(
+                    f"model version {version!r} was trained over {info.base}, not this backend's configured base "
+                    f"{self.base_ref}: not loaded; serve that base (DIFFEWS_MODEL / MATCHER_BACKBONE) to use it")
         except DiffewSError as exc:
             raise VersionUnavailable(f"model version {version!r} in {folder} cannot be loaded: {exc}") from None
         logger.info("loaded model version %s from %s in %.2f s (%s)", version, folder, time.perf_counter() - started,
