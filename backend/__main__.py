@@ -1,4 +1,4 @@
-"""Command line: `python -m backend worker | prelabel --project N | status --project N`."""
+"""Command line: `python -m backend worker | processes start|status|stop | prelabel --project N | pin | status`."""
 
 from __future__ import annotations
 
@@ -81,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     pin = sub.add_parser("pin", help="pin a project to a model version (roll back), or unpin with --version none")
     pin.add_argument("--project", type=int, required=True)
     pin.add_argument("--version", required=True)
+    procs = sub.add_parser("processes", help="start, list or stop Redis, the web process and workers on this machine")
+    procs.add_argument("action", choices=("start", "status", "stop"))
+    procs.add_argument("--bind", default="127.0.0.1:9090", help="the web process's address (default 127.0.0.1:9090)")
+    procs.add_argument("--workers", type=int, default=1, help="worker processes (default 1; one per GPU)")
+    procs.add_argument("--web-workers", type=int, default=2, help="gunicorn processes (default 2)")
+    procs.add_argument("--redis-port", type=int, default=6379, help="port of the Redis started when REDIS_URL is unset")
     stat = sub.add_parser("status", help="print a project's support examples and progress as JSON")
     stat.add_argument("--project", type=int, required=True)
     args = parser.parse_args(argv)
@@ -102,6 +108,13 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
         run_worker(tuple(args.queues), burst=args.burst)
         return 0
+    if args.command == "processes":
+        from . import processes
+
+        if args.action == "start":
+            return processes.start(settings, bind=args.bind, workers=args.workers, web_workers=args.web_workers,
+                                   redis_port=args.redis_port)
+        return processes.status(settings) if args.action == "status" else processes.stop(settings)
     if args.command == "prelabel":
         return _prelabel(args, settings)
     if args.command == "labelmap":

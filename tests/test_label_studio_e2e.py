@@ -198,8 +198,23 @@ def test_predictions_follow_labels_and_versions(label_studio, refreshing_backend
         now = predictions()
         return all(len(now[t]) == 1 and now[t][0]["id"] != first[t][0]["id"] for t in unlabeled)
 
+    pending = wait_for(lambda: status()["refresh"], 30, "/status to name the refresh the edit scheduled")
+    assert pending["reason"] and pending["starts_in_s"] <= 2, pending
     wait_for(replaced, 120, "refreshed predictions after the label edit")
     edited = predictions()
+
+    # 2b. The Test button of the model's settings, on tasks that hold a prediction: it shows that prediction.
+    [ml] = label_studio.json("GET", f"/api/ml?project={pid}")
+    drawn = set()
+    for _ in range(20):  # it draws a random task: until one of those holding a prediction
+        test = label_studio.json("POST", f"/api/ml/{ml['id']}/predict/test?random=true")
+        [answer] = test["response"]
+        assert answer["result"] and answer["model_version"] == VERSION, answer
+        drawn.add(test["task"]["id"])
+        if test["task"]["id"] in unlabeled:
+            assert answer["result"] == edited[test["task"]["id"]][0]["result"]
+            break
+    assert drawn & set(unlabeled), f"the Test button drew only labeled tasks: {drawn}"
 
     # 3. A new version, pinned: each unlabeled task ends with that version's prediction only.
     job = requests.post(f"{backend_url}/webhook", json={"action": "START_TRAINING", "project": {"id": pid}},

@@ -173,3 +173,49 @@ def test_embedded_redis_files_are_private(tmp_path):
     modes = {str(p.relative_to(folder)): stat.S_IMODE(p.stat().st_mode) for p in [folder, *folder.rglob("*")]}
     assert modes["."] == 0o700
     assert all(mode & 0o077 == 0 for mode in modes.values()), modes
+
+
+@pytest.mark.label_studio
+def test_annotations_whose_webhooks_were_refused_are_read_back_at_the_next_setup(label_studio, live_backend):
+    """A webhook without the header (made before BASIC_AUTH was on) is refused: the annotation created and the one
+    deleted meanwhile reach the support set once Label Studio's next /setup ran (header added, reconcile queued);
+    /health's hint says so, since the backend has API access."""
+    backend = live_backend(basic_auth_user="ls", basic_auth_pass="secret-pass")
+    auth = ("ls", "secret-pass")
+
+    def status() -> dict:
+        return requests.get(f"{backend.url}/status/{pid}", auth=auth, timeout=10).json()
+
+    scenes = [square_scene(i) for i in range(3)]
+    pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
+    first = label_studio.json("POST", f"/api/tasks/{tasks[0]['id']}/annotations", json={"result": brush_result(scenes[0][1])})
+    ml = label_studio.json("POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "DiffewS",
+                                                    "auth_method": "BASIC_AUTH", "basic_auth_user": auth[0],
+                                                    "basic_auth_pass": auth[1]})
+    wait_for(lambda: (status().get("webhook_auth") or "").startswith("added"), 60, "the header on the webhook")
+    wait_for(lambda: status()["examples"] == {"square": 1}, 60, "the backfill")
+    [hook] = label_studio.json("GET", f"/api/webhooks/?project={pid}")
+    label_studio.request("PATCH", f"/api/webhooks/{hook['id']}/", json={"headers": {}})  # as before BASIC_AUTH
+
+    second = label_studio.json("POST", f"/api/tasks/{tasks[1]['id']}/annotations", json={"result": brush_result(scenes[1][1])})
+    label_studio.request("DELETE", f"/api/annotations/{first['id']}")
+    health = wait_for(lambda: (h := requests.get(f"{backend.url}/health", timeout=10).json())["rejected_webhooks"] and h,
+                      30, "the refused webhooks to be counted")
+    assert "adds the header" in health["rejected_webhooks"]["fix"], health["rejected_webhooks"]
+    before = status()
+    assert before["examples"] == {"square": 1}  # the refused webhooks changed nothing
+
+    # Saving the model's settings (the form sends every field): Label Studio sends /health and /setup
+    label_studio.request("PATCH", f"/api/ml/{ml['id']}", json={"url": backend.url, "project": pid, "title": "DiffewS", "auth_method":
+                                                                "BASIC_AUTH", "basic_auth_user": auth[0],
+                                                                "basic_auth_pass": auth[1]})
+    wait_for(lambda: status()["backfill"]["reconciled_at"] > before["backfill"]["reconciled_at"], 60,
+             "the reconcile the /setup queued")
+    after = status()
+    assert after["examples"] == {"square": 1} and after["revision"] > before["revision"]
+    [hook] = label_studio.json("GET", f"/api/webhooks/?project={pid}")
+    assert hook["headers"]["Authorization"].startswith("Basic ")
+    from backend.core.store import SupportStore
+
+    kept = SupportStore(backend.redis, backend.settings.model_dir).annotation_ids(pid)
+    assert kept == {second["id"]}, kept

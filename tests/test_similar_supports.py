@@ -153,3 +153,29 @@ def test_settings_name_the_policies():
     """An unknown SUPPORT_POLICY is refused with the list, similar included."""
     with pytest.raises(ValueError, match="similar"):
         Settings(support_policy="closest")
+
+
+def test_ingestion_describes_the_pool_so_a_click_describes_none_of_it(settings, store, tiny_model, monkeypatch):
+    """SUPPORT_POLICY=similar: the ingest job that caches new examples also describes their label's pool; a click in
+    another process then describes no example image (only reads the descriptors)."""
+    from backend.core.context import resolve_project
+    from backend.worker.jobs import ingest_examples
+    from backend.worker.runtime import WorkerContext, set_context
+
+    similar_settings = settings.replace(support_policy="similar", max_shots=2)
+    ingest = WorkerContext(similar_settings, store.redis, store)
+    ingest.models.base = tiny_model
+    set_context(ingest)
+    try:
+        out = ingest_examples(resolve_project(similar_settings, store, 1).to_job(), list(KINDS))
+    finally:
+        set_context(None)
+    assert out["done"] == len(KINDS) and out["described"] == len(KINDS)
+    assert store.redis.hlen(DescriptorStore.key(1, tiny_model.descriptor_space)) == len(KINDS)
+    described = []
+    original = tiny_model.describe_images
+    monkeypatch.setattr(tiny_model, "describe_images", lambda images, *a, **k: described.append(len(images))
+                        or original(images, *a, **k))
+    click = _segmenter(settings, store, tiny_model, similar=SimilarSupports(store))  # another worker process
+    run = click.predict(1, [_task(20, "dark", 20)], CONFIG)
+    assert set(run.predictions) == {20} and described == []

@@ -53,3 +53,45 @@ def test_other_task_events_are_ignored(refreshing_client):
     """Events the backend has no use for are answered as ignored."""
     r = refreshing_client.post("/webhook", json={"action": "TASKS_DELETED", "project": {"id": 1}, "tasks": []})
     assert r.json == {"status": "ignored", "action": "TASKS_DELETED"}
+
+
+def test_reconcile_is_due_first_after_refused_webhooks_and_every_interval(settings, redis):
+    """reconcile_due: never read -> due; read just now -> not; a webhook refused later -> due; an old read -> due
+    at RECONCILE_INTERVAL_S, never with 0."""
+    from backend.core.queues import server_time
+    from backend.core.triggers import REJECTED_WEBHOOKS_KEY, reconcile_due
+
+    now = server_time(redis)
+    assert reconcile_due(redis, settings, {}) == "first read of the project's annotations"
+    assert reconcile_due(redis, settings, {"backfilled": str(now)}) is None
+    redis.hset(REJECTED_WEBHOOKS_KEY, "last_at", now + 1)
+    assert reconcile_due(redis, settings, {"backfilled": str(now)}).startswith("webhooks were refused")
+    assert reconcile_due(redis, settings, {"backfilled": str(now - 50), "reconciled_at": str(now + 2)}) is None
+    redis.delete(REJECTED_WEBHOOKS_KEY)
+    old = {"backfilled": str(now - 5000), "reconciled_at": str(now - 1000)}
+    assert reconcile_due(redis, settings.replace(reconcile_interval_s=900), old).startswith("every RECONCILE_INTERVAL_S")
+    assert reconcile_due(redis, settings.replace(reconcile_interval_s=0), old) is None
+
+
+def test_workers_queue_the_reconciles_that_are_due_once(settings, redis):
+    """queue_due_reconciles queues one "backfill" job per project whose interval passed, and none for a project
+    without Label Studio access or one compared recently; a second look in the same minute queues nothing."""
+    from rq import Queue
+
+    from backend.core.queues import QUEUE_INGEST, server_time
+    from backend.core.store import SupportStore
+    from backend.worker.runtime import WorkerContext, queue_due_reconciles
+
+    on = settings.replace(label_studio_url="http://ls.invalid", label_studio_api_key="k", reconcile_interval_s=600)
+    store = SupportStore(redis, settings.model_dir)
+    now = server_time(redis)
+    for pid, last in ((1, now - 700), (2, now - 10)):
+        store.register_project(pid, CONFIG_XML)
+        store.set_project_field(pid, "backfilled", last)
+    context = WorkerContext(on, redis, store)
+    assert queue_due_reconciles(context) == [1]
+    assert queue_due_reconciles(context) == []
+    jobs = Queue(QUEUE_INGEST, connection=redis).jobs
+    assert [(j.func_name, j.meta["project"]) for j in jobs] == [("backend.worker.jobs.backfill_if_needed", 1)]
+    assert jobs[0].meta["why"].startswith("every RECONCILE_INTERVAL_S")
+    assert queue_due_reconciles(WorkerContext(settings.replace(reconcile_interval_s=600), redis, store)) == []

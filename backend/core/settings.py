@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     """REFRESH_DELAY_S: how long after the first example change the refresh starts (later changes join it)."""
     refresh_after_changes: int = Field(25, alias="REFRESH_AFTER_CHANGES", ge=1, le=1_000_000)
     """REFRESH_AFTER_CHANGES: start the refresh at once when this many example changes have gathered."""
+    reconcile_interval_s: float = Field(900.0, alias="RECONCILE_INTERVAL_S", ge=0, le=604_800)
+    """RECONCILE_INTERVAL_S: how often each project's stored examples are compared with the annotations Label Studio
+    holds, so a missed webhook loses no label (0 = only after refused webhooks; at most once a minute per project;
+    needs Label Studio API access)."""
     keep_old_predictions: bool = Field(False, alias="KEEP_OLD_PREDICTIONS")
     """KEEP_OLD_PREDICTIONS: keep earlier versions' predictions on an unlabeled task when pre-labeling posts the
     current version's (default: deleted, so the task shows one prediction). Labeled tasks are never touched."""

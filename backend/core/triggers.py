@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -14,9 +13,10 @@ from .errors import BadRequest
 from .ingest import ingest
 from .keys import PREFIX
 from .payloads import annotation_ids, text_field
-from .queues import require_redis
+from .queues import require_redis, server_time
 from .refresh import request_refresh
 from .services import Backend
+from .settings import Settings
 from .store import int_id, parse_project_id
 from .train_queue import enqueue_training
 
@@ -30,47 +30,89 @@ def count_rejected_webhook(redis: Redis) -> None:
     try:
         pipe = redis.pipeline()
         pipe.hincrby(REJECTED_WEBHOOKS_KEY, "count", 1)
-        pipe.hset(REJECTED_WEBHOOKS_KEY, "last_at", time.time())
+        pipe.hset(REJECTED_WEBHOOKS_KEY, "last_at", server_time(redis))
         pipe.execute()
     except RedisError:
         pass
 
 
-def rejected_webhooks(redis: Redis) -> dict | None:
+def rejected_webhooks(redis: Redis, settings: Settings | None = None) -> dict | None:
     """Webhook calls refused for missing basic auth, with what to do about them."""
     raw = {k.decode(): v.decode() for k, v in redis.hgetall(REJECTED_WEBHOOKS_KEY).items()}
     if not raw:
         return None
-    return {"count": int(raw["count"]), "last_at": float(raw["last_at"]),
-            "fix": "add the header 'Authorization: Basic <base64 user:pass>' to the project's webhook (Project -> "
-                   "Settings -> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to do it"}
+    if settings is not None and settings.label_studio_url and settings.label_studio_api_key:
+        fix = ("the backend adds the header 'Authorization: Basic ...' to a project's webhook through the Label Studio "
+               "API at the project's next /setup (Label Studio sends one when the model is saved in Settings -> Model "
+               "or predictions are retrieved); the annotations refused meanwhile are read back from Label Studio by the reconcile that /setup then queues "
+               "(/status/<project> -> backfill.reconciled_at)")
+    else:
+        fix = ("add the header 'Authorization: Basic <base64 user:pass>' to the project's webhook (Project -> Settings "
+               "-> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: it then adds the header "
+               "itself and reads back the annotations whose webhooks were refused")
+    return {"count": int(raw["count"]), "last_at": float(raw["last_at"]), "fix": fix}
 
 
 BACKFILL_RETRY_S = 60
-"""A backfill is queued at most this often per project (clicks ask again while one has not succeeded)."""
+"""A backfill or reconcile is queued at most this often per project (clicks ask again while one has not succeeded)."""
 
 
-def queue_backfill(backend: Backend, context: ProjectContext) -> None:
-    """Queue reading the project's existing annotations from Label Studio, until one read succeeded."""
-    if not context.has_api or (backend.store.project(context.project) or {}).get("backfilled"):
-        return
-    if backend.redis.set(f"{PREFIX}:backfill-queued:{context.project}", 1, nx=True, ex=BACKFILL_RETRY_S):
-        submit(backend.redis, backend.settings, "backfill", context.to_job(), meta={"project": context.project})
+def _refused_at(redis: Redis) -> float | None:
+    raw = redis.hget(REJECTED_WEBHOOKS_KEY, "last_at")
+    return float(raw) if raw is not None else None
+
+
+def reconcile_due(redis: Redis, settings: Settings, project: dict[str, str]) -> str | None:
+    """Why the project's stored examples should be compared with the annotations Label Studio holds now, or None."""
+    if not project.get("backfilled"):
+        return "first read of the project's annotations"
+    last = float(project.get("reconciled_at") or project["backfilled"])
+    refused = _refused_at(redis)
+    if refused is not None and refused > last:
+        return "webhooks were refused since the last comparison"
+    if settings.reconcile_interval_s and server_time(redis) - last >= settings.reconcile_interval_s:
+        return f"every RECONCILE_INTERVAL_S ({settings.reconcile_interval_s:g} s)"
+    return None
+
+
+def queue_backfill(backend: Backend, context: ProjectContext) -> str | None:
+    """Queue reading the project's annotations from Label Studio when one is due (see reconcile_due): until a
+    first read succeeded, after refused webhooks, and every RECONCILE_INTERVAL_S. Returns why, if queued.
+
+    At most one per project and BACKFILL_RETRY_S for each cause; a newly refused webhook is a new cause.
+    """
+    if not context.has_api:
+        return None
+    why = reconcile_due(backend.redis, backend.settings, backend.store.project(context.project) or {})
+    if why is None:
+        return None
+    cause = f"refused-{_refused_at(backend.redis)}" if why.startswith("webhooks were refused") else why.split(" ")[0]
+    if backend.redis.set(f"{PREFIX}:backfill-queued:{context.project}:{cause}", 1, nx=True, ex=BACKFILL_RETRY_S):
+        submit(backend.redis, backend.settings, "backfill", context.to_job(), meta={"project": context.project,
+                                                                                     "why": why})
+        return why
+    return None
 
 
 def webhook_auth_due(backend: Backend, pid: int) -> bool:
-    """True unless the webhook already has our header, or a check ran in the last minute."""
+    """True unless the webhook had our header when last checked, after the last refused webhook (a webhook
+    whose header was removed since is checked again), or a check ran in the last minute."""
     project = backend.store.project(pid) or {}
-    if project.get("webhook_auth", "").startswith(("added", "already")):
+    refused = _refused_at(backend.redis)
+    if project.get("webhook_auth", "").startswith(("added", "already")) and (
+            refused is None or refused <= float(project.get("webhook_auth_at") or 0)):
         return False
-    return backend.redis.set(f"{PREFIX}:webhook-auth-check:{pid}", 1, nx=True, ex=60) is True
+    return backend.redis.set(f"{PREFIX}:webhook-auth-check:{pid}:{refused}", 1, nx=True, ex=60) is True
 
 
 def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
-    """Whether the project's existing annotations were read from Label Studio, and if not, why."""
+    """Whether the project's existing annotations were read from Label Studio (and when they were last compared
+    with what it holds), and if not, why."""
     if project.get("backfilled"):
         return {"done": True, "at": float(project["backfilled"]), "annotations": int(project.get("backfill_annotations", 0)),
-                "errors": int(project.get("backfill_errors", 0))}
+                "errors": int(project.get("backfill_errors", 0)),
+                "reconciled_at": float(project.get("reconciled_at") or project["backfilled"]),
+                "reconcile_error": project.get("backfill_error") or None}
     if not context.has_api:
         reason = "no Label Studio API access: set LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY to read existing annotations"
     else:

@@ -26,7 +26,8 @@ from ..core.prompts import parse_prompts, prompt_passes
 from ..core.queues import job_alive, server_time
 from ..core.refresh import request_refresh, start_refresh
 from ..core.services import Backend
-from ..core.triggers import BACKFILL_RETRY_S, WEBHOOK_BODY_TTL_S, handle_event
+from ..core.store import int_id
+from ..core.triggers import BACKFILL_RETRY_S, WEBHOOK_BODY_TTL_S, handle_event, reconcile_due
 from .ls_client import ONCE, LabelStudioRefused, LabelStudioUnavailable
 from .runtime import WorkerContext, get_context, report_progress
 
@@ -62,25 +63,46 @@ def ensure_backfilled(ctx: WorkerContext, context: ProjectContext) -> dict | Non
 
 
 def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
-    """Read the project's existing annotations through the Label Studio API into the support store."""
-    pid, config = context.project, context.config
+    """Compare the project's examples with the annotations Label Studio holds: new and changed ones are stored,
+    those it no longer holds are removed (so a webhook that was refused or missed loses nothing)."""
+    pid, config, store = context.project, context.config, ctx.store
+    known = store.annotation_ids(pid)  # read first: an example a webhook adds during the listing is never removed
     pairs = [(annotation, task) for task in ctx.api(context).tasks(pid, only_annotated=True)
              for annotation in task.get("annotations") or []]
-    report = ingest(ctx.store, pid, config, pairs, ctx.settings.max_image_pixels)
+    report = ingest(store, pid, config, pairs, ctx.settings.max_image_pixels)
+    held = {aid for annotation, _ in pairs if (aid := int_id(annotation.get("id") if isinstance(annotation, dict) else None))}
+    gone = sorted(known - held - set(report.removed))
+    if gone and store.remove(pid, gone):
+        report.removed.extend(gone)
     summary = {**report.as_dict(), "annotations": len(pairs)}
-    for name, value in (("backfilled", time.time()), ("backfill_annotations", len(pairs)),
+    now = server_time(ctx.redis)
+    if not store.require_project(pid).get("backfilled"):
+        store.set_project_field(pid, "backfilled", now)
+    for name, value in (("reconciled_at", now), ("backfill_annotations", len(pairs)),
                         ("backfill_errors", len(report.errors))):
-        ctx.store.set_project_field(pid, name, value)
-    ctx.store.delete_project_field(pid, "backfill_error")
+        store.set_project_field(pid, name, value)
+    store.delete_project_field(pid, "backfill_error")
     request_refresh(ctx.redis, ctx.settings, context, len(report.stored) + len(report.removed), "backfill")
     report_progress(**summary)
-    logger.info("project %s: backfill read %d annotations: %s", pid, len(pairs), summary)
+    logger.info("project %s: read %d annotations from Label Studio: %s", pid, len(pairs), summary)
     return summary
 
 
 def backfill_if_needed(context: dict) -> dict | None:
-    """Job form of ensure_backfilled, queued by /setup and by clicks while a project is not backfilled."""
-    return ensure_backfilled(get_context(), ProjectContext.from_job(context))
+    """The "backfill" job: the first read of a project's annotations, or a later comparison when one is due."""
+    ctx, project = get_context(), ProjectContext.from_job(context)
+    if not ctx.store.require_project(project.project).get("backfilled"):
+        return ensure_backfilled(ctx, project)
+    if not project.has_api or reconcile_due(ctx.redis, ctx.settings, ctx.store.require_project(project.project)) is None:
+        return None
+    try:
+        return backfill_project(ctx, project)
+    except Exception as exc:  # shown by /status; the next /setup, click or interval tries again
+        message = f"{type(exc).__name__}: {exc}"
+        logger.warning("project %s: comparing examples with Label Studio failed (%s)", project.project, message)
+        ctx.store.set_project_field(project.project, "backfill_error", message)
+        report_progress(backfill_error=message)
+        return None
 
 
 def ingest_large_webhook(body_key: str) -> dict:
@@ -103,7 +125,8 @@ def ingest_large_webhook(body_key: str) -> dict:
 
 
 def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
-    """Cache the images and masks of freshly stored examples on disk, so predictions need no download."""
+    """Cache the images and masks of freshly stored examples on disk, so predictions need no download; with
+    SUPPORT_POLICY=similar, also describe their labels' pools, so a click never does."""
     ctx, project = get_context(), ProjectContext.from_job(context)
     files, pid = ctx.example_files(project), project.project
     done, failed = 0, {}
@@ -120,8 +143,12 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
         except BackendError as exc:  # the image could not be fetched now: kept, tried again when predicting
             failed[annotation_id] = f"image not cached: {exc.message}"
     ctx.store.record_errors(pid, {str(a): m for a, m in failed.items()})
-    report_progress(done=done, failed=failed)
-    return {"done": done, "failed": failed}
+    described = 0
+    if ctx.settings.support_policy == "similar" and done:
+        labels = sorted({label for a in annotation_ids if (e := ctx.store.get(pid, a)) for label in e.labels})
+        described = ctx.segmenter(project).describe_pools(pid, labels)
+    report_progress(done=done, failed=failed, described=described)
+    return {"done": done, "failed": failed, "described": described}
 
 
 def secure_webhook(context: dict, backend_host: str) -> str:
@@ -148,6 +175,7 @@ def secure_webhook(context: dict, backend_host: str) -> str:
                 changed.append(hook.id)
         state = f"added basic auth to webhook(s) {changed}" if changed else "already set on the project's webhook"
     ctx.store.set_project_field(project.project, "webhook_auth", state)
+    ctx.store.set_project_field(project.project, "webhook_auth_at", server_time(ctx.redis))
     logger.info("project %s: %s", project.project, state)
     return state
 

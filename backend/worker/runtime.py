@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,7 +20,8 @@ from rq.scheduler import RQScheduler
 from rq.timeouts import TimerDeathPenalty
 from rq.worker import WorkerStatus
 
-from ..core.context import ProjectContext
+from ..core.context import ProjectContext, resolve_project
+from ..core.errors import BackendError
 from ..core.queues import (
     ALL_QUEUES,
     BEAT_AT,
@@ -32,8 +35,10 @@ from ..core.queues import (
 )
 from ..core.registry import VersionRegistry
 from ..core.settings import Settings
+from ..core.services import Backend
 from ..core.store import SupportStore
 from ..core.supports import SupportSets
+from ..core.triggers import queue_backfill
 from ..core.versions import GPU_HINT, MATCHER_NOTE, base_ref, base_version, uses_matcher
 from .example_files import ExampleFiles
 from .loaded_models import LoadedModels
@@ -240,12 +245,58 @@ class InProcessWorker(SimpleWorker):
         if threading.current_thread() is threading.main_thread():
             super()._install_signal_handlers()
 
+    def dequeue_job_and_maintain_ttl(self, timeout: int | None, max_idle_time: int | None = None):
+        """RQ's dequeue, waiting at most STOP_POLL_S at a time so that a stop asked meanwhile is seen.
+
+        RQ's waiting loop only leaves on a job (a signal ends it in a main-thread worker; there is none
+        here). Waking it with a job on the queue was not enough: another worker of the same queue (a
+        separate worker process on the same Redis) could take that job, and this thread waited forever.
+        """
+        if timeout is None or max_idle_time is not None:  # burst mode, or RQ's own idle limit
+            return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+        while not self._stop_requested:
+            result = super().dequeue_job_and_maintain_ttl(min(timeout, STOP_POLL_S), STOP_POLL_S)
+            if result is not None:
+                return result
+        return None
+
+    def unsubscribe(self) -> None:
+        """RQ's unsubscribe from the worker's command channel, waiting at most 1 s for its pubsub thread.
+
+        redis-py 8.2's PubSubWorkerThread.stop() joins the thread without a limit, and a thread that read the
+        unsubscribe reply just before sleeps through RQ's 60 s poll first: stopping a worker took 60 s.
+        The thread, a daemon, leaves at its next wake-up.
+        """
+        thread, self.pubsub_thread = self.pubsub_thread, None
+        if thread is None:
+            return
+        self.pubsub.unsubscribe()
+        if "timeout" in inspect.signature(thread.stop).parameters:
+            thread.stop(timeout=1)
+        else:  # redis-py before 8.2: stop() only clears the flag
+            thread.stop()
+            thread.join(timeout=1)
+        if not thread.is_alive():
+            self.pubsub.close()
+
     def stop(self) -> None:
-        """Finish the current job, then leave the work loop (a no-op job wakes a blocked dequeue)."""
+        """Finish the current job, then leave the work loop (within STOP_POLL_S when idle)."""
         self.stop_asked = True
         self._stop_requested = True
-        if self.queues:
-            self.queues[0].enqueue(noop, job_timeout=10, result_ttl=0)
+
+
+STOP_POLL_S = 1
+"""How often an idle InProcessWorker looks whether it was asked to stop."""
+
+
+class _QuietSchedulerLock(logging.Filter):
+    """Drops RQ's "Acquired scheduler lock" line: the due-job mover takes the lock every second."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Acquired scheduler lock")
+
+
+logging.getLogger("rq.scheduler").addFilter(_QuietSchedulerLock())
 
 
 def noop() -> None:
@@ -343,15 +394,40 @@ class Supervisor:
                 pass
 
 
+RECONCILE_CHECK_S = 60.0
+"""How often each worker process looks for projects whose RECONCILE_INTERVAL_S has passed."""
+
+
+def queue_due_reconciles(context: WorkerContext) -> list[int]:
+    """Queue the comparison with Label Studio of every project whose reconcile is due; the projects queued."""
+    if not context.settings.reconcile_interval_s:
+        return []
+    backend, queued = Backend(context.settings, context.redis, context.store), []
+    for pid in context.store.projects():
+        try:
+            project = resolve_project(context.settings, context.store, pid)
+        except BackendError as exc:  # a project whose stored config no longer parses: /status names it
+            logger.debug("project %s: no reconcile (%s)", pid, exc)
+            continue
+        if queue_backfill(backend, project):
+            queued.append(pid)
+    return queued
+
+
 def start_due_job_mover(context: WorkerContext, stopping: threading.Event) -> threading.Thread:
     """A thread moving due retries of every queue back every DUE_JOBS_EVERY_S (RQ's maintenance does it
-    only every heartbeat_ttl / 3: a "5 s" retry then waited up to 15 s more)."""
+    only every heartbeat_ttl / 3: a "5 s" retry then waited up to 15 s more), and queueing due reconciles
+    every RECONCILE_CHECK_S."""
     scheduler = RQScheduler(list(ALL_QUEUES), connection=context.redis)
 
     def loop() -> None:
+        checked = time.monotonic()
         while not stopping.wait(DUE_JOBS_EVERY_S):
             try:
                 move_due_jobs(scheduler)
+                if time.monotonic() - checked >= RECONCILE_CHECK_S:
+                    checked = time.monotonic()
+                    queue_due_reconciles(context)
             except (RedisError, OSError):  # Redis away: the supervisors wait for it; so does this
                 pass
 

@@ -131,6 +131,14 @@ class FewShotSegmenter:
             return None
         return rgb, mask
 
+    def describe_pools(self, pid: int, labels: list[str]) -> int:
+        """Build the SUPPORT_POLICY=similar pools of `labels` now, describing the examples that have no descriptor
+        yet (ingestion calls this as examples arrive, so a click never describes a pool); how many examples."""
+        revisions = self.store.label_revisions(pid)
+        return sum(len(self.similar.pool(self.model, pid, label, revisions[label],
+                                         lambda e, lab: self._load_example(pid, e, lab)).examples)
+                   for label in labels if revisions.get(label))
+
     def supports_per_query(self, pid: int, config: LabelConfig, queries: QueryBatch,
                            labels: list[str] | None = None) -> list[dict[str, SupportMemory]]:
         """Each query's support memory per label with usable examples: by SUPPORT_POLICY=similar its own K
