@@ -64,7 +64,7 @@ def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=None, help="default: LOG_LEVEL, else INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     worker = sub.add_parser("worker", help="run an RQ worker (model loaded once, no fork per job)")
     worker.add_argument("--queues", nargs="+", default=list(ALL_QUEUES), choices=list(ALL_QUEUES))
@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     stat = sub.add_parser("status", help="print a project's support examples and progress as JSON")
     stat.add_argument("--project", type=int, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_or_exit()
+    logging.basicConfig(level=(args.log_level or settings.log_level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args, settings)
     except NoRedisError as exc:

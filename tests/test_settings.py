@@ -45,3 +45,14 @@ def test_a_bad_value_stops_the_start_in_one_line(tmp_path, command):
     assert out.stderr.strip().splitlines() == [
         "configuration error: BULK_BATCH_SIZE='0' is not a valid value: it must be greater than or equal to 1 "
         "(allowed: >= 1 and <= 10000)"]
+
+
+def test_the_settings_page_is_generated_from_the_fields():
+    """docs/settings.md is what `python -m backend.core.settings_table --write` makes of the Settings fields: a new or
+    changed setting without a regenerated page fails here; every field has a row with its variable and meaning."""
+    from backend.core.settings import Settings
+    from backend.core.settings_table import DOC, render
+
+    assert DOC.read_text() == render(), "docs/settings.md is stale: run python -m backend.core.settings_table --write"
+    for field in Settings.model_fields.values():
+        assert f"| `{field.alias}` |" in render() and field.description, field.alias

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     hf:<hub id or folder> for a DINOv2/DINOv3 model through transformers (needs the model hub or a local copy)."""
     matcher_resolution: int = Field(384, alias="MATCHER_RESOLUTION", ge=64, le=2048, multiple_of=32)
     """MATCHER_RESOLUTION: the matcher's working resolution in pixels (a multiple of 32)."""
+    model_cache: str = Field("", alias="DIFFEWS_CACHE")
+    """DIFFEWS_CACHE: where DIFFEWS_MODEL=zzzmmz/Diffews is downloaded on a worker's first start (empty:
+    ~/.cache/diffews); model.download reads it from the environment."""
     model_unet: str = Field("", alias="DIFFEWS_UNET")
     """DIFFEWS_UNET: optional separate UNet folder (e.g. .../coco_fold0/unet) over DIFFEWS_MODEL."""
     device: str = Field("", alias="DIFFEWS_DEVICE")

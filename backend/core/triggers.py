@@ -44,8 +44,8 @@ def rejected_webhooks(redis: Redis, settings: Settings | None = None) -> dict | 
     if settings is not None and settings.label_studio_url and settings.label_studio_api_key:
         fix = ("the backend adds the header 'Authorization: Basic ...' to a project's webhook through the Label Studio "
                "API at the project's next /setup (Label Studio sends one when the model is saved in Settings -> Model "
-               "or predictions are retrieved); the annotations refused meanwhile are read back from Label Studio by the reconcile that /setup then queues "
-               "(/status/<project> -> backfill.reconciled_at)")
+               "or predictions are retrieved); the annotations refused meanwhile are read back from Label Studio by "
+               "the reconcile that /setup then queues (/status/<project> -> backfill.reconciled_at)")
     else:
         fix = ("add the header 'Authorization: Basic <base64 user:pass>' to the project's webhook (Project -> Settings "
                "-> Webhooks), or give the backend LABEL_STUDIO_URL and LABEL_STUDIO_API_KEY: it then adds the header "
@@ -79,14 +79,14 @@ def queue_backfill(backend: Backend, context: ProjectContext) -> str | None:
     """Queue reading the project's annotations from Label Studio when one is due (see reconcile_due): until a
     first read succeeded, after refused webhooks, and every RECONCILE_INTERVAL_S. Returns why, if queued.
 
-    At most one per project and BACKFILL_RETRY_S for each cause; a newly refused webhook is a new cause.
+    At most one per project, cause (first read, refusals, interval) and BACKFILL_RETRY_S.
     """
     if not context.has_api:
         return None
     why = reconcile_due(backend.redis, backend.settings, backend.store.project(context.project) or {})
     if why is None:
         return None
-    cause = f"refused-{_refused_at(backend.redis)}" if why.startswith("webhooks were refused") else why.split(" ")[0]
+    cause = why.split(" ")[0]
     if backend.redis.set(f"{PREFIX}:backfill-queued:{context.project}:{cause}", 1, nx=True, ex=BACKFILL_RETRY_S):
         submit(backend.redis, backend.settings, "backfill", context.to_job(), meta={"project": context.project,
                                                                                      "why": why})

@@ -159,7 +159,8 @@ class InProcessWorker(SimpleWorker):
     RQ has no public hook for a heartbeat during a SimpleWorker's job, so this class overrides RQ 3.0's
     execute_job and calls its prepare_execution, perform_job, maintain_heartbeats, run_maintenance_tasks,
     set_state and _install_signal_handlers, and its RQScheduler's lock and move calls (rq is pinned to
-    3.0.0 in requirements.txt for this). The behaviour is pinned by tests: a killed worker's job retried
+    3.0.0 in requirements.txt for this; tests/test_rq_contract.py names every internal and signature relied on,
+    so an upgrade fails there with the list). The behaviour is pinned by tests: a killed worker's job retried
     (tests/test_faults.py), idle heartbeats inside the liveness window, retries moved back when due, and
     stop() in embedded mode (tests/test_training_backend.py, tests/test_faults.py).
     """
