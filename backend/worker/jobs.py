@@ -125,8 +125,8 @@ def ingest_large_webhook(body_key: str) -> dict:
 
 
 def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
-    """Cache the images and masks of freshly stored examples on disk, so predictions need no download; with
-    SUPPORT_POLICY=similar, also describe their labels' pools, so a click never does."""
+    """Cache the images and masks of freshly stored examples on disk, so predictions need no download; then encode
+    their labels' support sets (SUPPORT_POLICY=similar: describe their pools), so the next click does not wait."""
     ctx, project = get_context(), ProjectContext.from_job(context)
     files, pid = ctx.example_files(project), project.project
     done, failed = 0, {}
@@ -143,12 +143,16 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
         except BackendError as exc:  # the image could not be fetched now: kept, tried again when predicting
             failed[annotation_id] = f"image not cached: {exc.message}"
     ctx.store.record_errors(pid, {str(a): m for a, m in failed.items()})
-    described = 0
-    if ctx.settings.support_policy == "similar" and done:
-        labels = sorted({label for a in annotation_ids if (e := ctx.store.get(pid, a)) for label in e.labels})
-        described = ctx.segmenter(project).describe_pools(pid, labels)
-    report_progress(done=done, failed=failed, described=described)
-    return {"done": done, "failed": failed, "described": described}
+    prepared = {"described": 0, "encoded": 0}
+    labels = sorted({label for a in annotation_ids if (e := ctx.store.get(pid, a)) for label in e.labels})
+    if done and labels:  # the next click finds its supports ready in this process (a worker serves every queue)
+        segmenter = ctx.segmenter(project)
+        if ctx.settings.support_policy == "similar":
+            prepared["described"] = segmenter.describe_pools(pid, labels)
+        else:
+            prepared["encoded"] = len(segmenter.supports(pid, project.config, labels))
+    report_progress(done=done, failed=failed, **prepared)
+    return {"done": done, "failed": failed, **prepared}
 
 
 def secure_webhook(context: dict, backend_host: str) -> str:
