@@ -71,7 +71,6 @@ def main() -> None:
             sys.setswitchinterval(0.0005)
             _leave_a_core_for_the_web(settings)
             workers = EmbeddedWorkers(context).start()
-            app.config["EMBEDDED_WORKERS"] = workers
             logger.info("no REDIS_URL: embedded Redis under %s and one in-process worker per queue (%s)",
                         settings.model_dir.resolve(), ", ".join(q[0] for q in EMBEDDED_QUEUES))
         app.run(host=args.host, port=args.port, debug=args.debug, threaded=True, use_reloader=False)

@@ -151,7 +151,6 @@ class LiveBackend:
         self.context.models.base = model
         self.workers = EmbeddedWorkers(self.context).start()
         self.app = create_app(settings, redis)
-        self.app.config["EMBEDDED_WORKERS"] = self.workers
         self.server = make_server("127.0.0.1", 0, self.app, threaded=True)
         self.url = f"http://127.0.0.1:{self.server.server_port}"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

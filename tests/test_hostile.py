@@ -115,7 +115,7 @@ def test_large_broken_rle_is_dropped_by_ingestion(client, worker):
     assert status["examples"] == {} and status["annotation_errors"]["10"].startswith("removed:")
 
 
-def test_a_poisoned_stored_example_is_skipped_when_predicting(client, worker, redis, settings):
+def test_a_poisoned_stored_example_is_skipped_when_predicting(client, worker, redis, settings, tiny_model):
     """An example stored by an older backend with an undecodable mask: predictions still work, and it is reported."""
     from backend.core.store import SupportStore
 
@@ -131,6 +131,7 @@ def test_a_poisoned_stored_example_is_skipped_when_predicting(client, worker, re
     (settings.model_dir / "projects" / "1" / "masks").mkdir(parents=True, exist_ok=True)
     for path in (settings.model_dir / "projects" / "1" / "masks").glob("11-*"):
         path.unlink()
+    tiny_model.support_cache.clear()  # a worker that starts now: the supports the ingest job encoded are not in it
     query, _ = square_scene(5)
     r = client.post("/predict", json={**PREDICT, "tasks": [{"id": 300, "data": {"image": png_data_uri(query)}}]})
     assert r.status_code == 200 and r.json["results"][0]["result"]

@@ -122,11 +122,15 @@ def test_bad_prompts_are_400_naming_the_field(client, context, message):
     assert r.status_code == 400 and message in r.json["error"]
 
 
-def test_unseen_project_or_label_without_examples_is_a_clear_400(client, worker):
-    """No /setup, no examples (Label Studio sends none before a smart call): the answer says what to do."""
+def test_unseen_project_or_label_without_examples_is_a_clear_422(client, worker):
+    """No /setup, no examples (Label Studio sends none before a smart call): the answer says what to do, with the
+    status a click without examples gets (422)."""
     image, _ = square_scene(5, SIZE)
     r = _predict(client, SMART_XML, image, {"result": [_box(0, 0, 50, 50)]})
-    assert r.status_code == 400 and "no usable support examples of 'square'" in r.json["error"]
+    assert r.status_code == 422 and "no usable support examples of 'square'" in r.json["error"]
+    click = client.post("/predict", json={"tasks": [{"id": 301, "data": {"image": png_data_uri(image)}}],
+                                          "project": "1.1", "label_config": SMART_XML})
+    assert click.status_code == 422 and "no support examples yet" in click.json["error"]
     two = client.post("/predict", json={"tasks": [{"id": 1, "data": {}}, {"id": 2, "data": {}}], "project": "1.1",
                                         "label_config": SMART_XML, "params": {"context": {"result": [_box(0, 0, 5, 5)]}}})
     assert two.status_code == 400 and "exactly one task" in two.json["error"]
@@ -160,3 +164,39 @@ def test_prompt_parsing_groups_by_label():
                             parse_label_config(SMART_XML))
     assert list(prompts) == ["square"]
     assert prompts["square"].boxes == [(1, 2, 3, 4)] and prompts["square"].points == [(5, 6, True), (7, 8, False)]
+
+
+@pytest.mark.parametrize("raised,status", [
+    ("VersionUnavailable", 503), ("LabelStudioUnavailable", 503), ("LabelStudioRefused", 502), ("MediaError", 422),
+])
+def test_a_worker_error_reaches_label_studio_with_the_workers_status(client, worker, monkeypatch, raised, status):
+    """A smart-tool job that fails with a typed error: the web answers with that error's status and message, not a
+    400 (errors cross the queue as class, status and message)."""
+    from backend.core import errors
+    from backend.worker import ls_client
+    from backend.worker.segmenter import FewShotSegmenter
+
+    made = {"VersionUnavailable": lambda: errors.VersionUnavailable("model version 'v9' cannot be loaded"),
+            "LabelStudioUnavailable": lambda: ls_client.LabelStudioUnavailable("Label Studio answered 503"),
+            "LabelStudioRefused": lambda: ls_client.LabelStudioRefused("Label Studio refused the call", 400),
+            "MediaError": lambda: errors.MediaError("task 300 image does not decode")}[raised]
+
+    def fail(*args, **kwargs):
+        raise made()
+
+    monkeypatch.setattr(FewShotSegmenter, "predict_interactive", fail)
+    image, _ = square_scene(5, SIZE)
+    r = _predict(client, SMART_XML, image, {"result": [_box(0, 0, 50, 50)]})
+    assert r.status_code == status and r.json["error"] == made().message
+
+
+def test_error_records_round_trip_to_the_same_class():
+    """error_from_record gives back the worker's class where the web knows it, else a RelayedError with its status."""
+    from backend.core.errors import (MediaError, NoExamplesYet, RelayedError, VersionUnavailable, error_from_record,
+                                     error_record)
+
+    for exc in (MediaError("m"), NoExamplesYet("n"), VersionUnavailable("v")):
+        back = error_from_record(error_record(exc))
+        assert type(back) is type(exc) and back.status == exc.status and back.message == exc.message
+    unknown = error_from_record({"kind": "SomethingElse", "status": 502, "error": "x"})
+    assert isinstance(unknown, RelayedError) and unknown.status == 502

@@ -71,7 +71,7 @@ def test_polygon_project_predictions_are_stored(label_studio, live_backend):
 
 def test_a_smart_tool_before_any_example_tells_the_annotator_why(label_studio, live_backend):
     """Label Studio passes on only the status line of a failed answer; the reason rides in its phrase, so the
-    editor's error says what to do instead of "400 Client Error: BAD REQUEST"."""
+    editor's error says what to do instead of "422 Client Error: UNPROCESSABLE ENTITY"."""
     backend = live_backend()
     pid, tasks = create_project(label_studio, SMART_XML, [square_scene(0, SIZE)[0]])
     ml = label_studio.json("POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "DiffewS",
@@ -81,5 +81,5 @@ def test_a_smart_tool_before_any_example_tells_the_annotator_why(label_studio, l
     answer = label_studio.json("POST", f"/api/ml/{ml['id']}/interactive-annotating",
                                json={"task": tasks[0]["id"], "context": {"result": [box]}})
     [error] = answer["errors"]
-    assert error.startswith("400 Client Error: ") and "no usable support examples of 'square' yet" in error, error
+    assert error.startswith("422 Client Error: ") and "no usable support examples of 'square' yet" in error, error
     assert "label a few images with it first" in error

@@ -37,6 +37,12 @@ class MediaError(BackendError):
     status = 422
 
 
+class NoExamplesYet(BackendError):
+    """A label has no usable support example yet: the same answer for a click and a smart tool."""
+
+    status = 422
+
+
 class ServiceUnavailable(BackendError):
     """Redis or the workers are not there; the message says which and what to start."""
 
@@ -65,3 +71,34 @@ class Overloaded(ServiceUnavailable):
     def __init__(self, message: str, retry_after: int = 5):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RelayedError(BackendError):
+    """A worker's error whose class the web process does not know (a Label Studio client error): its status kept."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def error_record(exc: BackendError) -> dict:
+    """What crosses the queue of a worker's BackendError: its class name, HTTP status and message."""
+    return {"kind": type(exc).__name__, "status": exc.status, "error": exc.message}
+
+
+def error_from_record(record: dict) -> BackendError:
+    """The error a worker recorded with error_record, as the same class where it is defined here (else a
+    RelayedError), so the web answers with the status the worker saw."""
+    known = {cls.__name__: cls for cls in _subclasses(BackendError)}
+    cls = known.get(str(record.get("kind")))
+    message, status = str(record.get("error", "")), int(record.get("status") or 500)
+    if cls is not None and cls.__init__ is BackendError.__init__ and cls.status == status:
+        return cls(message)
+    return RelayedError(message, status)
+
+
+def _subclasses(cls: type) -> list[type]:
+    found = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found

@@ -18,8 +18,6 @@ from .keys import PREFIX
 POLICIES = ("ground_truth_first", "newest", "oldest", "similar")
 """SUPPORT_POLICY values: ground truth first then newest; newest first; first labeled first; per query, the most
 similar pictures (backend.worker.similar)."""
-FIXED_POLICIES = POLICIES[:3]
-"""The policies that give every query of a label the same K examples (SupportIndex.select)."""
 
 
 def member(annotation_id: int) -> str:

@@ -10,7 +10,7 @@ from rq.results import Result
 
 from ..core.bulk import held_predictions, queue_bulk
 from ..core.context import ProjectContext
-from ..core.errors import BackendError, BadRequest, MediaError, Overloaded, PredictionTimeout
+from ..core.errors import BackendError, BadRequest, MediaError, Overloaded, PredictionTimeout, error_from_record
 from ..core.services import Backend
 
 def wait(job: Job, seconds: float) -> Result | None:
@@ -93,5 +93,5 @@ def answer_interactive(job: Job, value: dict, context: ProjectContext, wait_s: f
         raise Overloaded(f"interactive job {job.id} started after its {wait_s:.0f} s deadline and was dropped; try again",
                          retry_after=1)
     if value["delivered"] == "error":
-        raise (MediaError if value.get("status") == MediaError.status else BadRequest)(value["error"])
+        raise error_from_record(value)
     return jsonify(results=[value["prediction"]], model_version=context.model_version)

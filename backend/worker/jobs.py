@@ -19,7 +19,7 @@ from ..core.admission import click_ended, record_click_seconds
 from ..core.bulk import Progress, held_predictions, queue_bulk
 from ..core.catalog import submit
 from ..core.context import ProjectContext, resolve_project
-from ..core.errors import BackendError, BadRequest, DeadlinePassed
+from ..core.errors import BackendError, BadRequest, DeadlinePassed, error_record
 from ..core.ingest import ingest
 from ..core.ledger import VIA_POSTED, VIA_RETURNED, Claim, DeliveryLedger, click_may_take, own_may_take
 from ..core.prompts import parse_prompts, prompt_passes
@@ -226,8 +226,8 @@ def predict_interactive(context: dict, task: dict, regions: list[dict], deadline
         except DeadlinePassed as exc:  # its caller got a 504 and is gone: the remaining passes are not run
             logger.info("smart-tool job %s stopped: %s", job_id, exc.message)
             return {"delivered": "dropped"}
-        except BackendError as exc:  # the web answers it with its status and message
-            return {"delivered": "error", "status": exc.status, "error": exc.message}
+        except BackendError as exc:  # the web answers it with the same class, status and message
+            return {"delivered": "error", **error_record(exc)}
         record_click_seconds(ctx.redis, time.monotonic() - started, prompt_passes(prompts))
         return {"delivered": "returned", "prediction": prediction}
     finally:

@@ -156,11 +156,6 @@ class LabelStudioAPI:
 
         yield from self.call(f"listing the tasks of project {project_id}", read)
 
-    def task(self, task_id: int) -> dict:
-        """One task with its data."""
-        task = self.call(f"reading task {task_id}", lambda: self.client.tasks.get(id=str(task_id), request_options=ONCE))
-        return task.model_dump(mode="json") if hasattr(task, "model_dump") else dict(task)
-
     def create_prediction(self, task_id: int, result: list[dict], score: float, model_version: str,
                           project_id: int | None = None) -> int:
         """POST /api/predictions; returns the new prediction's id."""

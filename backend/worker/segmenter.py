@@ -14,7 +14,7 @@ import numpy as np
 
 from model import DiffewS, InvalidInputError, QueryBatch, SupportMemory, to_rgb
 
-from ..core.errors import BackendError, BadRequest, MediaError
+from ..core.errors import BackendError, MediaError, NoExamplesYet
 from ..core.example_health import ExampleHealth
 from ..core.label_config import LabelConfig
 from ..core.settings import Settings
@@ -216,7 +216,7 @@ class FewShotSegmenter:
             memories = self.supports_per_query(pid, config, self.model.encode_queries(images), list(prompts))[0]
         missing = [label for label in prompts if label not in memories]
         if missing:
-            raise BadRequest(f"project {pid} has no usable support examples of {missing[0]!r} yet: label a few "
+            raise NoExamplesYet(f"project {pid} has no usable support examples of {missing[0]!r} yet: label a few "
                              "images with it first (the backend learns them from annotation webhooks, or from "
                              "Label Studio's API when LABEL_STUDIO_URL / LABEL_STUDIO_API_KEY are set)")
         regions = []
