@@ -69,6 +69,11 @@ def test_refused_version_folders_are_not_registered_and_are_named_in_health(clie
     assert "truncated or replaced" in rejected[f"versions/1/{truncated.name}"]
     assert "is not allowed" in rejected[f"versions/1/{escaping.name}"]
     assert "SHA-256" in rejected[f"versions/1/{tampered.name}"]
+    import shutil
+
+    shutil.rmtree(tampered)  # deleted: no longer reported
+    registry.rebuild()
+    assert f"versions/1/{tampered.name}" not in client.get("/health").json["rejected_version_files"]
     assert client.post("/setup", json=SETUP).status_code == 200
     assert client.post("/projects/1/pin", json={"version": truncated.name}).status_code == 404  # never served
 

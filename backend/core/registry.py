@@ -91,6 +91,9 @@ class VersionRegistry:
     def _record_folders(self) -> int:
         """Record the version folders Redis lacks (removing stale temporaries); how many were added."""
         added = 0
+        gone = [path for path in self.rejected() if not (self.store.model_dir / path).exists()]
+        if gone:  # a refused file that was deleted is no longer reported
+            self.redis.hdel(REJECTED_KEY, *gone)
         for folder in sorted(self.root.glob("*/*")):
             if folder.name.startswith("."):
                 if ".tmp-" in folder.name and time.time() - folder.stat().st_mtime > STALE_TEMP_S:

@@ -1,4 +1,4 @@
-"""Box and point prompts: crop and paste geometry, component selection, segmentation inside a box."""
+"""model/prompts.py: box and point prompts: crop and paste geometry, component selection, segmentation inside a box."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Versions as deltas over one base: fp32 master weights, adapters by name, full versions sharing the VAE."""
+"""model/versions.py: versions as deltas over one base: fp32 master weights, adapters by name, full versions sharing the VAE."""
 
 from __future__ import annotations
 
