@@ -126,16 +126,22 @@ def test_skewed_worker_clocks_stay_alive_and_answer_clicks(redis, settings, work
     assert behind.alive() and ahead.alive()
 
 
-def test_due_retries_are_moved_back_within_a_second_or_two(redis, settings):
+@pytest.mark.parametrize("reconciles", ["work", "fail"])
+def test_due_retries_are_moved_back_within_a_second_or_two(redis, settings, monkeypatch, reconciles):
     """A retry scheduled 2 s ahead is back in its queue about when due, not at the next registry maintenance
-    (every JOB_HEARTBEAT_TTL_S / 3: 15 s by default)."""
+    (every JOB_HEARTBEAT_TTL_S / 3: 15 s by default), even when queueing the due reconciles (same thread) fails."""
     import threading
     from datetime import timedelta
 
     from rq import Queue
 
     from backend.core.store import SupportStore
+    from backend.worker import runtime
     from backend.worker.runtime import WorkerContext, start_due_job_mover
+
+    monkeypatch.setattr(runtime, "RECONCILE_CHECK_S", 0.0)
+    if reconciles == "fail":
+        monkeypatch.setattr(runtime, "queue_due_reconciles", lambda context: 1 / 0)
 
     context = WorkerContext.__new__(WorkerContext)  # no model: only the Redis of a worker context is used
     context.settings, context.redis, context.store = settings, redis, SupportStore(redis, settings.model_dir)

@@ -426,11 +426,14 @@ def start_due_job_mover(context: WorkerContext, stopping: threading.Event) -> th
         while not stopping.wait(DUE_JOBS_EVERY_S):
             try:
                 move_due_jobs(scheduler)
-                if time.monotonic() - checked >= RECONCILE_CHECK_S:
-                    checked = time.monotonic()
-                    queue_due_reconciles(context)
             except (RedisError, OSError):  # Redis away: the supervisors wait for it; so does this
-                pass
+                continue
+            if time.monotonic() - checked >= RECONCILE_CHECK_S:
+                checked = time.monotonic()
+                try:
+                    queue_due_reconciles(context)
+                except Exception:  # never let it stop the retries this thread moves
+                    logger.exception("queueing due reconciles failed; trying again in %.0f s", RECONCILE_CHECK_S)
 
     thread = threading.Thread(target=loop, name="diffews-due-jobs", daemon=True)
     thread.start()
