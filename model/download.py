@@ -14,7 +14,6 @@ truncated or corrupted file is deleted and fetched again, and if it still differ
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from .checkpoint import MODELSCOPE_BASE
 from .errors import CheckpointNotFoundError
+from .file_digests import file_entry, mismatch
 
 RELEASE_ID = "zzzmmz/Diffews"
 """The ModelScope id of the official weights."""
@@ -82,15 +82,6 @@ def missing_files(root: Path, unets: Sequence[str]) -> list[str]:
     return missing
 
 
-def sha256_of(path: Path) -> str:
-    """SHA-256 of a file, read in 8 MB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fetched_files(root: Path, unets: Sequence[str]) -> list[Path]:
     folders = [root / MODELSCOPE_BASE, *(root / "weight" / name / "unet" for name in unets)]
     return sorted(p for folder in folders if folder.is_dir() for p in folder.rglob("*")
@@ -104,7 +95,7 @@ def write_manifest(root: Path, unets: Sequence[str]) -> dict:
     for file in _fetched_files(root, unets):
         key = file.relative_to(root).as_posix()
         if key not in manifest or manifest[key]["size"] != file.stat().st_size:
-            manifest[key] = {"size": file.stat().st_size, "sha256": sha256_of(file)}
+            manifest[key] = file_entry(file)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     tmp.replace(path)
@@ -134,7 +125,7 @@ def damaged_files(root: Path, unets: Sequence[str], *, verify: bool = False) -> 
         file = root / key
         if not file.is_file():
             continue  # missing files are found by missing_files and fetched
-        if file.stat().st_size != entry.get("size") or (verify and sha256_of(file) != entry.get("sha256")):
+        if mismatch(file, entry, hashes=verify):
             damaged.append(key)
     return damaged
 

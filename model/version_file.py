@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -10,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .errors import CheckpointNotFoundError, InvalidCheckpointError
+from .file_digests import file_entry, mismatch
 
 VERSION_FILE = "version.json"
 SCHEMA = 2
@@ -48,7 +48,7 @@ def file_digests(folder: str | Path) -> dict[str, dict]:
     digests = {}
     for path in sorted(Path(folder).iterdir()):
         if path.is_file() and path.name != VERSION_FILE:
-            digests[path.name] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+            digests[path.name] = file_entry(path)
     return digests
 
 
@@ -91,12 +91,8 @@ class VersionInfo:
             path = Path(folder) / Path(str(name)).name
             if not path.is_file():
                 raise InvalidCheckpointError(f"version {self.name!r}: {path} is missing")
-            if path.stat().st_size != expected.get("size"):
-                raise InvalidCheckpointError(f"version {self.name!r}: {path} holds {path.stat().st_size} bytes, "
-                                             f"version.json recorded {expected.get('size')} (truncated or replaced)")
-            if hashes and file_sha256(path) != expected.get("sha256"):
-                raise InvalidCheckpointError(f"version {self.name!r}: {path} does not have the SHA-256 version.json "
-                                             "recorded (changed after it was saved)")
+            if problem := mismatch(path, expected, hashes=hashes):
+                raise InvalidCheckpointError(f"version {self.name!r}: {path} {problem}")
 
     def write(self, folder: Path) -> None:
         """Write version.json into `folder` (save_version syncs the whole folder before it appears)."""
@@ -123,15 +119,6 @@ class VersionInfo:
             return cls(**{k: v for k, v in data.items() if k in known})
         except TypeError as exc:
             raise InvalidCheckpointError(f"{path}: {exc}") from None
-
-
-def file_sha256(path: Path) -> str:
-    """SHA-256 of one file, read in 1 MiB chunks."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
 
 
 def is_version_folder(folder: str | Path) -> bool:

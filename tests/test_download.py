@@ -120,7 +120,8 @@ def test_cli(tmp_path, monkeypatch, capsys):
 def test_manifest_finds_and_refetches_damaged_files(tmp_path):
     """The first download writes a manifest (size, SHA-256); a truncated file (sizes) and a same-size corrupted
     one (SHA-256, with verify) are deleted and fetched again; the loader then works."""
-    from model.download import MANIFEST, read_manifest, sha256_of
+    from model.download import MANIFEST, read_manifest
+    from model.file_digests import sha256_of
 
     fake = StandInModelScope()
     root = download_release(tmp_path, downloader=fake)
