@@ -42,7 +42,8 @@ def test_an_oversized_version_file_is_refused_unread(tmp_path):
         VersionInfo.read(tmp_path)
 
 
-def test_refused_version_folders_are_not_registered_and_are_named_in_health(client, redis, settings, tiny_model):
+def test_refused_version_folders_are_not_registered_and_are_named_in_health(client, redis, settings, tiny_model,
+                                                                            monkeypatch):
     """A folder whose version.json names another version, one whose weights were truncated, and one over a base
     version given as a path are skipped at registration; /health names each with the reason."""
     good = _version(tiny_model, settings, f"{BASE}-p1-v1")
@@ -51,7 +52,8 @@ def test_refused_version_folders_are_not_registered_and_are_named_in_health(clie
     (renamed / "version.json").write_text(json.dumps({**info, "name": f"{BASE}-p1-v9"}))
     truncated = _version(tiny_model, settings, f"{BASE}-p1-v3")
     weights = truncated / "unet.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-10])
+    saved = weights.read_bytes()
+    weights.write_bytes(saved[:-10])
     escaping = _version(tiny_model, settings, f"{BASE}-p1-v4")
     info = json.loads((escaping / "version.json").read_text())
     (escaping / "version.json").write_text(json.dumps({**info, "base": {"version": "../../../etc"}}))
@@ -76,6 +78,17 @@ def test_refused_version_folders_are_not_registered_and_are_named_in_health(clie
     assert f"versions/1/{tampered.name}" not in client.get("/health").json["rejected_version_files"]
     assert client.post("/setup", json=SETUP).status_code == 200
     assert client.post("/projects/1/pin", json={"version": truncated.name}).status_code == 404  # never served
+
+    import model.version_file
+
+    checked = []
+    original = model.version_file.VersionInfo.verify_files
+    monkeypatch.setattr(model.version_file.VersionInfo, "verify_files",
+                        lambda self, *a, **k: checked.append(self.name) or original(self, *a, **k))
+    assert registry.get("not-a-version") is None and checked == []  # a miss does not hash refused folders again
+    weights.write_bytes(saved)  # the truncated one is restored: it changed, so it is checked again, and accepted
+    registry.rebuild()
+    assert checked == [truncated.name] and truncated.name in [v["name"] for v in registry.list()]
 
 
 def test_pins_and_choices_of_bad_names_are_refused(client, redis, settings, tiny_model):

@@ -30,6 +30,9 @@ TRAIN_LOCK_KEY = PREFIX + ":training:{pid}"
 """Holds the id of a project's queued or running training job (no duplicates)."""
 REJECTED_KEY = f"{PREFIX}:versions-rejected"
 """Version files refused when read (path relative to MODEL_DIR -> why), for /health."""
+REJECTED_STAMP_KEY = f"{PREFIX}:versions-rejected-stamp"
+"""Refused version folder -> the stamp (file names, sizes, times) it was refused at: not checked again until it
+changes (checking hashes every file, and every registry miss looks at the folders)."""
 MAX_LISTED = 1000
 """The most versions one page of a version list holds."""
 
@@ -94,6 +97,7 @@ class VersionRegistry:
         gone = [path for path in self.rejected() if not (self.store.model_dir / path).exists()]
         if gone:  # a refused file that was deleted is no longer reported
             self.redis.hdel(REJECTED_KEY, *gone)
+            self.redis.hdel(REJECTED_STAMP_KEY, *gone)
         for folder in sorted(self.root.glob("*/*")):
             if folder.name.startswith("."):
                 if ".tmp-" in folder.name and time.time() - folder.stat().st_mtime > STALE_TEMP_S:
@@ -102,12 +106,17 @@ class VersionRegistry:
                 continue
             if not is_version_folder(folder) or self.redis.hexists(self.key, folder.name):
                 continue  # a recorded version's files were checked when it was recorded
+            relative, stamp = self._relative(folder), _stamp(folder)
+            if self.redis.hget(REJECTED_STAMP_KEY, relative) == stamp.encode():
+                continue  # refused as it is now
             try:
                 record = self.record(VersionInfo.read(folder), folder)
             except DiffewSError as exc:
                 self.reject(folder, str(exc))
+                self.redis.hset(REJECTED_STAMP_KEY, relative, stamp)
                 continue
-            self.redis.hdel(REJECTED_KEY, self._relative(folder))
+            self.redis.hdel(REJECTED_KEY, relative)
+            self.redis.hdel(REJECTED_STAMP_KEY, relative)
             added += int(self.redis.hsetnx(self.key, record["name"], json.dumps(record)))
         if added:
             logger.info("version registry: %d versions recorded again from %s", added, self.root)
@@ -238,6 +247,12 @@ class VersionRegistry:
                 raise NotFound(f"project {pid} has no version {name!r}; see GET /projects/{pid}/versions")
             self.store.set_project_field(pid, "pinned_version", name)
         self.store.save_choices(pid)
+
+
+def _stamp(folder: Path) -> str:
+    """Name, size and modification time of each file of a folder: it changes when any file does."""
+    files = sorted((p.name, p.stat()) for p in folder.iterdir() if p.is_file())
+    return ";".join(f"{name}:{st.st_size}:{st.st_mtime_ns}" for name, st in files)
 
 
 def _int_or_none(text: str) -> int | None:
