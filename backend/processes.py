@@ -145,7 +145,7 @@ def status(settings: Settings) -> int:
 
 def stop(settings: Settings) -> int:
     """SIGTERM every process started here (workers and web first, Redis last), waiting for each; 1 if one stays."""
-    rows = sorted(listed(settings), key=lambda row: row["name"] == "redis")
+    rows = listed(settings)
     left = []
     for group in ([r for r in rows if r["name"] != "redis"], [r for r in rows if r["name"] == "redis"]):
         for row in group:
