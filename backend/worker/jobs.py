@@ -51,15 +51,19 @@ def ensure_backfilled(ctx: WorkerContext, context: ProjectContext) -> dict | Non
     if now - float(project.get("backfill_tried_at") or 0) < BACKFILL_RETRY_S:
         return None
     store.set_project_field(pid, "backfill_tried_at", now)
+    return _read_or_record_failure(ctx, context)
+
+
+def _read_or_record_failure(ctx: WorkerContext, context: ProjectContext) -> dict | None:
+    """backfill_project, or None with the failure recorded for /status (the next try reads again)."""
     try:
-        report = backfill_project(ctx, context)
+        return backfill_project(ctx, context)
     except Exception as exc:  # Label Studio unreachable or refusing: predict from what is stored, retry later
         message = f"{type(exc).__name__}: {exc}"
-        logger.warning("project %s: backfill from Label Studio failed (%s)", pid, message)
-        store.set_project_field(pid, "backfill_error", message)
+        logger.warning("project %s: reading annotations from Label Studio failed (%s)", context.project, message)
+        ctx.store.set_project_field(context.project, "backfill_error", message)
         report_progress(backfill_error=message)
         return None
-    return report
 
 
 def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
@@ -91,18 +95,12 @@ def backfill_project(ctx: WorkerContext, context: ProjectContext) -> dict:
 def backfill_if_needed(context: dict) -> dict | None:
     """The "backfill" job: the first read of a project's annotations, or a later comparison when one is due."""
     ctx, project = get_context(), ProjectContext.from_job(context)
-    if not ctx.store.require_project(project.project).get("backfilled"):
+    stored = ctx.store.require_project(project.project)
+    if not stored.get("backfilled"):
         return ensure_backfilled(ctx, project)
-    if not project.has_api or reconcile_due(ctx.redis, ctx.settings, ctx.store.require_project(project.project)) is None:
+    if not project.has_api or reconcile_due(ctx.redis, ctx.settings, stored) is None:
         return None
-    try:
-        return backfill_project(ctx, project)
-    except Exception as exc:  # shown by /status; the next /setup, click or interval tries again
-        message = f"{type(exc).__name__}: {exc}"
-        logger.warning("project %s: comparing examples with Label Studio failed (%s)", project.project, message)
-        ctx.store.set_project_field(project.project, "backfill_error", message)
-        report_progress(backfill_error=message)
-        return None
+    return _read_or_record_failure(ctx, project)
 
 
 def ingest_large_webhook(body_key: str) -> dict:
