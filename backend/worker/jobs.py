@@ -127,7 +127,7 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
     their labels' support sets (SUPPORT_POLICY=similar: describe their pools), so the next click does not wait."""
     ctx, project = get_context(), ProjectContext.from_job(context)
     files, pid = ctx.example_files(project), project.project
-    done, failed = 0, {}
+    done, failed, labels = 0, {}, set()
     for annotation_id in annotation_ids:
         example = ctx.store.get(pid, annotation_id)
         if example is None:
@@ -138,11 +138,13 @@ def ingest_examples(context: dict, annotation_ids: list[int]) -> dict:
         except BadRequest as exc:  # a mask that does not decode: the example can never be used
             failed[annotation_id] = f"removed: {exc.message}"
             ctx.store.remove(pid, [annotation_id], reason=failed[annotation_id])
+            continue
         except BackendError as exc:  # the image could not be fetched now: kept, tried again when predicting
             failed[annotation_id] = f"image not cached: {exc.message}"
+        labels.update(example.labels)  # of the examples still stored
     ctx.store.record_errors(pid, {str(a): m for a, m in failed.items()})
     prepared = {"described": 0, "encoded": 0}
-    labels = sorted({label for a in annotation_ids if (e := ctx.store.get(pid, a)) for label in e.labels})
+    labels = sorted(labels)
     if done and labels:  # the next click finds its supports ready in this process (a worker serves every queue)
         segmenter = ctx.segmenter(project)
         if ctx.settings.support_policy == "similar":
