@@ -8,8 +8,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from annotated_types import Ge, Gt, Le, Lt, MultipleOf
-
 from .settings import Settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "settings.md"
@@ -27,11 +25,10 @@ not parse or is out of range stops the start with one line naming the variable, 
 
 def _bounds(metadata: list) -> str:
     parts = []
-    for item in metadata:
-        for kind, attribute, symbol in ((Ge, "ge", ">="), (Gt, "gt", ">"), (Le, "le", "<="), (Lt, "lt", "<"),
-                                        (MultipleOf, "multiple_of", "multiple of")):
-            if isinstance(item, kind):
-                parts.append(f"{symbol} {getattr(item, attribute):,}")
+    for item in metadata:  # pydantic's Ge, Le, MultipleOf, ... constraints, each with one attribute
+        for attribute, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("multiple_of", "multiple of")):
+            if (value := getattr(item, attribute, None)) is not None:
+                parts.append(f"{symbol} {value:,}")
     return ", ".join(parts)
 
 
