@@ -25,9 +25,9 @@ def _log_model(settings: Settings) -> None:
 
 
 def _log_warnings(app) -> None:
-    from backend.web.state import startup_warnings
+    from backend.web.state import EXTENSION, startup_warnings
 
-    backend = app.config["BACKEND"]
+    backend = app.extensions[EXTENSION].backend
     try:
         for warning in startup_warnings(backend.settings, backend.redis):
             logger.warning(warning)
@@ -62,9 +62,10 @@ def main() -> None:
         _log_warnings(app)
         if not settings.redis_url and settings.embedded_worker:
             from backend.core.store import SupportStore
+            from backend.web.state import EXTENSION
             from backend.worker.runtime import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
 
-            backend = app.config["BACKEND"]
+            backend = app.extensions[EXTENSION].backend
             context = WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir))
             # Web and model share this process: hand the GIL over sooner, so /health and /webhook threads are
             # not kept waiting behind the workers' Python code (the default interval is 5 ms).

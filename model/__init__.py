@@ -33,6 +33,11 @@ _EXPORTS = {
     "make_sample": "data",
     "evaluate_episodes": "evaluate",
     "episode_ious": "evaluate",
+    "check_labels": "label_checks",
+    "RELEASE_ID": "release",
+    "MODELSCOPE_BASE": "release",
+    "MODELSCOPE_DEFAULT_UNET": "release",
+    "LabelCheck": "label_checks",
     "TrainConfig": "train",
     "finetune": "train",
     "attach_version": "versions",
@@ -65,6 +70,8 @@ if TYPE_CHECKING:
     from .images import to_rgb
     from .data import make_sample
     from .evaluate import episode_ious, evaluate as evaluate_episodes
+    from .label_checks import LabelCheck, check_labels
+    from .release import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET, RELEASE_ID
     from .train import TrainConfig, finetune
     from .versions import attach_version, load_version, save_version, trainable_copy
     from .adapters import remove_adapter

@@ -25,15 +25,12 @@ from .unet_ref import (  # quiet_diffusers is imported from here by the rest of 
     read_ref_tensors,
     unet_weight_file,
 )
+from .release import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET
 from .unet_weights import check_folder_fits
 
 logger = logging.getLogger(__name__)
 
 TINY_SPEC = "tiny"
-MODELSCOPE_BASE = "weight/stable-diffusion-2-1-ref8inchannels-tag4inchannels"
-"""Inside a ModelScope `zzzmmz/Diffews` download: the full pipeline folder with conv_in_ref."""
-MODELSCOPE_DEFAULT_UNET = "weight/incontext/unet"
-"""Inside a ModelScope download: the generalist UNet, used when no other UNet is named."""
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = [
     "*.json", "tokenizer/*.txt", EMBEDS_NAME, "vae/diffusion_pytorch_model.safetensors",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,6 @@ class Sample:
     ignore: np.ndarray | None = None
     """[R, R] bool: pixels not scored (void), or None."""
     name: str = ""
-    meta: dict = field(default_factory=dict)
 
     @property
     def valid(self) -> np.ndarray:

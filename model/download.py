@@ -20,14 +20,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from .checkpoint import MODELSCOPE_BASE
+from .release import MODELSCOPE_BASE, RELEASE_ID, RELEASE_UNETS
 from .errors import CheckpointNotFoundError
 from .file_digests import file_entry, mismatch
 
-RELEASE_ID = "zzzmmz/Diffews"
-"""The ModelScope id of the official weights."""
-RELEASE_UNETS = ("incontext", "coco_fold0", "coco_fold1", "coco_fold2", "coco_fold3")
-"""UNets of the release: the generalist and the four COCO-20i folds (strict setting)."""
 DEFAULT_CACHE = Path(os.environ.get("DIFFEWS_CACHE", "~/.cache/diffews")).expanduser()
 """Where downloads go unless told otherwise (DIFFEWS_CACHE)."""
 

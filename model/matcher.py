@@ -94,6 +94,10 @@ class ProjectionHead(nn.Module):
 class Matcher:
     """A few-shot segmenter that matches query features against support features; no training needed."""
 
+    suggested_min_score = 0.5
+    """Masks scoring below this are better left out of a pre-annotation (fewer pixels to correct; chosen on CamVid
+    train episodes by bench.bench_thresholds, reported on val in docs/annotator-workflow.md)."""
+
     def __init__(self, backbone: FeatureBackbone, config: MatcherConfig | None = None, *,
                  head: ProjectionHead | None = None, device: torch.device | str | None = "cpu",
                  support_cache_bytes: int = DEFAULT_SUPPORT_CACHE_BYTES, source: str = ""):

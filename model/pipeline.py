@@ -72,6 +72,9 @@ def _content_key(parts: Sequence[np.ndarray], extra: str) -> str:
 class DiffewS:
     """A DiffewS few-shot segmenter: encode a support set once, then segment any number of queries."""
 
+    suggested_min_score = 0.0
+    """Every mask is kept: no threshold has been measured with the official weights (see Matcher's)."""
+
     def __init__(
         self,
         vae: AutoencoderKL,

@@ -142,7 +142,6 @@ class SupportCache:
         self._items: OrderedDict[str, SupportMemory] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
-        self.misses = 0
 
     @property
     def nbytes(self) -> int:
@@ -159,7 +158,6 @@ class SupportCache:
             memory = self._items.get(key)
             if memory is None or memory.is_released:
                 self._items.pop(key, None)
-                self.misses += 1
                 return None
             self._items.move_to_end(key)
             self.hits += 1

@@ -6,6 +6,8 @@ a Personal Access Token made the way the UI makes one (log in, POST /api/token/)
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import socket
 import subprocess
@@ -90,14 +92,19 @@ class LabelStudioClient:
         self.url = url
         self.pat = pat
         self._access = ""
+        self._expires = 0.0
         self._lock = threading.Lock()
 
     def _bearer(self, fresh: bool = False) -> str:
+        # Renewed 60 s before it expires: a request with an expired token is answered 401 and logged by Label
+        # Studio as an error, which the end-to-end tests count as a complaint.
         with self._lock:
-            if fresh or not self._access:
+            if fresh or not self._access or time.time() > self._expires - 60:
                 r = requests.post(f"{self.url}/api/token/refresh/", json={"refresh": self.pat}, timeout=30)
                 r.raise_for_status()
                 self._access = r.json()["access"]
+                payload = self._access.split(".")[1]
+                self._expires = float(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["exp"])
             return self._access
 
     def request(self, method: str, path: str, *, ok: bool = True, **kwargs) -> requests.Response:

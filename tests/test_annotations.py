@@ -30,7 +30,7 @@ def brush(label: str, mask: np.ndarray, from_name: str = "tag") -> dict:
 def test_parse_config():
     """Every output control (brush, polygon, rectangle), their labels, the image key and the mask controls."""
     config = parse_label_config(CONFIG)
-    assert config.brush.name == "tag" and config.labels == ("car", "road", "sky")
+    assert [c.name for c in config.outputs if c.kind == "brush"] == ["tag"] and config.labels == ("car", "road", "sky")
     assert [c.name for c in config.outputs] == ["tag", "poly", "box"] and config.prompts == ()
     assert [c.name for c in config.outputs_for("car")] == ["tag", "poly"]
     assert config.image_name == "img" and config.image_key == "image"

@@ -74,11 +74,24 @@ def _prelabel_and_wait(backend, pid: int) -> dict:
     return backend.get(f"/status/{pid}")
 
 
+def _review_views(label_studio, pid: int) -> list[dict]:
+    from backend.core.review_view import VIEW_TITLE
+
+    return [v for v in label_studio.json("GET", f"/api/dm/views?project={pid}") if v["data"].get("title") == VIEW_TITLE]
+
+
 def test_click_retrieve_prelabel_and_label_edit_leave_one_each(label_studio, live_backend):
-    """Open two tasks, Retrieve on a selection (bulk), pre-label, edit a label, pre-label again: one each."""
+    """Open two tasks, Retrieve on a selection (bulk), pre-label, edit a label, pre-label again: one each.
+
+    And the review tab: connecting names the ML backend after the version and makes the tab "weakest predictions
+    first"; tasks opened afterwards are still predicted; after pre-labeling the tab holds the unlabeled tasks, lowest
+    score first; asking again updates the same tab."""
     backend = live_backend(sync_max_tasks=2)
     pid, tasks, scenes = _project(label_studio, backend, n_tasks=7)
     unlabeled = [t["id"] for t in tasks[2:]]
+    [view] = wait_for(lambda: _review_views(label_studio, pid), 60, "the review view")
+    [ml] = label_studio.json("GET", f"/api/ml?project={pid}")
+    assert ml["title"] == VERSION and label_studio.json("GET", f"/api/projects/{pid}")["model_version"] == VERSION
     for tid in unlabeled[:2]:
         _open(label_studio, tid)
         [prediction] = _ours(label_studio, tid)  # returned by /predict and stored by Label Studio itself
@@ -89,6 +102,11 @@ def test_click_retrieve_prelabel_and_label_edit_leave_one_each(label_studio, liv
     assert status["progress"]["total"] == 1  # only the one task nobody predicted yet
     first = {t: _ours(label_studio, t) for t in unlabeled}
     assert all(len(p) == 1 for p in first.values()), {t: len(p) for t, p in first.items()}
+    scores = {t: p[0]["score"] for t, p in first.items()}
+    assert len(set(scores.values())) > 2, scores  # an order to check, not ties
+    listed = [t["id"] for t in label_studio.json("GET", f"/api/tasks?view={view['id']}&project={pid}")["tasks"]]
+    assert sorted(listed) == sorted(unlabeled) and [scores[t] for t in listed] == sorted(scores.values()), (listed, scores)
+    assert requests.post(f"{backend.url}/projects/{pid}/review-view", timeout=30).status_code == 202
 
     # Edit a label: the support set changes, pre-labeling again replaces every stale prediction.
     [annotation] = label_studio.json("GET", f"/api/tasks/{tasks[0]['id']}/annotations")
@@ -214,3 +232,27 @@ def test_the_test_button_is_not_counted_as_a_delivery(label_studio, live_backend
     assert (delivered(), stored()) == (1, 1)
     time.sleep(7)  # past CONFIRM_RETURNED_S: the check found it stored and kept it
     assert (delivered(), stored()) == (1, 1)
+
+
+def test_cancelled_prelabel_posts_nothing_twice_and_the_next_run_completes_it(label_studio, live_backend, tiny_model):
+    """DELETE /projects/<id>/prelabel while a batch is being predicted: queued batches are dropped, the running one
+    posts, /status says cancelled with counts; pre-labeling again posts the rest, each task ending with one."""
+    backend = live_backend(model=SlowModel(tiny_model, 2.0), bulk_batch_size=1)
+    pid, tasks, _ = _project(label_studio, backend, n_tasks=7)
+    unlabeled = [t["id"] for t in tasks[2:]]
+    assert requests.post(f"{backend.url}/projects/{pid}/prelabel", timeout=30).status_code == 202
+    ledger = DeliveryLedger(backend.redis, pid, VERSION)
+    wait_for(lambda: backend.get(f"/status/{pid}")["progress"].get("total") == len(unlabeled)
+             and any(e.state == "delivering" for e in ledger.entries().values()), 60, "the first batch to start")
+    answer = requests.delete(f"{backend.url}/projects/{pid}/prelabel", timeout=30).json()
+    assert answer["dropped_batches"] == answer["dropped_tasks"] >= 2 and len(answer["running_batches"]) <= 1
+    progress = wait_for(lambda: (p := backend.get(f"/status/{pid}")["progress"])["state"] == "cancelled" and p, 60,
+                        "the batch in flight to finish")
+    assert progress["cancelled"] == answer["dropped_tasks"]
+    assert progress["done"] + progress["cancelled"] == len(unlabeled) and progress["failed"] == 0
+    counts = [len(_ours(label_studio, t)) for t in unlabeled]
+    assert sorted(counts) == [0] * progress["cancelled"] + [1] * progress["done"]
+    status = _prelabel_and_wait(backend, pid)
+    assert status["progress"]["total"] == answer["dropped_tasks"] and status["progress"]["state"] == "finished"
+    assert [len(_ours(label_studio, t)) for t in unlabeled] == [1] * len(unlabeled)
+

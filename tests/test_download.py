@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from backend.core.settings import Settings
-from backend.core.versions import RELEASE_ID as BACKEND_RELEASE_ID
 from backend.core.versions import base_version, describe_model
 from model import DiffewS
 from model import download as download_module
-from model.checkpoint import MODELSCOPE_BASE
+from model.release import MODELSCOPE_BASE
 from model.download import (RELEASE_ID, CheckpointNotFoundError, IncompleteDownloadError, download_release,
                             missing_files, release_folder, release_patterns)
 
@@ -52,7 +51,7 @@ def test_download_fetches_base_and_unet_then_loads(tmp_path):
     root = download_release(tmp_path, ["incontext"], downloader=fake)
     assert root == release_folder(tmp_path) and missing_files(root, ["incontext"]) == []
     [call] = fake.calls
-    assert call["model_id"] == RELEASE_ID == BACKEND_RELEASE_ID
+    assert call["model_id"] == RELEASE_ID
     assert call["allow_patterns"] == release_patterns(["incontext"]) == [f"{MODELSCOPE_BASE}/*", "weight/incontext/unet/*"]
     model = DiffewS.from_pretrained(root, device="cpu")
     assert model.config.trained is True and "incontext" in model.source

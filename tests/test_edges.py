@@ -131,7 +131,7 @@ def test_failures_of_a_worker_with_other_settings_reach_status(client, worker, r
         time.sleep(0.1)
     failures = web.get("/status/1").json["job_failures"]
     assert failures and all("no credential for Label Studio at http://ls-elsewhere:8080" in f["error"] for f in failures)
-    assert {f["kind"] for f in failures} <= {"list-tasks", "backfill"}
+    assert {f["kind"] for f in failures} <= {"list-tasks", "backfill", "review-view"}
 
 
 def test_a_webhook_too_large_to_ingest_inline_is_answered_at_once(client, worker, redis, settings):

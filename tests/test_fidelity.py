@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import CLIPTextModel
 
 from backend.core.settings import Settings
-from backend.core.versions import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET, PLAIN_SD_WARNING, describe_model
+from backend.core.versions import PLAIN_SD_WARNING, describe_model
 from model import DiffewS
 from model import checkpoint as model_checkpoint
 from model.images import resize_mask, to_mask
@@ -97,11 +97,6 @@ def test_plain_sd_folder_is_untrained(tmp_path):
     assert described["trained"] is False and described["warning"] == PLAIN_SD_WARNING
     assert describe_model(Settings(model_spec=str(official)))["trained"] is True
 
-
-def test_backend_knows_the_modelscope_layout_as_the_model_does():
-    """The web process's copy of the ModelScope paths (it imports no torch) equals the model's."""
-    assert (MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET) == (model_checkpoint.MODELSCOPE_BASE,
-                                                          model_checkpoint.MODELSCOPE_DEFAULT_UNET)
 
 
 def test_versions_of_the_tiny_model_fine_tune_at_its_rate(tmp_path):

@@ -34,6 +34,11 @@ call("GET", "/projects/1/versions", "/projects/<int:pid>/versions")
 call("POST", "/projects/1/pin", "/projects/<int:pid>/pin", {"version": None})
 call("GET", "/status/1", "/status/<int:pid>")
 call("POST", "/prelabel/1", "/prelabel/<int:pid>")
+call("POST", "/projects/1/prelabel?preview=0", "/projects/<int:pid>/prelabel")
+call("DELETE", "/projects/1/prelabel", "/projects/<int:pid>/prelabel")
+call("GET", "/projects/1/label-checks", "/projects/<int:pid>/label-checks")
+call("POST", "/projects/1/review-view", "/projects/<int:pid>/review-view")
+call("POST", "/projects/1/label-checks/11/confirm", "/projects/<int:pid>/label-checks/<int:annotation_id>/confirm")
 job = json.loads(client.post("/webhook", json={"action": "START_TRAINING", "project": {"id": 1}}).data)["job"]
 call("GET", f"/jobs/{job}", "/jobs/<job_id>")
 call("POST", f"/jobs/{job}/retry", "/jobs/<job_id>/retry")
@@ -59,6 +64,9 @@ def test_web_serves_every_route_without_torch_or_worker_modules(tmp_path):
     assert codes["POST /webhook"] == 200  # the last webhook call: annotations deleted
     assert codes["POST /predict"] == 503  # no worker in this process: answered, not imported
     assert codes["POST /prelabel/1"] == 400  # no Label Studio API configured
+    assert codes["POST /projects/1/prelabel?preview=0"] == 400 and codes["POST /projects/1/review-view"] == 400
+    assert codes["DELETE /projects/1/prelabel"] == 200 and codes["GET /projects/1/label-checks"] == 202
+    assert codes["POST /projects/1/label-checks/11/confirm"] == 404  # its annotation was deleted above
 
 
 def test_core_imports_neither_flask_nor_torch():

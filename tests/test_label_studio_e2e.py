@@ -35,11 +35,11 @@ def backend(label_studio, tmp_path_factory):
     stop(proc)
 
 
-def prelabel_cli(backend_dir, project: int) -> subprocess.CompletedProcess:
+def prelabel_cli(backend_dir, project: int, *options: str) -> subprocess.CompletedProcess:
     """`python3 -m backend prelabel --project N` as the README gives it: no REDIS_URL, the backend's MODEL_DIR."""
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     env.update(MODEL_DIR=str(backend_dir), PYTHONUNBUFFERED="1")
-    out = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project)], cwd=REPO, env=env,
+    out = subprocess.run([sys.executable, "-m", "backend", "prelabel", "--project", str(project), *options], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
@@ -125,6 +125,10 @@ def test_label_studio_end_to_end(label_studio, backend):
     label_studio.request("PATCH", f"/api/annotations/{annotation['id']}",
                          json={"result": brush_result(scenes[1][1][:, ::-1].copy())})
     wait_for(lambda: status()["revision"] > revision, 30, "the edited label to reach the backend")
+    out = prelabel_cli(backend_dir, pid, "--preview", "2")  # predicts two tasks, posts nothing
+    assert f"({len(unlabeled)} of {len(unlabeled)} unlabeled tasks need a prediction)" in out.stdout, out.stdout
+    assert "nothing was posted" in out.stdout and out.stdout.count("  task ") == 2, out.stdout
+    assert {t: [p["id"] for p in ours(t)] for t in unlabeled} == {t: [before[t]] for t in unlabeled}
     out = prelabel_cli(backend_dir, pid)
     assert f"{len(unlabeled)} tasks queued" in out.stdout, out.stdout
     after = {t: ours(t) for t in unlabeled}

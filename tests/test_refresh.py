@@ -156,7 +156,8 @@ def test_a_refresh_waits_for_the_previous_one(redis, refreshing):
     set_context(WorkerContext(on, redis, SupportStore(redis, on.model_dir)))
     try:
         request_refresh(redis, on, context, 1, "ANNOTATION_CREATED")
-        Progress(redis, 1).start(context.model_version, context.revision, total=4, skipped=0)
+        Progress(redis, 1).start(context.model_version, context.revision)
+        Progress(redis, 1).add(4)
         assert refresh_project(1, "ANNOTATION_CREATED") == {
             "waiting": "the previous refresh's batches are still being predicted", "waited": 1}
         assert pending_refresh(redis, 1)["changes"] == 1  # kept for the run that waits

@@ -18,6 +18,7 @@ from .ls_server import REPO
     ("REFRESH_DELAY_S", "1e12", "<= 86400"), ("SYNC_MAX_TASKS", "0", ">= 1"), ("PREDICT_WAIT_S", "0", "> 0"),
     ("CV_FOLDS", "1", ">= 2"), ("JOB_TIMEOUT_S", "0", ">= 1"), ("REFRESH_DELAY_S", "-5", ">= 0"),
     ("MATCHER_RESOLUTION", "100", "multiple of 32"), ("PORT", "70000", "<= 65535"),
+    ("MASK_MIN_SCORE", "1.5", "<= 1"),
 ])
 def test_out_of_range_values_are_refused_naming_the_range(variable, value, says):
     """A value outside its field's bounds is refused naming the variable, the value and the allowed range."""
@@ -25,6 +26,16 @@ def test_out_of_range_values_are_refused_naming_the_range(variable, value, says)
         Settings.from_env({variable: value})
     message = str(caught.value)
     assert message.startswith(f"{variable}={value!r} is not a valid value") and "(allowed: " in message and says in message
+
+
+def test_per_label_score_thresholds_are_read_as_json():
+    """MASK_MIN_SCORES overrides MASK_MIN_SCORE for its labels; unset, the model's default applies."""
+    settings = Settings.from_env({"MASK_MIN_SCORES": '{"pole": 0.3, "road": 0}', "MASK_MIN_SCORE": "0.1"})
+    assert (settings.min_score("pole", 0.5), settings.min_score("road", 0.5), settings.min_score("car", 0.5)) == (0.3, 0.0, 0.1)
+    assert Settings.from_env({}).min_score("car", 0.25) == 0.25
+    for bad in ('{"pole": 2}', '["pole"]', "pole=0.3", '{"pole": true}'):
+        with pytest.raises(ValueError, match=r'^MASK_MIN_SCORES must be a JSON object of label: score from 0 to 1'):
+            Settings.from_env({"MASK_MIN_SCORES": bad})
 
 
 def test_every_numeric_setting_has_bounds():

@@ -114,3 +114,22 @@ def test_an_index_built_before_the_image_sets_is_built_again(store, redis):
     assert store.label_counts(1) == {"car": 1}
     store.ensure_index(1)
     assert redis.smembers(store.index.image_key(1, example(1, ["car"], 1.0).image_id)) == {b"000000000000001"}
+
+
+def test_held_examples_leave_the_index_and_come_back_when_confirmed(store, redis):
+    """A held example stays stored but is selected by no policy, also after the index is rebuilt; confirming puts it
+    back (a new label revision) and it is never held again unless edited; removing it forgets both marks."""
+    for aid in range(1, 4):
+        store.upsert(1, example(aid, ["car"], float(aid)))
+    revisions = store.label_revisions(1)["car"]
+    assert store.hold(1, [2, 2, 77]) == [2] and store.hold(1, [2]) == []  # unknown and already held: nothing
+    assert store.label_revisions(1)["car"] > revisions and store.label_counts(1) == {"car": 2}
+    assert [e.annotation_id for e in store.select(1, "car", 5, "oldest")] == [1, 3]
+    redis.delete(store.index.built_key(1))  # a rebuild (data older than the index) keeps it out too
+    assert store.label_counts(1) == {"car": 2} and store.held(1) == {2}
+    assert store.confirm(1, 2) and store.held(1) == set() and store.label_counts(1) == {"car": 3}
+    assert store.hold(1, [2]) == [] and not store.confirm(1, 77)
+    store.upsert(1, example(2, ["car", "bus"], 5.0))  # edited: a later check may hold it again
+    assert store.confirmed(1) == set() and store.hold(1, [2]) == [2]
+    store.remove(1, [2])
+    assert store.held(1) == set() and store.label_counts(1) == {"car": 2}

@@ -71,3 +71,25 @@ def test_warm_click_reads_no_support(segmenter, monkeypatch):
     segmenter.predict(1, [task], config)
     assert len(selected) == 1
     assert segmenter.model.support_cache.get(old_key) is None, "the replaced support set was dropped"
+
+
+def test_masks_below_their_labels_threshold_are_left_out(segmenter):
+    """MASK_MIN_SCORE drops masks scoring below it (counted as predicted, not kept); MASK_MIN_SCORES overrides it per
+    label; the model's own default applies when neither is set."""
+    config = parse_label_config(CONFIG_XML)
+    task = {"id": 9, "data": {"image": png_data_uri(square_scene(9)[0])}}
+    every = segmenter.predict(1, [task], config)
+    [region] = every.predictions[9]["result"]
+    assert (every.masks, every.kept) == (1, 1) and 0 < region["score"] < 1
+    segmenter.settings = segmenter.settings.replace(mask_min_score=1.0)
+    strict = segmenter.predict(1, [task], config)
+    assert (strict.masks, strict.kept) == (1, 0)
+    assert strict.predictions[9]["result"] == [] and strict.predictions[9]["score"] == 0.0
+    segmenter.settings = segmenter.settings.replace(mask_min_scores={"square": round(region["score"], 4) - 0.001})
+    assert segmenter.predict(1, [task], config).kept == 1  # the label's own threshold wins over MASK_MIN_SCORE
+    segmenter.settings = segmenter.settings.replace(mask_min_score=None, mask_min_scores={})
+    segmenter.model.suggested_min_score = 1.0  # an instance attribute: the session's model class is untouched
+    try:
+        assert segmenter.predict(1, [task], config).kept == 0
+    finally:
+        del segmenter.model.suggested_min_score

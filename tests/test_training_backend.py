@@ -250,7 +250,9 @@ def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
 
     from .conftest import LiveBackend
 
-    backend = LiveBackend(settings.replace(train_steps=60, predict_wait_s=20), redis, tiny_model)
+    # Short cross-validation: the test needs the training running when the click comes, not its outcome.
+    backend = LiveBackend(settings.replace(train_steps=60, predict_wait_s=20, cv_folds=2, score_episodes=4), redis,
+                          tiny_model)
     try:
         import requests
 

@@ -58,6 +58,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("large-webhook", f"{_JOBS}.ingest_large_webhook", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("cache-examples", f"{_JOBS}.ingest_examples", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("secure-webhook", f"{_JOBS}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
+    JobKind("review-view", "backend.worker.review_view.sync_review_view", QUEUE_INGEST, lambda settings: 60, retries=3),
     JobKind("list-tasks", f"{_JOBS}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("list-tasks-cli", f"{_JOBS}.prelabel_request", QUEUE_INGEST, _job_timeout, retries=2),
     JobKind("confirm-returned", f"{_JOBS}.confirm_returned", QUEUE_INGEST, lambda settings: 120, retries=2),
@@ -65,8 +66,13 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("refresh", f"{_JOBS}.refresh_project", QUEUE_INGEST, _job_timeout, retries=2),
     # Bulk: batches post through the API; retried through a Label Studio outage of up to ~17 minutes.
     JobKind("prelabel-batch", f"{_JOBS}.prelabel_batch", QUEUE_BULK, _job_timeout, retries=len(RETRY_INTERVALS_S)),
+    # A preview predicts a few tasks and posts nothing; ahead of queued batches (someone waits for it).
+    JobKind("prelabel-preview", "backend.worker.preview.preview_prelabel", QUEUE_BULK, _job_timeout, at_front=True),
     # Training holds a per-project lock (backend.core.train_queue); a failed run is retried by a person.
     JobKind("train", "backend.worker.training.train_project", QUEUE_TRAIN, lambda settings: settings.train_timeout_s),
+    # Label checks predict every labeled image from the others: long work, beside training (one per project).
+    JobKind("label-checks", "backend.worker.label_checks.check_project_labels", QUEUE_TRAIN,
+            lambda settings: settings.train_timeout_s),
 )}
 
 

@@ -45,11 +45,6 @@ class LabelConfig:
     """The smart keypoint and rectangle tools on that image (interactive prompts)."""
 
     @property
-    def brush(self) -> Control | None:
-        """The first BrushLabels output, if any."""
-        return next((c for c in self.outputs if c.kind == "brush"), None)
-
-    @property
     def labels(self) -> tuple[str, ...]:
         """The labels predictions can carry (those of the output controls), in config order."""
         return tuple(dict.fromkeys(label for c in self.outputs for label in c.labels))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -9,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from .prompts import MAX_PROMPTS
 from .supports import POLICIES
 
 
@@ -68,7 +70,13 @@ class Settings(BaseSettings):
     support_policy: str = Field("ground_truth_first", alias="SUPPORT_POLICY")
     """SUPPORT_POLICY: which K examples: ground_truth_first (then newest), newest, oldest, or similar (for each
     query, the K examples of the label whose pictures are most like it)."""
-    max_prompts: int = Field(32, alias="MAX_PROMPTS", ge=1, le=1000)
+    mask_min_score: float | None = Field(None, alias="MASK_MIN_SCORE", ge=0.0, le=1.0)
+    """MASK_MIN_SCORE: a predicted mask scoring below this is left out of the prediction, so the annotator draws it
+    instead of erasing a wrong one (0 keeps every mask); unset = the model's own measured default (the matcher's
+    from CamVid, docs/evaluation.md; DiffewS keeps every mask)."""
+    mask_min_scores: Annotated[dict[str, float], NoDecode] = Field(default_factory=dict, alias="MASK_MIN_SCORES")
+    """MASK_MIN_SCORES: per-label overrides of MASK_MIN_SCORE as JSON, e.g. {"pole": 0.3, "road": 0}."""
+    max_prompts: int = Field(MAX_PROMPTS, alias="MAX_PROMPTS", ge=1, le=1000)
     """MAX_PROMPTS: most boxes and keypoints one smart-tool request may carry (each box is a model pass)."""
     prelabel_min_examples: int = Field(0, alias="PRELABEL_MIN_EXAMPLES", ge=0, le=100_000)
     """PRELABEL_MIN_EXAMPLES: once every label has this many examples, pre-label the rest (0 = off)."""
@@ -84,6 +92,13 @@ class Settings(BaseSettings):
     """RECONCILE_INTERVAL_S: how often each project's stored examples are compared with the annotations Label Studio
     holds, so a missed webhook loses no label (0 = only after refused webhooks; at most once a minute per project;
     needs Label Studio API access)."""
+    hold_suspicious_labels: bool = Field(False, alias="HOLD_SUSPICIOUS_LABELS")
+    """HOLD_SUSPICIOUS_LABELS: annotations a label check finds suspicious are kept out of support sets and training
+    until a person confirms them (POST /projects/<id>/label-checks/<annotation>/confirm) or edits them."""
+    review_view: bool = Field(True, alias="REVIEW_VIEW")
+    """REVIEW_VIEW: keep a Data Manager tab "DiffewS: weakest predictions first" in each project (unlabeled tasks,
+    lowest prediction score first). Label Studio scores tasks by the predictions of the ML backend's title, so the
+    backend names its ML backend in Label Studio after the version that predicts (needs Label Studio API access)."""
     keep_old_predictions: bool = Field(False, alias="KEEP_OLD_PREDICTIONS")
     """KEEP_OLD_PREDICTIONS: keep earlier versions' predictions on an unlabeled task when pre-labeling posts the
     current version's (default: deleted, so the task shows one prediction). Labeled tasks are never touched."""
@@ -162,6 +177,28 @@ class Settings(BaseSettings):
     def auth_enabled(self) -> bool:
         """True when both BASIC_AUTH_USER and BASIC_AUTH_PASS are set."""
         return bool(self.basic_auth_user and self.basic_auth_pass)
+
+    @field_validator("mask_min_scores", mode="before")
+    @classmethod
+    def _parse_min_scores(cls, value: Any) -> Any:
+        shown = str(value)[:200]
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                value = None
+        if not isinstance(value, dict) or not all(
+                isinstance(score, (int, float)) and not isinstance(score, bool) and 0 <= score <= 1
+                for score in value.values()):
+            raise ValueError(f'MASK_MIN_SCORES must be a JSON object of label: score from 0 to 1, such as '
+                             f'{{"pole": 0.3}}, got {shown!r}')
+        return value
+
+    def min_score(self, label: str, model_default: float) -> float:
+        """The score a mask of `label` needs to be kept in a prediction."""
+        if label in self.mask_min_scores:
+            return self.mask_min_scores[label]
+        return model_default if self.mask_min_score is None else self.mask_min_score
 
     @field_validator("media_hosts", mode="before")
     @classmethod

@@ -42,8 +42,8 @@ def render() -> str:
     for field in Settings.model_fields.values():
         variable = field.alias or ""
         doc = (field.description or "").removeprefix(f"{variable}:").strip()
-        default = field.default
-        shown = "(empty)" if default in ("", None) else f"`{default.as_posix() if isinstance(default, Path) else default}`"
+        default = field.get_default(call_default_factory=True)
+        shown = "(empty)" if default in ("", None, {}) else f"`{default.as_posix() if isinstance(default, Path) else default}`"
         rows.append(f"| `{variable}` | {shown} | {_cell(_bounds(field.metadata))} | {_cell(doc)} |")
     return HEADER + "\n".join(rows) + "\n"
 

@@ -151,6 +151,14 @@ class SupportStore:
     def _errors_key(pid: int) -> str:
         return f"{PREFIX}:ingest-errors:{pid}"
 
+    @staticmethod
+    def _held_key(pid: int) -> str:
+        return f"{PREFIX}:held:{pid}"
+
+    @staticmethod
+    def _confirmed_key(pid: int) -> str:
+        return f"{PREFIX}:confirmed:{pid}"
+
     def project_dir(self, pid: int) -> Path:
         """Folder of a project's cached images and masks."""
         return self.model_dir / "projects" / str(pid)
@@ -248,6 +256,8 @@ class SupportStore:
         self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at,
                        example.image_id)
         forget(pipe, pid, [example.annotation_id])  # edited: tried afresh
+        pipe.srem(self._held_key(pid), example.annotation_id)  # and no longer held or confirmed: a person changed it
+        pipe.srem(self._confirmed_key(pid), example.annotation_id)
         pipe.execute()
         if current is not None:
             for label in current.labels:  # masks of the replaced regions are never read again
@@ -282,6 +292,8 @@ class SupportStore:
         else:
             pipe.hset(self._errors_key(pid), mapping={k: reason for k in keys})
         forget(pipe, pid, annotation_ids)
+        pipe.srem(self._held_key(pid), *keys)
+        pipe.srem(self._confirmed_key(pid), *keys)
         pipe.hdel(self._examples_key(pid), *keys)
         removed = pipe.execute()[-1]
         if removed:
@@ -305,6 +317,48 @@ class SupportStore:
         """Every example of a project, oldest first."""
         raw = self.redis.hvals(self._examples_key(pid))
         return sorted((Example(**json.loads(r)) for r in raw), key=lambda e: (e.updated_at, e.annotation_id))
+
+    # ---- examples held back by a label check ------------------------------------------------
+
+    def held(self, pid: int) -> set[int]:
+        """Annotation ids kept out of support sets and training until a person confirms or edits them."""
+        return {int(a) for a in self.redis.smembers(self._held_key(pid))}
+
+    def confirmed(self, pid: int) -> set[int]:
+        """Annotation ids a person confirmed after a label check (never held again unless edited)."""
+        return {int(a) for a in self.redis.smembers(self._confirmed_key(pid))}
+
+    def hold(self, pid: int, annotation_ids: list[int]) -> list[int]:
+        """Keep these examples out of support sets (the index) and training, unless confirmed or already held; they
+        stay stored. Returns the ids newly held."""
+        self.ensure_index(pid)
+        skip = self.held(pid) | self.confirmed(pid)
+        newly = [e for e in (self.get(pid, a) for a in dict.fromkeys(annotation_ids)) if e is not None and e.annotation_id not in skip]
+        if newly:
+            pipe = self.redis.pipeline(transaction=True)
+            for e in newly:
+                self.index.drop(pipe, pid, e.annotation_id, e.labels, e.image_id)
+                pipe.sadd(self._held_key(pid), e.annotation_id)
+            pipe.hincrby(self._project_key(pid), "revision", 1)
+            pipe.execute()
+        return [e.annotation_id for e in newly]
+
+    def confirm(self, pid: int, annotation_id: int) -> bool:
+        """A person says the annotation is right: it is released (back in support sets and training) and never held
+        again unless edited; False when the project has no such example."""
+        example = self.get(pid, annotation_id)
+        if example is None:
+            return False
+        was_held = bool(self.redis.sismember(self._held_key(pid), annotation_id))
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(self._confirmed_key(pid), annotation_id)
+        pipe.srem(self._held_key(pid), annotation_id)
+        if was_held:
+            self.index.add(pipe, pid, example.annotation_id, example.labels, example.ground_truth, example.updated_at,
+                           example.image_id)
+            pipe.hincrby(self._project_key(pid), "revision", 1)
+        pipe.execute()
+        return True
 
     def label_counts(self, pid: int) -> dict[str, int]:
         """Number of examples per label (from the index: no example is read)."""
@@ -346,8 +400,11 @@ class SupportStore:
                     labels = list(self.index.revisions(pid))
                     pipe.multi()
                     self.index.clear(pipe, pid, labels, [e.image_id for e in examples])
+                    held = self.held(pid)
                     for e in examples:
-                        self.index.add(pipe, pid, e.annotation_id, e.labels, e.ground_truth, e.updated_at, e.image_id)
+                        if e.annotation_id not in held:
+                            self.index.add(pipe, pid, e.annotation_id, e.labels, e.ground_truth, e.updated_at,
+                                           e.image_id)
                     pipe.set(self.index.built_key(pid), 1)
                     pipe.execute()
                     return

@@ -7,13 +7,10 @@ import re
 import shutil
 from pathlib import Path
 
+from model import MODELSCOPE_BASE, MODELSCOPE_DEFAULT_UNET, RELEASE_ID
+
 from .settings import Settings
 
-# Where a ModelScope download of zzzmmz/Diffews keeps its base pipeline and default UNet (as model/checkpoint.py;
-# repeated here because the web process imports no torch).
-MODELSCOPE_BASE = "weight/stable-diffusion-2-1-ref8inchannels-tag4inchannels"
-MODELSCOPE_DEFAULT_UNET = "weight/incontext/unet"
-RELEASE_ID = "zzzmmz/Diffews"
 
 TINY_WARNING = (
     "DIFFEWS_MODEL is not set (or is 'tiny'): running the tiny DiffewS model, untrained on real pictures (pre-trained on "

@@ -10,16 +10,18 @@ from redis import Redis
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job, JobStatus
 
-from ..core.bulk import Progress
+from ..core.bulk import MAX_PREVIEW, Progress, cancel_bulk
 from ..core.catalog import submit
 from ..core.context import resolve_project
 from ..core.errors import BadRequest, Conflict, NotFound
 from ..core.example_health import ExampleHealth
 from ..core.failures import job_failures
+from ..core.label_checks import request_check, stored_report
 from ..core.ledger import DeliveryLedger
 from ..core.queues import live_workers, queue_lengths, running_jobs
 from ..core.refresh import pending_refresh, pin
 from ..core.registry import MAX_LISTED, VersionRegistry
+from ..core.review_view import queue_review_view
 from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
 from ..core.versions import base_version, current_version
@@ -90,6 +92,7 @@ def status(pid: int):
         progress=progress.read(),
         failures=progress.failures(),
         job_failures=job_failures(redis, pid),
+        held_examples=sorted(store.held(pid)),
         training=json.loads(project["last_training"]) if project.get("last_training") else None,
         training_request=json.loads(project["training_request"]) if project.get("training_request") else None,
         refresh=pending_refresh(redis, pid),
@@ -101,6 +104,7 @@ def status(pid: int):
 
 
 @admin.post("/prelabel/<int:pid>")
+@admin.post("/projects/<int:pid>/prelabel")
 def prelabel(pid: int):
     backend = web_state().backend
     backend.store.require_project(pid)
@@ -108,8 +112,66 @@ def prelabel(pid: int):
     if not context.has_api:
         raise BadRequest("pre-labeling posts predictions through the Label Studio API: set LABEL_STUDIO_URL and "
                          "LABEL_STUDIO_API_KEY (a Personal Access Token) for the web process and the workers")
+    if "preview" in request.args:
+        raw = request.args["preview"]
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_PREVIEW:
+            raise BadRequest(f"?preview= must be a number of tasks from 1 to {MAX_PREVIEW}, got {raw[:40]!r}")
+        job = submit(backend.redis, backend.settings, "prelabel-preview", pid, int(raw), meta={"project": pid})
+        return jsonify(status="queued", job=job.id, preview=int(raw), model_version=context.model_version,
+                       result=f"/jobs/{job.id}"), 202
     job = submit(backend.redis, backend.settings, "list-tasks", context.to_job(), meta={"project": pid})
     return jsonify(status="queued", job=job.id, model_version=context.model_version), 202
+
+
+@admin.get("/projects/<int:pid>/label-checks")
+def label_checks(pid: int):
+    """The last check of the project's labels, most suspicious first (paged); a new check is queued when there is
+    none, when the examples changed since (?refresh=1 forces one), answering 202 until one exists."""
+    backend = web_state().backend
+    backend.store.require_project(pid)
+    offset, limit = page_args(MAX_LISTED)
+    report = stored_report(backend.redis, pid)
+    revision = backend.store.revision(pid)
+    context = resolve_project(backend.settings, backend.store, pid)
+    stale = report is None or report["revision"] != revision or report["model_version"] != context.model_version
+    answer: dict = {"project": pid, "revision": revision, "model_version": context.model_version, "stale": stale}
+    if stale or request.args.get("refresh") == "1":
+        answer["job"], answer["queued"] = request_check(backend.redis, backend.settings, context)
+    if report is None:
+        return jsonify(status="checking", **answer), 202
+    checks = report.pop("checks")
+    return jsonify(status="ready", **answer, report=report, total=len(checks), offset=offset, limit=limit,
+                   checks=checks[offset:offset + limit])
+
+
+@admin.post("/projects/<int:pid>/label-checks/<int:annotation_id>/confirm")
+def confirm_label(pid: int, annotation_id: int):
+    """A person confirms an annotation a label check doubted: it is used again and never held again unless edited."""
+    store = web_state().backend.store
+    store.require_project(pid)
+    if not store.confirm(pid, annotation_id):
+        raise NotFound(f"project {pid} has no example from annotation {annotation_id}")
+    return jsonify(confirmed=annotation_id, held=sorted(store.held(pid)))
+
+
+@admin.post("/projects/<int:pid>/review-view")
+def review_view(pid: int):
+    """Create or update the project's review view in Label Studio now."""
+    backend = web_state().backend
+    backend.store.require_project(pid)
+    context = resolve_project(backend.settings, backend.store, pid)
+    if not backend.settings.review_view or not context.has_api:
+        raise BadRequest("the review view is made through the Label Studio API: set LABEL_STUDIO_URL and "
+                         "LABEL_STUDIO_API_KEY (a Personal Access Token), and leave REVIEW_VIEW on")
+    job = queue_review_view(backend, context, request.host, force=True)
+    return jsonify(status="queued", job=job, model_version=context.model_version), 202
+
+
+@admin.delete("/projects/<int:pid>/prelabel")
+def cancel_prelabel(pid: int):
+    backend = web_state().backend
+    backend.store.require_project(pid)
+    return jsonify(**cancel_bulk(backend.redis, pid))
 
 
 @admin.get("/jobs/<job_id>")
@@ -119,6 +181,8 @@ def job_status(job_id: str):
     info = {"id": job.id, "status": str(status.value if hasattr(status, "value") else status),
             "meta": job.get_meta(), "func": job.func_name, "enqueued_at": _iso(job.enqueued_at),
             "started_at": _iso(job.started_at), "ended_at": _iso(job.ended_at)}
+    if status == JobStatus.FINISHED:
+        info["result"] = json.loads(json.dumps(job.return_value(), default=str))  # what the job returned, as JSON
     if status == JobStatus.FAILED:
         result = job.latest_result()
         info["error"] = ((result.exc_string if result else "") or "").strip().splitlines()[-1:] or ["failed"]

@@ -35,7 +35,6 @@ def create_app(settings: Settings | None = None, redis: Redis | None = None) -> 
     backend = Backend(settings, redis, SupportStore(redis, settings.model_dir))
     VersionRegistry(redis, backend.store).rebuild_at_start()  # version folders are the truth; Redis may have lost them
     app = Flask(__name__)
-    app.config["BACKEND"] = backend
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions[EXTENSION] = WebState(backend, ClickSlots(settings.predict_concurrency))
     app.register_blueprint(protocol)

@@ -24,6 +24,7 @@ from ..core.payloads import tasks_of, text_field
 from ..core.prompts import interactive_regions, parse_prompts, prompt_passes
 from ..core.queues import QUEUE_CLICK, live_workers, ping, require_redis, server_time
 from ..core.registry import MAX_LISTED, VersionRegistry
+from ..core.review_view import queue_review_view
 from ..core.services import Backend
 from ..core.store import parse_project_id
 from ..core.triggers import WEBHOOK_BODY_TTL_S, handle_event, queue_backfill, rejected_webhooks, webhook_auth_due
@@ -68,6 +69,7 @@ class MLBackend:
         if self.settings.auth_enabled and context.has_api and webhook_auth_due(self.backend, pid):
             # Label Studio creates its webhook without our basic auth: add the header through its API.
             submit(self.redis, self.settings, "secure-webhook", context.to_job(), request.host, meta={"project": pid})
+        queue_review_view(self.backend, context, request.host)
         return {"model_version": context.model_version}
 
     def predict(self, body: dict) -> Response | tuple[Response, int]:

@@ -16,7 +16,7 @@ from redis import Redis
 from rq import get_current_job
 
 from ..core.admission import click_ended, record_click_seconds
-from ..core.bulk import Progress, held_predictions, queue_bulk
+from ..core.bulk import Progress, cancelled_batch_key, held_predictions, queue_bulk
 from ..core.catalog import submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BackendError, BadRequest, DeadlinePassed, error_record
@@ -440,6 +440,9 @@ def prelabel_batch(context: dict, tasks: list[dict], drop_other_versions: bool =
     """Predict a batch of tasks and post each as its task's only prediction of the version (idempotent); with
     `drop_other_versions` (pre-labeling unlabeled tasks), as its only prediction."""
     ctx, project, job_id = get_context(), ProjectContext.from_job(context), _job_id()
+    if ctx.redis.exists(cancelled_batch_key(job_id)):  # dequeued just before a cancel dropped it (counted there)
+        report_progress(cancelled=True)
+        return {"posted": 0, "skipped": len(tasks), "failed": {}, "cancelled": True}
     progress = Progress(ctx.redis, project.project)
     ledger = DeliveryLedger(ctx.redis, project.project, project.model_version)
     claims = {c.task_id: c for c in ledger.claim([int(t["id"]) for t in tasks], job_id, project.revision,

@@ -43,6 +43,10 @@ class PredictionRun:
     predictions: dict[int, dict]
     failures: list[TaskFailure]
     revision: int
+    masks: int = 0
+    """Non-empty masks the model predicted."""
+    kept: int = 0
+    """Of those, the ones whose score reached their label's threshold (Settings.min_score)."""
 
 
 def label_regions(config: LabelConfig, label: str, mask: np.ndarray, score: float) -> list[dict]:
@@ -193,9 +197,14 @@ class FewShotSegmenter:
         queries = queries.select(keep)
         outputs = self.model.segment_many_encoded(queries, [memories[i] for i in keep],
                                                   batch_size=self.settings.model_batch_size)
+        model_default = getattr(self.model, "suggested_min_score", 0.0)
         for task, per_label in zip([ok_tasks[i] for i in keep], outputs):
+            found = {label: out for label, out in per_label.items() if out.mask.any()}
+            kept = {label: out for label, out in found.items()
+                    if out.score >= self.settings.min_score(label, model_default)}
+            run.masks, run.kept = run.masks + len(found), run.kept + len(kept)
             try:
-                regions = [region for label, out in per_label.items() if out.mask.any()
+                regions = [region for label, out in kept.items()
                            for region in label_regions(config, label, out.mask, out.score)]
             except MaskTooFragmented as exc:  # this task fails with why; the others of the batch are delivered
                 run.failures.append(TaskFailure(int(task["id"]), exc.message))

@@ -46,17 +46,19 @@ def cv_plan(samples: list, labels: list[str], fold: list[int], shots: int, budge
     return [(c, q, rng.sample(others[c], min(shots, len(others[c])))) for c, q in plan]
 
 
-def _samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example], resolution: int) -> list:
+def load_samples(ctx: WorkerContext, context: ProjectContext, examples: list[Example], resolution: int,
+                 purpose: str = "training") -> list[tuple[Example, object]]:
+    """(example, model.data.Sample at `resolution`) for every example whose image and masks load (others logged)."""
     files, pid = ctx.example_files(context), context.project
-    samples = []
+    pairs = []
     for e in examples:
         try:
             image = files.image_bytes(pid, e.task_id, e.image_url)
             masks = {label: files.example_mask(pid, e, label) for label in e.labels}
-            samples.append(make_sample(image, masks, resolution, name=f"annotation {e.annotation_id}"))
+            pairs.append((e, make_sample(image, masks, resolution, name=f"annotation {e.annotation_id}")))
         except (BackendError, InvalidInputError) as exc:
-            logger.warning("project %s: annotation %s left out of training: %s", pid, e.annotation_id, exc)
-    return samples
+            logger.warning("project %s: annotation %s left out of %s: %s", pid, e.annotation_id, purpose, exc)
+    return pairs
 
 
 def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list[str], config: TrainConfig,
@@ -109,8 +111,10 @@ def train_project(context: dict, reason: str = "") -> dict:
         # A copy to train, sharing the serving model's frozen tensors (LoRA) or a float32 copy of its UNet (full):
         # the model answering clicks meanwhile is never touched.
         model = trainable_copy(parent_model, settings.train_mode)
-        samples = _samples(ctx, project_ctx, sorted(store.examples(project_id), key=lambda e: e.annotation_id),
-                           model.config.resolution)
+        held = store.held(project_id)  # kept out by a label check until confirmed (HOLD_SUSPICIOUS_LABELS)
+        examples = sorted((e for e in store.examples(project_id) if e.annotation_id not in held),
+                          key=lambda e: e.annotation_id)
+        samples = [sample for _, sample in load_samples(ctx, project_ctx, examples, model.config.resolution)]
         if len(samples) < 2:
             raise BadRequest(f"project {project_id} has {len(samples)} usable labeled images; label at least 2")
         seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
