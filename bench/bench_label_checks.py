@@ -30,7 +30,7 @@ from model.data import Sample, load_label_map
 from model.label_checks import CHECK_SHOTS, check_labels, ranking_auroc, within_label_ranks
 from model.matcher import Matcher
 
-from .scenarios import SHARED, Row, print_table, write_csv
+from .scenarios import Row, matcher_on_camvid, print_table, write_csv
 
 KINDS = ("wrong label", "shifted", "half missing")
 
@@ -101,15 +101,12 @@ def rank_figures(scores: list[float], corrupted: list[bool], top_share: float) -
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--frames", type=int, default=120, help="train frames checked (drawn with --seed)")
     parser.add_argument("--share", type=float, default=0.1, help="share of annotations corrupted")
     parser.add_argument("--shots", type=int, default=CHECK_SHOTS)
     parser.add_argument("--choose", default="similar", choices=("similar", "random"), help="how supports are chosen")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=384)
-    parser.add_argument("--backbone", default="effnet-lite0")
-    parser.add_argument("--csv", default="bench/results/label_checks.csv")
+    matcher_on_camvid(parser, "bench/results/label_checks.csv")
     parser.add_argument("--dump", help="also write every check with its corruption to this JSON file")
     args = parser.parse_args(argv)
     model = Matcher.from_pretrained(args.backbone, resolution=args.resolution)

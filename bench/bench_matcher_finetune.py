@@ -20,7 +20,7 @@ from model.matcher import Matcher
 from model.train import TrainConfig, finetune
 from model.versions import trainable_copy
 
-from .scenarios import SHARED, Row, print_table, write_csv
+from .scenarios import Row, matcher_on_camvid, print_table, write_csv
 
 
 def _spread(values: list[float]) -> str:
@@ -30,16 +30,13 @@ def _spread(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--n", type=int, nargs="+", default=[5, 10, 25, 50])
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
-    parser.add_argument("--resolution", type=int, default=256)
-    parser.add_argument("--backbone", default="effnet-lite0")
-    parser.add_argument("--csv", default="bench/results/matcher_finetune.csv")
+    matcher_on_camvid(parser, "bench/results/matcher_finetune.csv", resolution=256)
     args = parser.parse_args(argv)
     base = Matcher.from_pretrained(args.backbone, resolution=args.resolution)
     classes, val = load_label_map(args.data, "val", args.resolution)

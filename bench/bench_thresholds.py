@@ -24,7 +24,7 @@ from model.evaluate import episodes
 from model.matcher import Matcher
 from model.scoring import copy_support
 
-from .scenarios import SHARED, Row, print_table, write_csv
+from .scenarios import Row, matcher_on_camvid, print_table, write_csv
 
 GRID = np.round(np.arange(0.0, 1.0001, 0.01), 2)
 
@@ -79,13 +79,10 @@ def figures(eps: list[Episode], thresholds: dict[str, float], every_px: int) -> 
 
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resolution", type=int, default=384)
-    parser.add_argument("--backbone", default="effnet-lite0")
-    parser.add_argument("--csv", default="bench/results/thresholds.csv")
+    matcher_on_camvid(parser, "bench/results/thresholds.csv")
     args = parser.parse_args(argv)
     model = Matcher.from_pretrained(args.backbone, resolution=args.resolution)
     classes, train = load_label_map(args.data, "train", args.resolution)

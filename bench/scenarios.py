@@ -74,6 +74,14 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> list[
     return times
 
 
+def matcher_on_camvid(parser, csv: str, resolution: int = 384) -> None:
+    """Add the options every matcher-on-CamVid bench shares: --data, --resolution, --backbone, --csv."""
+    parser.add_argument("--data", default=str(SHARED / "data" / "camvid"))
+    parser.add_argument("--resolution", type=int, default=resolution)
+    parser.add_argument("--backbone", default="effnet-lite0")
+    parser.add_argument("--csv", default=csv)
+
+
 def print_table(rows: Sequence[Row], columns: Sequence[str]) -> None:
     """Print rows as a Markdown table: scenario, its params, then the named figures (or the error)."""
     param_keys = list(dict.fromkeys(k for r in rows for k in r.params))

@@ -24,6 +24,8 @@ class FaultyProxy:
         self.mode, self.method, self.prefix = PASS, "", ""
         self.hits = 0
         self.upstream_statuses = []
+        self.generation = 0
+        """Bumped by each fault(): a request started under an earlier fault is not counted under the new one."""
         self.paths: list[str] = []
         """Every request's method and path, in order."""
         self.port = _free_port()
@@ -35,6 +37,7 @@ class FaultyProxy:
         """Answer requests of `method` (any if "") whose path starts with `prefix` according to `mode`."""
         self.mode, self.method, self.prefix, self.hits = mode, method, prefix, 0
         self.upstream_statuses: list[int] = []
+        self.generation += 1
 
     def refuse(self) -> None:
         """Stop listening: connections are refused until accept()."""
@@ -61,6 +64,7 @@ class FaultyProxy:
 
             def _relay(self):
                 proxy.paths.append(f"{self.command} {self.path}")
+                generation = proxy.generation
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 matched = (not proxy.method or self.command == proxy.method) and self.path.startswith(proxy.prefix)
@@ -72,7 +76,7 @@ class FaultyProxy:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")}
                 upstream = requests.request(self.command, proxy.upstream + self.path, headers=headers, data=body,
                                             allow_redirects=False, timeout=60)
-                if matched:
+                if matched and generation == proxy.generation:  # a slow request from before fault() is not this one's
                     proxy.upstream_statuses.append(upstream.status_code)
                 if mode == STORE_THEN_500 and upstream.ok:
                     return self._answer(500, b'{"detail": "injected fault after storing"}', "application/json")

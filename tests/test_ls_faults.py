@@ -79,7 +79,7 @@ def test_stored_but_answered_500_is_not_duplicated(label_studio, live_backend, p
     requests.post(f"{backend.url}/prelabel/{pid}", timeout=10)
     wait_for(lambda: backend.get(f"/status/{pid}")["progress"].get("failed") == len(tasks), 60,
              "the batch to give up after three tries of the first task")
-    assert proxy.upstream_statuses == [201, 201, 201]  # three posts, each stored by Label Studio, answered 500 ...
+    assert proxy.upstream_statuses == [201, 201, 201], "\n".join(proxy.paths)  # three posts, each stored, answered 500
     assert _counts(label_studio, tasks)[0] == 1  # ... yet each try deleted the copy of the one before
     proxy.accept()
     wait_for(lambda: backend.get(f"/status/{pid}")["progress"].get("failed") == 0
