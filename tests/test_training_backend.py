@@ -21,7 +21,8 @@ SETUP = {"project": "1.1", "schema": CONFIG_XML}
 def two_workers(settings, redis, tiny_model):
     """A training worker and a prediction worker in threads, sharing one worker context (like one GPU box)."""
 
-    settings = settings.replace(train_steps=40)
+    # Short runs (what is tested is the queueing, promotion and hot swap, not how much training helps).
+    settings = settings.replace(train_steps=24, cv_folds=2)
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = tiny_model
     set_context(context)
@@ -251,7 +252,7 @@ def test_training_does_not_hold_up_a_click(settings, redis, tiny_model):
     from .conftest import LiveBackend
 
     # Short cross-validation: the test needs the training running when the click comes, not its outcome.
-    backend = LiveBackend(settings.replace(train_steps=60, predict_wait_s=20, cv_folds=2, score_episodes=4), redis,
+    backend = LiveBackend(settings.replace(train_steps=30, predict_wait_s=20, cv_folds=2, score_episodes=4), redis,
                           tiny_model)
     try:
         import requests
