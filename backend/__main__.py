@@ -78,7 +78,7 @@ def _prelabel(args: argparse.Namespace, settings: Settings) -> int:
 
 def _wait(job: Job, what: str) -> dict | None:
     """The job's return value once it has ended, or None with its error printed."""
-    while job.get_status() not in (JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED):
+    while job.get_status() not in ENDED:
         time.sleep(0.5)
     if job.get_status() != JobStatus.FINISHED:
         result = job.latest_result()

@@ -12,7 +12,7 @@ from rq.job import Job, JobStatus
 from .catalog import submit
 from .context import ProjectContext
 from .keys import PREFIX
-from .ledger import DELIVERED, QUEUED, DeliveryLedger, bulk_may_take
+from .ledger import DELIVERED, QUEUED, DeliveryLedger, MayTake, bulk_may_take
 from .queues import job_alive
 from .settings import Settings
 
@@ -112,6 +112,18 @@ class Progress:
         return {int(k): v.decode() for k, v in self.redis.hgetall(self.failed_key).items()}
 
 
+def slim_task(task: dict, image_key: str) -> dict:
+    """A task as jobs receive it: its id and the image field of its data, nothing else."""
+    return {"id": int(task["id"]), "data": {image_key: (task.get("data") or {}).get(image_key)}}
+
+
+def bulk_rule(redis: Redis, context: ProjectContext, held: dict[int, list[int]] | None) -> MayTake:
+    """ledger.bulk_may_take for the context's revision, given what Label Studio stores (`held`: task id ->
+    prediction ids of the version; None when unknown)."""
+    counts = None if held is None else {t: len(ids) for t, ids in held.items()}
+    return bulk_may_take(context.revision, counts, job_alive(redis))
+
+
 def held_predictions(tasks: list[dict], version: str) -> dict[int, list[int]]:
     """Task id -> ids of the predictions of `version` Label Studio sent with each task."""
     held = {}
@@ -150,8 +162,7 @@ def queue_bulk(redis: Redis, settings: Settings, context: ProjectContext, tasks:
         seeded = ledger.seed({t: ids[0] for t, ids in held.items() if len(ids) == 1 and t not in entries},
                              context.revision)
         entries = ledger.entries() if seeded else entries
-    counts = None if held is None else {t: len(ids) for t, ids in held.items()}
-    may_take = bulk_may_take(context.revision, counts, job_alive(redis))
+    may_take = bulk_rule(redis, context, held)
     by_id = {int(t["id"]): t for t in tasks}
     candidates = [t for t in by_id if may_take(t, entries.get(t))]
     progress = Progress(redis, context.project)

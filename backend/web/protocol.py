@@ -14,7 +14,7 @@ from flask import Blueprint, Response, jsonify, request
 from rq.results import Result
 
 from ..core.admission import admit_click, click_started
-from ..core.bulk import held_answers
+from ..core.bulk import held_answers, slim_task
 from ..core.catalog import GRACE_S, submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BadRequest, ServiceUnavailable
@@ -80,7 +80,7 @@ class MLBackend:
         context = resolve_project(self.settings, self.store, pid, text_field(body, "label_config") or None)
         queue_backfill(self.backend, context)  # clicks never backfill: they predict from what is stored
         image_key = context.config.image_key
-        slim = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)},
+        slim = [{**slim_task(t, image_key),
                  "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
                                  for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
         smart = interactive_regions(body)

@@ -16,7 +16,7 @@ from redis import Redis
 from rq import get_current_job
 
 from ..core.admission import click_ended, record_click_seconds
-from ..core.bulk import Progress, cancelled_batch_key, held_predictions, queue_bulk
+from ..core.bulk import Progress, cancelled_batch_key, held_predictions, queue_bulk, slim_task
 from ..core.catalog import submit
 from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BackendError, BadRequest, DeadlinePassed, error_record
@@ -364,7 +364,7 @@ def prelabel_project(context: dict, task_ids: list[int] | None = None) -> dict:
         if task.get("annotations") and not wanted:
             continue  # already labeled by a person: nothing to pre-label
         listed.append(task)
-        tasks.append({"id": int(task["id"]), "data": {image_key: (task.get("data") or {}).get(image_key)}})
+        tasks.append(slim_task(task, image_key))
     drop = not ctx.settings.keep_old_predictions and not wanted  # chosen tasks may be labeled: never touched
     held = held_predictions(listed, project.model_version)
     out = queue_bulk(ctx.redis, ctx.settings, project, tasks, held, drop_other_versions=drop)

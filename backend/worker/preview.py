@@ -5,11 +5,11 @@ from __future__ import annotations
 import statistics
 import time
 
-from ..core.bulk import held_predictions
+from ..core.bulk import bulk_rule, held_predictions, slim_task
 from ..core.context import resolve_project
 from ..core.errors import BackendError
-from ..core.ledger import DeliveryLedger, bulk_may_take
-from ..core.queues import QUEUE_BULK, job_alive, live_workers
+from ..core.ledger import DeliveryLedger
+from ..core.queues import QUEUE_BULK, live_workers
 from .runtime import get_context, report_progress
 
 def spread(count: int, wanted: int) -> list[int]:
@@ -32,12 +32,10 @@ def preview_prelabel(project_id: int, count: int) -> dict:
     report_progress(stage="listing")
     unlabeled = [t for t in ctx.api(context).tasks(project_id) if not t.get("annotations")]
     held = held_predictions(unlabeled, context.model_version)
-    may_take = bulk_may_take(context.revision, {t: len(ids) for t, ids in held.items()}, job_alive(ctx.redis))
+    may_take = bulk_rule(ctx.redis, context, held)  # the rule a pre-labeling run applies, without claiming
     entries = DeliveryLedger(ctx.redis, project_id, context.model_version).entries()
     to_predict = sum(1 for t in held if may_take(t, entries.get(t)))
-    image_key = context.config.image_key
-    chosen = [unlabeled[i] for i in spread(len(unlabeled), count)]
-    tasks = [{"id": int(t["id"]), "data": {image_key: (t.get("data") or {}).get(image_key)}} for t in chosen]
+    tasks = [slim_task(unlabeled[i], context.config.image_key) for i in spread(len(unlabeled), count)]
     report_progress(stage="predicting", tasks=len(tasks))
     started = time.perf_counter()
     run = ctx.segmenter(context).predict(project_id, tasks, context.config)
