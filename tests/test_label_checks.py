@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import requests
 
 from backend.__main__ import main as backend_main
 from model.data import make_sample
@@ -165,3 +166,77 @@ def test_suspicious_annotations_are_held_until_confirmed(settings, redis, matche
         image, _ = square_scene(2, SIZE)
         client.post("/webhook", json=annotation_event(12, 102, image, _wrong(2)[::-1].copy(), action="ANNOTATION_UPDATED"))
         assert store.confirmed(1) == set()  # edited: a later check may hold it again
+
+
+def test_suspicious_and_check_view_data():
+    from backend.core.label_checks import suspicious_tasks
+    from backend.core.review_view import CHECK_VIEW_MAX_TASKS, check_view_data
+
+    report = {"checks": [{"task_id": 7, "suspicion": 0.5}, {"task_id": 3, "suspicion": 0.9},
+                         {"task_id": 7, "suspicion": 0.95}, {"task_id": 4, "suspicion": 0.1}]}
+    assert suspicious_tasks(report) == [7, 3]  # each task once, the most suspicious first; 4 is below the bar
+    items = check_view_data([7, 3])["filters"]["items"]
+    assert [i["value"] for i in items] == [7, 3] and {i["operator"] for i in items} == {"equal"}
+    assert [i["value"] for i in check_view_data([])["filters"]["items"]] == [0]  # matches no task (ids start at 1)
+    assert len(check_view_data(list(range(1, 500)))["filters"]["items"]) == CHECK_VIEW_MAX_TASKS
+
+
+@pytest.mark.label_studio
+def test_label_check_tab_in_label_studio_lists_the_suspicious_tasks(label_studio, live_backend, matcher):
+    """Against the real Label Studio: a check of five labels, one off its square, makes the tab "DiffewS: labels to
+    re-check" list exactly the tasks the report calls suspicious (the wrong one among them); a later report with
+    nothing suspicious, applied on request, empties the same tab."""
+    from backend.core.label_checks import save_report, stored_report, suspicious_tasks
+    from backend.core.review_view import CHECK_VIEW_TITLE
+
+    from .ls_server import brush_result, create_project, wait_for
+    from .payloads import CONFIG_XML
+
+    backend = live_backend(model=matcher, model_spec="", matcher_resolution=64, max_shots=3)
+    scenes = [square_scene(seed, SIZE) for seed in range(6)]
+    pid, tasks = create_project(label_studio, CONFIG_XML, [image for image, _ in scenes])
+    for seed, (task, (_, mask)) in enumerate(zip(tasks[:5], scenes)):
+        label_studio.request("POST", f"/api/tasks/{task['id']}/annotations",
+                             json={"result": brush_result(_wrong(seed) if seed == 2 else mask)})
+    label_studio.request("POST", "/api/ml", json={"url": backend.url, "project": pid, "title": "DiffewS"})
+    wait_for(lambda: backend.get(f"/status/{pid}")["examples"].get("square") == 5, 60, "backfilled examples")
+
+    def tab() -> list[dict]:
+        return [v for v in label_studio.json("GET", f"/api/dm/views?project={pid}") if v["data"].get("title") == CHECK_VIEW_TITLE]
+
+    def listed(view: dict) -> list[int]:
+        return [t["id"] for t in label_studio.json("GET", f"/api/tasks?view={view['id']}&project={pid}")["tasks"]]
+
+    job = requests.get(f"{backend.url}/projects/{pid}/label-checks", timeout=30).json()["job"]
+    done = wait_for(lambda: (j := backend.get(f"/jobs/{job}"))["status"] in ("finished", "failed") and j, 120, "the check")
+    assert done["status"] == "finished" and done["result"]["checked"] == 5, done
+    suspects = suspicious_tasks(stored_report(backend.redis, pid))
+    assert tasks[2]["id"] in suspects and len(suspects) < 5, suspects
+    [view] = tab()
+    assert done["result"]["check_view"] == view["id"] and done["result"]["check_view_tasks"] == len(suspects)
+    assert sorted(listed(view)) == sorted(suspects)
+
+    save_report(backend.redis, pid, {**stored_report(backend.redis, pid), "checks": []})
+    job = requests.post(f"{backend.url}/projects/{pid}/review-view", timeout=30).json()["job"]
+    done = wait_for(lambda: (j := backend.get(f"/jobs/{job}"))["status"] in ("finished", "failed") and j, 60, "the views")
+    assert done["status"] == "finished" and done["result"]["check_view_action"] == "updated", done
+    assert [v["id"] for v in tab()] == [view["id"]] and listed(view) == []
+
+
+def test_a_check_whose_tab_cannot_be_made_still_stores_its_report(settings, redis, matcher):
+    """Label Studio unreachable when the check ends: the report is stored and the job says why the tab was not made."""
+    from backend.web.app import create_app
+
+    from .conftest import serving
+    from .ls_server import free_port
+
+    on = settings.replace(model_spec="", matcher_resolution=64, max_shots=3,
+                          label_studio_url=f"http://127.0.0.1:{free_port()}", label_studio_api_key="a-legacy-token")
+    with serving(on, redis, matcher):
+        client = create_app(on, redis).test_client()
+        for seed in range(3):
+            client.post("/webhook", json=annotation_event(10 + seed, 100 + seed, *square_scene(seed, SIZE)))
+        done = _finish(client, client.get("/projects/1/label-checks").json["job"])
+        assert done["status"] == "finished" and "check_view" not in done["result"], done
+        assert "Label Studio at http://127.0.0.1" in done["result"]["check_view_error"]
+        assert client.get("/projects/1/label-checks").json["report"]["checked"] == 3

@@ -54,3 +54,8 @@ def request_check(redis: Redis, settings: Settings, context: ProjectContext | in
 def suspicious(report: dict) -> list[dict]:
     """The report's checks whose suspicion reaches SUSPICIOUS, most suspicious first."""
     return [check for check in report.get("checks", []) if check["suspicion"] >= SUSPICIOUS]
+
+
+def suspicious_tasks(report: dict) -> list[int]:
+    """The tasks holding a suspicious annotation, each once, the most suspicious first."""
+    return list(dict.fromkeys(check["task_id"] for check in sorted(suspicious(report), key=lambda c: -c["suspicion"])))

@@ -1,4 +1,5 @@
-"""The review view's definition, and when the web asks a worker to create or update it (backend.worker.review_view)."""
+"""The Data Manager views the backend keeps in Label Studio (weakest predictions first; labels to re-check), and when
+the web asks a worker to create or update them (backend.worker.review_view)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,23 @@ def view_data() -> dict:
                 {"filter": "filter:tasks:total_annotations", "operator": "equal", "type": "Number", "value": 0},
                 {"filter": "filter:tasks:total_predictions", "operator": "greater", "type": "Number", "value": 0}]},
             "ordering": ["tasks:predictions_score"]}
+
+
+CHECK_VIEW_TITLE = "DiffewS: labels to re-check"
+"""The label-check tab's title."""
+
+CHECK_VIEW_MAX_TASKS = 100
+"""The label-check tab lists at most this many tasks, the most suspicious (the report lists them all)."""
+
+
+def check_view_data(task_ids: list[int]) -> dict:
+    """The label-check view: the tasks whose annotations the last label check found suspicious (Label Studio cannot
+    order by our suspicion, so they are listed by task id; no suspicious task: a filter no task matches)."""
+    ids = task_ids[:CHECK_VIEW_MAX_TASKS] or [0]
+    return {"title": CHECK_VIEW_TITLE,
+            "filters": {"conjunction": "or", "items": [
+                {"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": tid} for tid in ids]},
+            "ordering": ["tasks:id"]}
 
 
 def queue_review_view(backend: Backend, context: ProjectContext, backend_host: str, *, force: bool = False) -> str | None:

@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     until a person confirms them (POST /projects/<id>/label-checks/<annotation>/confirm) or edits them."""
     review_view: bool = Field(True, alias="REVIEW_VIEW")
     """REVIEW_VIEW: keep a Data Manager tab "DiffewS: weakest predictions first" in each project (unlabeled tasks,
-    lowest prediction score first). Label Studio scores tasks by the predictions of the ML backend's title, so the
-    backend names its ML backend in Label Studio after the version that predicts (needs Label Studio API access)."""
+    lowest prediction score first), and after a label check one "DiffewS: labels to re-check" (the tasks it found
+    suspicious). Label Studio scores tasks by the predictions of the ML backend's title, so the backend names its ML
+    backend in Label Studio after the version that predicts (needs Label Studio API access)."""
     keep_old_predictions: bool = Field(False, alias="KEEP_OLD_PREDICTIONS")
     """KEEP_OLD_PREDICTIONS: keep earlier versions' predictions on an unlabeled task when pre-labeling posts the
     current version's (default: deleted, so the task shows one prediction). Labeled tasks are never touched."""

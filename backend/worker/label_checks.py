@@ -1,17 +1,22 @@
 """The label-check job: every labeled image's masks predicted from the project's other labeled images and compared
-with its annotation (model.label_checks), stored for GET /projects/<id>/label-checks and the CLI."""
+with its annotation (model.label_checks), stored for GET /projects/<id>/label-checks and the CLI, and shown in Label Studio as the tab "DiffewS: labels to
+re-check"."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from model import check_labels
 
 from ..core.context import ProjectContext, resolve_project
-from ..core.errors import BadRequest
+from ..core.errors import BackendError, BadRequest
 from ..core.label_checks import SUSPICIOUS, save_report
+from .review_view import sync_check_view
 from .runtime import get_context, report_progress
 from .training import load_samples
+
+log = logging.getLogger(__name__)
 
 
 def check_project_labels(context: dict | int) -> dict:
@@ -56,5 +61,12 @@ def check_project_labels(context: dict | int) -> dict:
                      and now.same_content(checked[a])]
         report["held"] = ctx.store.hold(pid, unchanged)
     save_report(ctx.redis, pid, report)
+    summary = {k: v for k, v in report.items() if k != "checks"}
+    if ctx.settings.review_view and project.has_api:
+        try:
+            summary.update(sync_check_view(ctx.api(project), ctx.redis, pid, report))
+        except BackendError as e:  # the report is stored; the tab follows at the next check or POST .../review-view
+            log.warning("label checks of project %s: the Label Studio tab was not updated: %s", pid, e)
+            summary["check_view_error"] = str(e)
     report_progress(stage="done", checked=len(rows))
-    return {k: v for k, v in report.items() if k != "checks"}
+    return summary

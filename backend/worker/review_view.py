@@ -1,4 +1,5 @@
-"""The review queue in Label Studio: a Data Manager view of the unlabeled tasks, weakest prediction first.
+"""The review queue in Label Studio: a Data Manager view of the unlabeled tasks, weakest prediction first (and one
+of the tasks whose labels the last label check found suspicious, made by the check itself).
 
 Label Studio 1.23 scores a task (the Data Manager's "Prediction score") with the predictions whose model version is
 the project's `model_version`, and keeps that equal to the ML backend's title, which must stay so for tasks to be
@@ -11,16 +12,20 @@ from __future__ import annotations
 
 from urllib.parse import urlparse
 
+from redis import Redis
+
 from ..core.context import ProjectContext
 from ..core.errors import BackendError
-from ..core.review_view import VIEW_TITLE, view_data
-from .ls_client import ONCE
+from ..core.keys import PREFIX
+from ..core.label_checks import stored_report, suspicious_tasks
+from ..core.review_view import CHECK_VIEW_MAX_TASKS, check_view_data, view_data
+from .ls_client import ONCE, LabelStudioAPI
 from .runtime import get_context
 
 
 def sync_review_view(context: dict, backend_host: str) -> dict:
     """Title the project's ML backend (the one at `backend_host`) with the current version and create or update the
-    review view; returns what it changed."""
+    review view, and the label-check view when a label check has run; returns what it changed."""
     ctx, project = get_context(), ProjectContext.from_job(context)
     api, pid, version = ctx.api(project), project.project, project.model_version
     backends = api.call("listing the project's ML backends",
@@ -39,19 +44,37 @@ def sync_review_view(context: dict, backend_host: str) -> dict:
                 ml.id, url=ml.url, project=pid, title=version, auth_method=ml.auth_method,
                 is_interactive=ml.is_interactive, request_options=ONCE, **auth), retry=False)
             out["retitled"] += 1
-    views = api.call("listing the project's views", lambda: list(api.client.views.list(project=pid, request_options=ONCE)))
-    mine = [v for v in views if (v.data or {}).get("title") == VIEW_TITLE]
-    wanted = view_data()
-    if not mine:
-        view = api.call("creating the review view", lambda: api.client.views.create(
-            project=pid, data=wanted, request_options=ONCE), retry=False)
-        out["view"], out["view_action"] = view.id, "created"
-    else:
-        view = mine[0]
-        current = {k: (view.data or {}).get(k) for k in wanted}
-        if current != wanted:
-            api.call("updating the review view", lambda: api.client.views.update(
-                view.id, project=pid, data=wanted, request_options=ONCE))
-        out["view"], out["view_action"] = view.id, "updated" if current != wanted else "unchanged"
+    out["view"], out["view_action"] = upsert_view(api, ctx.redis, pid, view_data())
+    report = stored_report(ctx.redis, pid)
+    if report is not None:
+        out.update(sync_check_view(api, ctx.redis, pid, report))
     ctx.store.set_project_field(pid, "review_view", f"{version}:{out['view']}")
     return out
+
+
+def upsert_view(api: LabelStudioAPI, redis: Redis, pid: int, wanted: dict) -> tuple[int, str]:
+    """Create the project's view titled `wanted["title"]`, or update it to `wanted`; (its id, what was done)."""
+    with redis.lock(f"{PREFIX}:view-lock:{pid}", timeout=60, blocking_timeout=60):  # two jobs make one view
+        return _upsert_view(api, pid, wanted)
+
+
+def _upsert_view(api: LabelStudioAPI, pid: int, wanted: dict) -> tuple[int, str]:
+    views = api.call("listing the project's views", lambda: list(api.client.views.list(project=pid, request_options=ONCE)))
+    mine = [v for v in views if (v.data or {}).get("title") == wanted["title"]]
+    if not mine:
+        view = api.call(f"creating the view {wanted['title']!r}", lambda: api.client.views.create(
+            project=pid, data=wanted, request_options=ONCE), retry=False)
+        return view.id, "created"
+    view = mine[0]
+    if {k: (view.data or {}).get(k) for k in wanted} == wanted:
+        return view.id, "unchanged"
+    api.call(f"updating the view {wanted['title']!r}", lambda: api.client.views.update(
+        view.id, project=pid, data=wanted, request_options=ONCE))
+    return view.id, "updated"
+
+
+def sync_check_view(api: LabelStudioAPI, redis: Redis, pid: int, report: dict) -> dict:
+    """Create or update the label-check view from a label-check report; what was done."""
+    tasks = suspicious_tasks(report)
+    view, action = upsert_view(api, redis, pid, check_view_data(tasks))
+    return {"check_view": view, "check_view_action": action, "check_view_tasks": len(tasks[:CHECK_VIEW_MAX_TASKS])}
