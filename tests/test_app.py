@@ -200,7 +200,7 @@ def test_failed_job_is_visible_and_retryable(client, redis, worker):
     from backend.core.queues import enqueue
 
     # The CLI's pre-label job for a project this backend never saw, without the catalog's retries.
-    job = enqueue(redis, "ingest", "backend.worker.jobs.prelabel_request", args=(99,), timeout_s=60)
+    job = enqueue(redis, "ingest", "backend.worker.bulk_jobs.prelabel_request", args=(99,), timeout_s=60)
     deadline = time.monotonic() + 20
     while job.get_status() != "failed" and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -89,7 +89,7 @@ def test_cancel_leaves_a_running_batch_and_counts_nothing_without_a_run(redis, p
 def test_a_batch_dequeued_just_before_its_cancel_posts_nothing(redis, project, worker):
     """The marker a cancel leaves makes a batch that a worker already took return without predicting."""
     settings, context = project
-    from backend.worker.jobs import prelabel_batch
+    from backend.worker.bulk_jobs import prelabel_batch
 
     redis.set(cancelled_batch_key("inline-job"), 1)
     job = Queue(QUEUE_BULK, connection=redis).enqueue(prelabel_batch, context.to_job(), _tasks(2), job_id="inline-job")

@@ -39,7 +39,7 @@ def test_the_ingest_job_encodes_the_supports_so_the_next_click_encodes_nothing(r
     memory ready: the model encodes no support for it."""
     from backend.core.context import resolve_project
     from backend.core.label_config import parse_label_config
-    from backend.worker.jobs import ingest_examples
+    from backend.worker.ingest_jobs import ingest_examples
     from backend.worker.runtime import WorkerContext, set_context
 
     from .payloads import png_data_uri

@@ -49,7 +49,7 @@ def test_a_version_change_refreshes_at_once(redis, refreshing):
     on, context = refreshing
     assert request_refresh(redis, on, context, VERSION_CHANGED, "promoted v1") == {"refresh": "queued"}
     [job] = Queue("ingest", connection=redis).jobs
-    assert job.func_name == "backend.worker.jobs.refresh_project" and job.args == (1, "promoted v1")
+    assert job.func_name == "backend.worker.bulk_jobs.refresh_project" and job.args == (1, "promoted v1")
 
 
 def test_pending_refresh_says_when_and_why(redis, refreshing):
@@ -149,7 +149,7 @@ def test_a_refresh_waits_for_the_previous_one(redis, refreshing):
     """While the previous refresh's batches are still being predicted, a refresh reschedules itself without clearing
     the changes it will cover (later changes join it: one runs, one waits); a stalled run is not waited for."""
     from backend.core.bulk import Progress
-    from backend.worker.jobs import refresh_project
+    from backend.worker.bulk_jobs import refresh_project
     from backend.worker.runtime import WorkerContext, set_context
 
     on, context = refreshing

@@ -159,7 +159,7 @@ def test_ingestion_describes_the_pool_so_a_click_describes_none_of_it(settings, 
     """SUPPORT_POLICY=similar: the ingest job that caches new examples also describes their label's pool; a click in
     another process then describes no example image (only reads the descriptors)."""
     from backend.core.context import resolve_project
-    from backend.worker.jobs import ingest_examples
+    from backend.worker.ingest_jobs import ingest_examples
     from backend.worker.runtime import WorkerContext, set_context
 
     similar_settings = settings.replace(support_policy="similar", max_shots=2)

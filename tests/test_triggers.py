@@ -92,6 +92,6 @@ def test_workers_queue_the_reconciles_that_are_due_once(settings, redis):
     assert queue_due_reconciles(context) == [1]
     assert queue_due_reconciles(context) == []
     jobs = Queue(QUEUE_INGEST, connection=redis).jobs
-    assert [(j.func_name, j.meta["project"]) for j in jobs] == [("backend.worker.jobs.backfill_if_needed", 1)]
+    assert [(j.func_name, j.meta["project"]) for j in jobs] == [("backend.worker.ingest_jobs.backfill_if_needed", 1)]
     assert jobs[0].meta["why"].startswith("every RECONCILE_INTERVAL_S")
     assert queue_due_reconciles(WorkerContext(settings.replace(reconcile_interval_s=600), redis, store)) == []

@@ -48,24 +48,24 @@ def _click_ttl(settings: Settings) -> int:
 ON_FAILURE = "backend.core.failures.record_job_failure"
 """Every failed try of every kind is kept for the project's /status (backend.core.failures)."""
 
-_JOBS = "backend.worker.jobs"
+_INGEST, _CLICKS, _BULK = "backend.worker.ingest_jobs", "backend.worker.click_jobs", "backend.worker.bulk_jobs"
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     # Clicks: a person waits for the answer; after the deadline nobody does, so no retry and a queue TTL.
-    JobKind("click", f"{_JOBS}.predict_tasks", QUEUE_CLICK, _job_timeout, at_front=True, ttl_s=_click_ttl),
-    JobKind("smart-tool", f"{_JOBS}.predict_interactive", QUEUE_CLICK, _job_timeout, at_front=True, ttl_s=_click_ttl),
+    JobKind("click", f"{_CLICKS}.predict_tasks", QUEUE_CLICK, _job_timeout, at_front=True, ttl_s=_click_ttl),
+    JobKind("smart-tool", f"{_CLICKS}.predict_interactive", QUEUE_CLICK, _job_timeout, at_front=True, ttl_s=_click_ttl),
     # Ingest: everything that reads from Label Studio or caches files, off the click queue.
-    JobKind("backfill", f"{_JOBS}.backfill_if_needed", QUEUE_INGEST, _job_timeout, retries=2),
-    JobKind("large-webhook", f"{_JOBS}.ingest_large_webhook", QUEUE_INGEST, _job_timeout, retries=2),
-    JobKind("cache-examples", f"{_JOBS}.ingest_examples", QUEUE_INGEST, _job_timeout, retries=2),
-    JobKind("secure-webhook", f"{_JOBS}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
+    JobKind("backfill", f"{_INGEST}.backfill_if_needed", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("large-webhook", f"{_INGEST}.ingest_large_webhook", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("cache-examples", f"{_INGEST}.ingest_examples", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("secure-webhook", f"{_INGEST}.secure_webhook", QUEUE_INGEST, lambda settings: 60, retries=3),
     JobKind("review-view", "backend.worker.review_view.sync_review_view", QUEUE_INGEST, lambda settings: 60, retries=3),
-    JobKind("list-tasks", f"{_JOBS}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
-    JobKind("list-tasks-cli", f"{_JOBS}.prelabel_request", QUEUE_INGEST, _job_timeout, retries=2),
-    JobKind("confirm-returned", f"{_JOBS}.confirm_returned", QUEUE_INGEST, lambda settings: 120, retries=2),
+    JobKind("list-tasks", f"{_BULK}.prelabel_project", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("list-tasks-cli", f"{_BULK}.prelabel_request", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("confirm-returned", f"{_CLICKS}.confirm_returned", QUEUE_INGEST, lambda settings: 120, retries=2),
     # AUTO_REFRESH: list the unlabeled tasks and queue the stale ones (debounced: backend.core.refresh).
-    JobKind("refresh", f"{_JOBS}.refresh_project", QUEUE_INGEST, _job_timeout, retries=2),
+    JobKind("refresh", f"{_BULK}.refresh_project", QUEUE_INGEST, _job_timeout, retries=2),
     # Bulk: batches post through the API; retried through a Label Studio outage of up to ~17 minutes.
-    JobKind("prelabel-batch", f"{_JOBS}.prelabel_batch", QUEUE_BULK, _job_timeout, retries=len(RETRY_INTERVALS_S)),
+    JobKind("prelabel-batch", f"{_BULK}.prelabel_batch", QUEUE_BULK, _job_timeout, retries=len(RETRY_INTERVALS_S)),
     # A preview predicts a few tasks and posts nothing; ahead of queued batches (someone waits for it).
     JobKind("prelabel-preview", "backend.worker.preview.preview_prelabel", QUEUE_BULK, _job_timeout, at_front=True),
     # Training holds a per-project lock (backend.core.train_queue); a failed run is retried by a person.

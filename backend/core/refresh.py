@@ -4,7 +4,7 @@ Label Studio asks the backend for a prediction when a task is opened only if the
 label edits or a promotion its stored predictions would stay stale. Each change is counted here; the first
 one schedules a refresh job REFRESH_DELAY_S later, and REFRESH_AFTER_CHANGES changes (or a version change)
 start one at once. The job lists the unlabeled tasks and queues, through the delivery ledger, those whose
-prediction is missing or older than the project's revision (backend.worker.jobs.refresh_project).
+prediction is missing or older than the project's revision (backend.worker.bulk_jobs.refresh_project).
 """
 
 from __future__ import annotations

@@ -101,6 +101,12 @@ def report_progress(**meta) -> None:
         job.save_meta()
 
 
+def current_job_id() -> str:
+    """The running RQ job's id (outside a job, a unique stand-in)."""
+    job = get_current_job()
+    return job.id if job is not None else f"inline-{time.time()}"
+
+
 def load_model(settings: Settings):
     """Load the configured model: the matcher when DIFFEWS_MODEL is empty (MATCHER_BACKBONE, MATCHER_RESOLUTION),
     else DiffewS (DIFFEWS_MODEL, DIFFEWS_UNET, DIFFEWS_DEVICE, DIFFEWS_DTYPE)."""
