@@ -63,7 +63,8 @@ def main() -> None:
         if not settings.redis_url and settings.embedded_worker:
             from backend.core.store import SupportStore
             from backend.web.state import EXTENSION
-            from backend.worker.runtime import EMBEDDED_QUEUES, EmbeddedWorkers, WorkerContext
+            from backend.worker.runtime import WorkerContext
+            from backend.worker.supervision import EMBEDDED_QUEUES, EmbeddedWorkers
 
             backend = app.extensions[EXTENSION].backend
             context = WorkerContext(settings, backend.redis, SupportStore(backend.redis, settings.model_dir))

@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "worker":
-        from .worker.runtime import run_worker
+        from .worker.supervision import run_worker
 
         run_worker(tuple(args.queues), burst=args.burst)
         return 0

@@ -85,7 +85,8 @@ def serving(settings, redis, model):
     """A real RQ SimpleWorker on all queues in a thread, serving `model` with `settings`, until the block ends."""
     from backend.core.queues import ALL_QUEUES, live_workers
     from backend.core.store import SupportStore
-    from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
+    from backend.worker.rq_worker import InProcessWorker
+    from backend.worker.runtime import WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = model
@@ -143,7 +144,8 @@ class LiveBackend:
 
         from backend.web.app import create_app
         from backend.core.store import SupportStore
-        from backend.worker.runtime import EmbeddedWorkers, WorkerContext
+        from backend.worker.runtime import WorkerContext
+        from backend.worker.supervision import EmbeddedWorkers
 
         self.settings = settings
         self.redis = redis

@@ -64,7 +64,8 @@ def test_replaced_support_sets_leave_the_cache(client, settings, redis):
     from model import DiffewS
 
     from backend.core.store import SupportStore
-    from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
+    from backend.worker.rq_worker import InProcessWorker
+    from backend.worker.runtime import WorkerContext, set_context
 
     context = WorkerContext(settings, redis, SupportStore(redis, settings.model_dir))
     context.models.base = model = DiffewS.tiny(resolution=64)

@@ -108,7 +108,7 @@ def test_crash_between_post_and_record_leaves_one(label_studio, live_backend):
     ledger.claim([target], job_id, context.revision, own_may_take(job_id, context.revision, job_alive(backend.redis)))
     label_studio.request("POST", "/api/predictions",  # what the killed attempt had posted before dying
                          json={"task": target, "result": [], "score": 0.0, "model_version": context.model_version})
-    from backend.worker.runtime import EmbeddedWorkers
+    from backend.worker.supervision import EmbeddedWorkers
 
     workers = EmbeddedWorkers(backend.context).start()
     try:
@@ -192,7 +192,7 @@ def test_an_idle_worker_stops_even_beside_another_worker_of_its_queue(redis, cap
     import threading
 
     from backend.core.queues import QUEUE_CLICK
-    from backend.worker.runtime import InProcessWorker, move_due_jobs
+    from backend.worker.rq_worker import InProcessWorker, move_due_jobs
     from rq.scheduler import RQScheduler
 
     caplog.set_level(logging.INFO)
@@ -217,7 +217,7 @@ def test_idle_workers_beat_inside_the_liveness_window_whatever_the_job_ttl(redis
     """An idle worker heartbeats every worker_ttl - 15 s (RQ's dequeue timeout), which must stay under the
     WORKER_ALIVE_S after which /health and admission count it dead, for any JOB_HEARTBEAT_TTL_S."""
     from backend.core.queues import QUEUE_CLICK, WORKER_ALIVE_S
-    from backend.worker.runtime import InProcessWorker
+    from backend.worker.rq_worker import InProcessWorker
 
     worker = InProcessWorker([QUEUE_CLICK], connection=redis, heartbeat_ttl_s=ttl)
     assert worker.worker_ttl - 15 <= WORKER_ALIVE_S / 2

@@ -136,17 +136,18 @@ def test_due_retries_are_moved_back_within_a_second_or_two(redis, settings, monk
     from rq import Queue
 
     from backend.core.store import SupportStore
-    from backend.worker import runtime
-    from backend.worker.runtime import WorkerContext, start_due_job_mover
+    from backend.worker import supervision
+    from backend.worker.runtime import WorkerContext
+    from backend.worker.supervision import start_due_job_mover
 
-    monkeypatch.setattr(runtime, "RECONCILE_CHECK_S", 0.0)
+    monkeypatch.setattr(supervision, "RECONCILE_CHECK_S", 0.0)
     if reconciles == "fail":
-        monkeypatch.setattr(runtime, "queue_due_reconciles", lambda context: 1 / 0)
+        monkeypatch.setattr(supervision, "queue_due_reconciles", lambda context: 1 / 0)
 
     context = WorkerContext.__new__(WorkerContext)  # no model: only the Redis of a worker context is used
     context.settings, context.redis, context.store = settings, redis, SupportStore(redis, settings.model_dir)
     queue = Queue("ingest", connection=redis)
-    job = queue.enqueue_in(timedelta(seconds=2), "backend.worker.runtime.noop")
+    job = queue.enqueue_in(timedelta(seconds=2), "backend.worker.rq_worker.noop")
     stopping = threading.Event()
     start_due_job_mover(context, stopping)
     try:

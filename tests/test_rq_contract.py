@@ -1,4 +1,4 @@
-"""The RQ internals this backend relies on (backend/worker/runtime.py, backend/core/queues.py), named in one place.
+"""The RQ internals this backend relies on (backend/worker/rq_worker.py, backend/core/queues.py), named in one place.
 
 rq is pinned (requirements.txt); an upgrade that renames or reshapes one of these fails here with the list,
 instead of far from the cause (a worker that never stops, /health counting nobody).
@@ -55,7 +55,7 @@ def test_the_worker_methods_runtime_overrides_or_calls_keep_their_signatures():
     work = inspect.signature(SimpleWorker.work).parameters
     if not {"burst", "logging_level", "max_idle_time"} <= set(work):
         drifted["work"] = list(work)
-    assert drifted == {}, f"RQ internals used by backend/worker/runtime.py changed: {drifted}"
+    assert drifted == {}, f"RQ internals used by backend/worker/rq_worker.py changed: {drifted}"
 
 
 def test_the_worker_attributes_runtime_reads_or_writes_exist(redis):

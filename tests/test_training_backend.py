@@ -10,7 +10,8 @@ import pytest
 from backend.core.queues import QUEUE_CLICK, QUEUE_TRAIN, live_workers
 from backend.core.store import SupportStore
 from backend.worker.training import cv_plan, folds_of
-from backend.worker.runtime import InProcessWorker, WorkerContext, set_context
+from backend.worker.rq_worker import InProcessWorker
+from backend.worker.runtime import WorkerContext, set_context
 
 from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
 

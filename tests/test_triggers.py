@@ -80,7 +80,8 @@ def test_workers_queue_the_reconciles_that_are_due_once(settings, redis):
 
     from backend.core.queues import QUEUE_INGEST, server_time
     from backend.core.store import SupportStore
-    from backend.worker.runtime import WorkerContext, queue_due_reconciles
+    from backend.worker.runtime import WorkerContext
+    from backend.worker.supervision import queue_due_reconciles
 
     on = settings.replace(label_studio_url="http://ls.invalid", label_studio_api_key="k", reconcile_interval_s=600)
     store = SupportStore(redis, settings.model_dir)

@@ -2,7 +2,7 @@
 
 Every enqueue goes through `submit`, so this table is the one place a queue or a timeout is chosen, and
 "what happens when a worker dies in the middle of X" is answered by X's row: a job with retries goes back
-to its queue after RETRY_INTERVALS_S (see backend.worker.runtime.InProcessWorker); one without fails and
+to its queue after RETRY_INTERVALS_S (see backend.worker.rq_worker.InProcessWorker); one without fails and
 stays in the failed registry for FAILURE_TTL_S, retryable through POST /jobs/<id>/retry.
 """
 
