@@ -40,7 +40,7 @@ BODIES = [
     ("/predict", {**PREDICT, "label_config": {"x": 1}}, "'label_config'"),
     ("/webhook", _deleted("abc"), "annotations[0].id"),
     ("/webhook", _deleted(None), "annotations[0].id"),
-    ("/webhook", {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": "x"}, "'annotations' list"),
+    ("/webhook", {"action": "ANNOTATIONS_DELETED", "project": {"id": 1}, "annotations": "x"}, "'annotations' must be a list"),
     ("/webhook", {"action": ["ANNOTATION_CREATED"], "project": {"id": 1}}, "'action'"),
     ("/webhook", {"action": "ANNOTATION_CREATED", "project": {"id": "²"}}, "project"),
 ]

@@ -95,7 +95,8 @@ def test_start_training_promotes_and_hot_swaps(client, two_workers, redis):
     assert client.post("/projects/1/pin", json={"version": None}).status_code == 200
     r = client.post("/projects/1/pin", json={"version": "nope"})
     assert r.status_code == 404 and "no version 'nope'" in r.json["error"]
-    assert client.post("/projects/1/pin", json={}).status_code == 400
+    refused = client.post("/projects/1/pin", json={"version": 3})
+    assert refused.status_code == 400 and "'version' must be a version's name" in refused.json["error"]
 
 
 def test_train_every_triggers_once(client, redis, settings):

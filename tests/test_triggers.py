@@ -46,7 +46,7 @@ def test_imported_tasks_are_predicted_by_the_debounced_refresh(refreshing_client
 def test_tasks_created_without_a_task_list(refreshing_client):
     """A TASKS_CREATED body without a tasks list is a 400 naming it."""
     r = refreshing_client.post("/webhook", json={"action": "TASKS_CREATED", "project": {"id": 1}})
-    assert r.status_code == 400 and "'tasks' list" in r.json["error"]
+    assert r.status_code == 400 and "'tasks' must be a non-empty list" in r.json["error"]
 
 
 def test_other_task_events_are_ignored(refreshing_client):

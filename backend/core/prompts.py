@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .errors import BadRequest
 from .label_config import LabelConfig
-
+from .ls_schema import PromptRegion, checked
 
 MAX_PROMPTS = 32
 """Most boxes and points one smart-tool request may carry, unless told (the MAX_PROMPTS setting)."""
@@ -25,29 +25,15 @@ class LabelPrompt:
     points: list[tuple[float, float, bool]] = field(default_factory=list)
 
 
-def interactive_regions(body: dict) -> list[dict] | None:
-    """The regions of `params.context.result` when the request is an interactive one, else None."""
-    params = body.get("params")
-    context = params.get("context") if isinstance(params, dict) else None
+def interactive_regions(params: dict) -> list[dict] | None:
+    """The regions of a /predict's `params.context.result` when the request is an interactive one, else None."""
+    context = params.get("context")
     if not isinstance(context, dict) or not context.get("result"):
         return None
     regions = context["result"]
     if not isinstance(regions, list):
         raise BadRequest("params.context.result must be a list of keypoint or rectangle regions")
     return regions
-
-
-def _number(value: dict, key: str, where: str, low: float = 0.0) -> float:
-    """A coordinate in percent of the image, low..100; BadRequest naming it (huge ints and 1e400 included)."""
-    number = value.get(key)
-    try:
-        ok = not isinstance(number, bool) and isinstance(number, (int, float)) and low <= float(number) <= 100.0
-    except OverflowError:  # an int beyond any float
-        ok = False
-    if not ok:
-        raise BadRequest(f"{where}: value.{key} must be a number from {low:g} to 100 (percent of the image), "
-                         f"got {str(number)[:40]}")
-    return float(number)
 
 
 def prompt_passes(prompts: dict[str, LabelPrompt]) -> int:
@@ -65,31 +51,26 @@ def parse_prompts(regions: list[dict], config: LabelConfig, limit: int = MAX_PRO
         raise BadRequest(f"params.context.result holds {len(regions)} boxes and points; at most MAX_PROMPTS={limit} "
                          "per request")
     prompts: dict[str, LabelPrompt] = {}
-    for i, region in enumerate(regions):
+    for i, raw in enumerate(regions):
         where = f"params.context.result[{i}]"
-        if not isinstance(region, dict) or not isinstance(region.get("value"), dict):
-            raise BadRequest(f"{where} must be a region object with a value")
-        kind, value = region.get("type"), region["value"]
-        if kind not in ("keypointlabels", "rectanglelabels"):
-            raise BadRequest(f"{where}: type {kind!r} is not a smart tool (keypointlabels or rectanglelabels)")
-        labels = value.get(kind)
-        if not isinstance(labels, list) or not labels or not all(isinstance(lb, str) for lb in labels):
+        region = checked(PromptRegion, raw, where)
+        kind, value = region.type, region.value
+        labels = getattr(value, kind)
+        if not labels:
             raise BadRequest(f"{where}: value.{kind} must name the label to segment")
         unknown = [lb for lb in labels if lb not in config.labels]
         if unknown:
             raise BadRequest(f"{where}: label {unknown[0]!r} is not one this project predicts "
                              f"({', '.join(config.labels)}); name the smart tool's labels like the output's")
-        x, y = _number(value, "x", where), _number(value, "y", where)
         for label in labels:
             prompt = prompts.setdefault(label, LabelPrompt())
             if kind == "rectanglelabels":
-                w, h = _number(value, "width", where), _number(value, "height", where)
-                if w <= 0 or h <= 0:
+                if value.width is None or value.height is None or value.width <= 0 or value.height <= 0:
                     raise BadRequest(f"{where}: a box needs a positive width and height")
-                if x + w > 100.001 or y + h > 100.001:
+                if value.x + value.width > 100.001 or value.y + value.height > 100.001:
                     raise BadRequest(f"{where}: the box ends outside the image (x + width and y + height are "
                                      "percent of the image, at most 100)")
-                prompt.boxes.append((x, y, w, h))
+                prompt.boxes.append((value.x, value.y, value.width, value.height))
             else:
-                prompt.points.append((x, y, region.get("is_positive", True) is not False))
+                prompt.points.append((value.x, value.y, region.is_positive is not False))
     return prompts

@@ -117,15 +117,6 @@ def parse_project_id(value: object) -> int:
     return pid
 
 
-def int_id(value: object) -> int | None:
-    """A non-negative integer id from an int or a string of ASCII digits, else None."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str) and value.isascii() and value.isdigit():
-        return int(value)
-    return None
-
-
 class SupportStore:
     """Per-project metadata and support examples in Redis; image and mask files under MODEL_DIR."""
 

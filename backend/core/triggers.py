@@ -12,12 +12,21 @@ from .context import ProjectContext, resolve_project
 from .errors import BadRequest
 from .ingest import ingest
 from .keys import PREFIX
-from .payloads import annotation_ids, text_field
+from .ls_schema import (
+    AnnotationEvent,
+    AnnotationsCreatedEvent,
+    AnnotationsDeletedEvent,
+    ProjectPayload,
+    TasksCreatedEvent,
+    WebhookEvent,
+    checked,
+    int_id,
+)
 from .queues import require_redis, server_time
 from .refresh import request_refresh
 from .services import Backend
 from .settings import Settings
-from .store import int_id, parse_project_id
+from .store import parse_project_id
 from .train_queue import enqueue_training
 
 logger = logging.getLogger(__name__)
@@ -122,16 +131,13 @@ def backfill_state(project: dict[str, str], context: ProjectContext) -> dict:
 
 def record_annotations(backend: Backend, context: ProjectContext, action: str, body: dict) -> dict:
     """Store or replace the support examples of annotation events; queue their caching. Redis writes only."""
-    annotations, tasks = body.get("annotation"), body.get("task")
     if action == "ANNOTATIONS_CREATED":
-        if not isinstance(annotations, list) or not isinstance(tasks, list):
-            raise BadRequest("ANNOTATIONS_CREATED needs 'annotation' and 'task' lists")
-        by_id = {int_id(t.get("id")): t for t in tasks if isinstance(t, dict)}
-        pairs = [(a, by_id.get(int_id(a.get("task"))) if isinstance(a, dict) else None) for a in annotations]
+        event = checked(AnnotationsCreatedEvent, body)
+        by_id = {int_id(t.get("id")): t for t in event.task if isinstance(t, dict)}
+        pairs = [(a, by_id.get(int_id(a.get("task"))) if isinstance(a, dict) else None) for a in event.annotation]
     else:
-        if not isinstance(annotations, dict) or not isinstance(tasks, dict):
-            raise BadRequest(f"{action} needs 'annotation' and 'task' objects")
-        pairs = [(annotations, tasks)]
+        single = checked(AnnotationEvent, body)
+        pairs = [(single.annotation, single.task)]
     config = context.config
     report = ingest(backend.store, context.project, config, pairs, backend.settings.max_image_pixels)
     if report.errors and not (report.stored or report.unchanged or report.removed):
@@ -176,12 +182,10 @@ def maybe_prelabel(backend: Backend, context: ProjectContext, labels: tuple[str,
     return {"prelabel_job": job.id}
 
 
-def predict_new_tasks(backend: Backend, context: ProjectContext, tasks: object) -> dict:
+def predict_new_tasks(backend: Backend, context: ProjectContext, body: dict) -> dict:
     """Imported tasks get predictions with no action, as a label edit's tasks do: once the project has examples,
     their count goes to the debounced refresh, which predicts every unlabeled task without one."""
-    count = len(tasks) if isinstance(tasks, list) else 0
-    if not count:
-        raise BadRequest("TASKS_CREATED needs a 'tasks' list")
+    count = len(checked(TasksCreatedEvent, body).tasks)
     if not any(backend.store.label_counts(context.project).values()):
         return {"tasks": count, "refresh": "not yet: no support examples (label a few images first)"}
     return {"tasks": count, **request_refresh(backend.redis, backend.settings, context, count, "TASKS_CREATED")}
@@ -195,15 +199,13 @@ WEBHOOK_BODY_TTL_S = 24 * 3600
 def handle_event(backend: Backend, body: dict) -> dict:
     """A webhook event: annotations stored or removed as support examples, or a training run queued."""
     settings, redis, store = backend.settings, backend.redis, backend.store
-    action = body.get("action")
-    if not isinstance(action, str):
-        raise BadRequest("webhook body needs an 'action' string")
+    action = checked(WebhookEvent, body).action
     if action not in (*ANNOTATION_EVENTS, "ANNOTATIONS_DELETED", "START_TRAINING", "TASKS_CREATED"):
         return {"status": "ignored", "action": action}
     pid = parse_project_id(body.get("project"))
     require_redis(redis)
     project_payload = body.get("project") if isinstance(body.get("project"), dict) else {}
-    payload_config = text_field(project_payload, "label_config")
+    payload_config = checked(ProjectPayload, project_payload, "project").label_config
     known = store.project(pid) is not None
     if not known and not payload_config:
         store.require_project(pid)  # 404 naming the fix
@@ -214,9 +216,9 @@ def handle_event(backend: Backend, body: dict) -> dict:
     if action == "START_TRAINING":
         return {"action": action, **enqueue_training(redis, settings, context, "START_TRAINING")}
     if action == "TASKS_CREATED":
-        return {"status": "ok", "action": action, **predict_new_tasks(backend, context, body.get("tasks"))}
+        return {"status": "ok", "action": action, **predict_new_tasks(backend, context, body)}
     if action == "ANNOTATIONS_DELETED":
-        removed = store.remove(pid, annotation_ids(body.get("annotations")))
+        removed = store.remove(pid, [ref.id for ref in checked(AnnotationsDeletedEvent, body).annotations])
         return {"status": "ok", "action": action, "removed": removed, "revision": store.revision(pid),
                 **request_refresh(redis, settings, context, removed, action)}
     return record_annotations(backend, context, action, body)

@@ -14,6 +14,7 @@ from ..core.bulk import MAX_PREVIEW, Progress, cancel_bulk
 from ..core.catalog import submit
 from ..core.context import resolve_project
 from ..core.errors import BadRequest, Conflict, NotFound
+from ..core.ls_schema import checked
 from ..core.example_health import ExampleHealth
 from ..core.failures import job_failures
 from ..core.label_checks import request_check, stored_report
@@ -25,7 +26,7 @@ from ..core.review_view import queue_review_view
 from ..core.train_queue import claim_training_lock
 from ..core.triggers import backfill_state
 from ..core.versions import base_version, current_version
-from .bodies import json_body
+from .bodies import PinBody, json_body
 from .state import web_state
 
 admin = Blueprint("admin", __name__)
@@ -64,10 +65,8 @@ def page_args(most: int) -> tuple[int, int]:
 def pin_version(pid: int):
     backend = web_state().backend
     backend.store.require_project(pid)
-    body = json_body()
-    if "version" not in body or not (body["version"] is None or isinstance(body["version"], str)):
-        raise BadRequest('body must be {"version": "<name>"} to pin (or roll back), or {"version": null} to unpin')
-    return jsonify(**pin(backend.redis, backend.settings, backend.store, pid, body["version"]))
+    body = checked(PinBody, json_body())
+    return jsonify(**pin(backend.redis, backend.settings, backend.store, pid, body.version))
 
 
 @admin.get("/status/<int:pid>")

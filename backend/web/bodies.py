@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 from flask import request
+from pydantic import BaseModel, Field
 
 from ..core.errors import BadRequest
 
@@ -16,3 +19,10 @@ def json_body() -> dict:
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object (Content-Type: application/json)")
     return body
+
+
+class PinBody(BaseModel):
+    """POST /projects/<id>/pin: the version to pin (or roll back to), or null to unpin."""
+
+    version: Annotated[str | None, Field(strict=True, description="a version's name to pin (or roll back to), or "
+                                                                 "null to unpin")]

@@ -20,7 +20,7 @@ from ..core.context import ProjectContext, resolve_project
 from ..core.errors import BadRequest, ServiceUnavailable
 from ..core.keys import PREFIX
 from ..core.label_config import parse_label_config
-from ..core.payloads import tasks_of, text_field
+from ..core.ls_schema import PredictBody, SetupBody, checked
 from ..core.prompts import interactive_regions, parse_prompts, prompt_passes
 from ..core.queues import QUEUE_CLICK, live_workers, ping, require_redis, server_time
 from ..core.registry import MAX_LISTED, VersionRegistry
@@ -48,12 +48,13 @@ class MLBackend:
         """The version the project predicts with now."""
         return resolve_project(self.settings, self.store, pid).model_version
 
-    def setup(self, body: dict) -> dict:
+    def setup(self, raw: dict) -> dict:
         """Register a project (config, and the Label Studio host and token unless configured here)."""
-        pid = parse_project_id(body.get("project"))
-        config_xml = text_field(body, "schema") or text_field(body, "label_config")
+        body = checked(SetupBody, raw)
+        pid = parse_project_id(body.project)
+        config_xml = body.schema_xml or body.label_config
         parse_label_config(config_xml)
-        hostname, access_token = text_field(body, "hostname"), text_field(body, "access_token")
+        hostname, access_token = body.hostname, body.access_token
         require_redis(self.redis)
         if self.settings.label_studio_url and self.settings.label_studio_api_key:
             hostname = access_token = ""  # the configured Label Studio wins; /setup's host and token are not kept
@@ -72,18 +73,19 @@ class MLBackend:
         queue_review_view(self.backend, context, request.host)
         return {"model_version": context.model_version}
 
-    def predict(self, body: dict) -> Response | tuple[Response, int]:
+    def predict(self, raw: dict) -> Response | tuple[Response, int]:
         """Predictions of a /predict body: waited for (a click or a smart tool) or queued (many tasks)."""
-        tasks = tasks_of(body)
-        pid = parse_project_id(body.get("project") or tasks[0].get("project"))
+        body = checked(PredictBody, raw)
+        tasks = [task.model_dump() for task in body.tasks]
+        pid = parse_project_id(body.project or tasks[0].get("project"))
         require_redis(self.redis)
-        context = resolve_project(self.settings, self.store, pid, text_field(body, "label_config") or None)
+        context = resolve_project(self.settings, self.store, pid, body.label_config or None)
         queue_backfill(self.backend, context)  # clicks never backfill: they predict from what is stored
         image_key = context.config.image_key
         slim = [{**slim_task(t, image_key),
                  "predictions": [{"id": p.get("id"), "model_version": p.get("model_version")}
                                  for p in t.get("predictions") or [] if isinstance(p, dict)]} for t in tasks]
-        smart = interactive_regions(body)
+        smart = interactive_regions(body.params)
         if smart is not None:  # a smart tool: refined regions for one task, returned only
             if len(tasks) != 1:
                 raise BadRequest(f"an interactive request (params.context) takes exactly one task, got {len(tasks)}")

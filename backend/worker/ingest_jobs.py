@@ -11,10 +11,10 @@ from urllib.parse import urlparse
 from ..core.context import ProjectContext
 from ..core.errors import BackendError, BadRequest
 from ..core.ingest import ingest
+from ..core.ls_schema import int_id
 from ..core.queues import server_time
 from ..core.refresh import request_refresh
 from ..core.services import Backend
-from ..core.store import int_id
 from ..core.triggers import BACKFILL_RETRY_S, WEBHOOK_BODY_TTL_S, handle_event, reconcile_due
 from .ls_client import ONCE
 from .runtime import WorkerContext, get_context, report_progress

@@ -17,6 +17,7 @@ from model import DiffewS, InvalidInputError, QueryBatch, SupportMemory, to_rgb
 from ..core.errors import BackendError, MediaError, NoExamplesYet
 from ..core.example_health import ExampleHealth
 from ..core.label_config import LabelConfig
+from ..core.ls_schema import Prediction
 from ..core.settings import Settings
 from ..core.store import Example, SupportStore
 from ..core.supports import SupportSetKey, SupportSets
@@ -56,9 +57,12 @@ def label_regions(config: LabelConfig, label: str, mask: np.ndarray, score: floa
 
 
 def summarise(regions: list[dict], model_version: str) -> dict:
-    """A prediction: its regions, a task score (the weakest region's; 0 when nothing was found) and version."""
+    """A prediction: its regions, a task score (the weakest region's; 0 when nothing was found) and version,
+    checked against the schema of what Label Studio stores (backend.core.ls_schema.Prediction)."""
     score = min((r["score"] for r in regions), default=0.0)
-    return {"result": regions, "score": round(float(score), 4), "model_version": model_version}
+    prediction = {"result": regions, "score": round(float(score), 4), "model_version": model_version}
+    Prediction.model_validate(prediction)  # the dict itself is sent: a dump would copy every brush RLE
+    return prediction
 
 
 class FewShotSegmenter:
