@@ -24,7 +24,7 @@ import requests
 from PIL import Image
 
 from backend.core.rle import mask_to_rle
-from tests.ls_server import REPO, LabelStudioClient, free_port, personal_access_token, start_label_studio, stop, wait_http
+from bench.ls_harness import REPO, LabelStudioClient, free_port, personal_access_token, start_label_studio, stop, wait_http
 
 from .scenarios import SHARED, Row, print_table, write_csv
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import requests
 
-from tests.conftest import CONFIG_XML, annotation_event, png_data_uri, square_scene
-from tests.ls_server import REPO, free_port, stop, wait_http
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.ls_harness import REPO, free_port, stop, wait_http
 
 from .scenarios import Row, print_table, write_csv
 

@@ -153,7 +153,7 @@ class Backend:
     """`python _wsgi.py` with the given environment, as the README's one command starts it."""
 
     def __init__(self, env: dict[str, str], workdir: Path, limit_gb: float | None):
-        from tests.ls_server import free_port
+        from bench.ls_harness import free_port
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

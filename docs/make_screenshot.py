@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bench_backend import CONFIG, camvid_frames  # noqa: E402
 from backend.core.rle import mask_to_rle  # noqa: E402
-from tests.ls_server import LabelStudioClient, personal_access_token, start_backend, start_label_studio, stop  # noqa: E402
+from bench.ls_harness import LabelStudioClient, personal_access_token, start_backend, start_label_studio, stop  # noqa: E402
 
 OUT = Path(__file__).with_name("prelabeled-task.png")
 BROWSER = """

@@ -7,7 +7,7 @@ import pytest
 
 from model import DiffewS
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 @pytest.fixture(autouse=True)
@@ -120,7 +120,7 @@ def label_studio(tmp_path_factory):
     """One real Label Studio 1.23.2 for the session, with a Personal Access Token (legacy tokens off)."""
     import os
 
-    from .ls_server import LS_BIN, LabelStudioClient, personal_access_token, start_label_studio, stop
+    from bench.ls_harness import LS_BIN, LabelStudioClient, personal_access_token, start_label_studio, stop
 
     if not LS_BIN.exists():
         if os.environ.get("DIFFEWS_REQUIRE_LABEL_STUDIO"):

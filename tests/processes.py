@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .ls_server import REPO, stop
+from bench.ls_harness import REPO, stop
 
 HEARTBEAT_S = 6
 

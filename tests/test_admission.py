@@ -17,7 +17,7 @@ from backend.core.admission import (
 )
 from backend.core.errors import Overloaded
 
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 

@@ -10,7 +10,7 @@ from rq import Queue
 from backend.core.rle import rle_to_mask
 
 from .waits import wait_idle
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1795549122", "schema": CONFIG_XML, "hostname": "http://localhost:8080",
          "access_token": "abc", "extra_params": None}

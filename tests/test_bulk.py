@@ -14,7 +14,7 @@ from backend.core.ledger import DELIVERED, QUEUED, DeliveryLedger
 from backend.core.queues import QUEUE_BULK
 from backend.core.store import SupportStore
 
-from .payloads import CONFIG_XML
+from bench.synthetic import CONFIG_XML
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from model import CheckpointNotFoundError, DiffewS, InvalidCheckpointError
 
 from .checkpoints import write_official_layout, write_plain_sd_layout, write_separate_unet
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def _masks_of(model: DiffewS) -> np.ndarray:

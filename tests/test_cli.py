@@ -14,7 +14,7 @@ from backend.core.export import export_to_label_map
 from backend.core.rle import mask_to_rle
 from model.data import load_label_map
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def _export(tmp_path, n=3):

@@ -13,8 +13,8 @@ import requests
 
 from backend.core.ledger import DeliveryLedger
 
-from .payloads import CONFIG_XML, square_scene
-from .ls_server import brush_result, create_project, wait_for
+from bench.synthetic import CONFIG_XML, square_scene
+from bench.ls_harness import brush_result, create_project, wait_for
 
 pytestmark = pytest.mark.label_studio
 

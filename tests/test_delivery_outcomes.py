@@ -12,7 +12,7 @@ from backend.worker.delivery import Delivered, Delivery
 from backend.worker.ls_client import LabelStudioRefused, LabelStudioUnavailable
 from backend.worker.segmenter import PredictionRun, TaskFailure
 
-from .payloads import CONFIG_XML
+from bench.synthetic import CONFIG_XML
 
 VERSION = "v-test"
 

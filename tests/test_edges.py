@@ -14,7 +14,7 @@ from backend.core.queues import queue_lengths
 from backend.worker.refine import refine
 from backend.worker.regions import MaskTooFragmented, bounded, runs
 
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SMART_XML = """<View>
   <Image name="image" value="$image"/>

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from .waits import wait_idle
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 

@@ -13,7 +13,7 @@ from backend.worker.example_files import ExampleFiles
 from backend.worker.media import MediaFetcher
 from backend.worker.segmenter import FewShotSegmenter
 
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 CONFIG = parse_label_config(CONFIG_XML)
 

@@ -18,8 +18,8 @@ from rq.job import Job, JobStatus
 from backend.core.ledger import DELIVERING, DeliveryLedger
 from backend.core.queues import QUEUE_BULK, live_workers
 
-from .ls_server import brush_result, create_project, start_backend, wait_for
-from .payloads import CONFIG_XML, annotation_event, square_scene
+from bench.ls_harness import brush_result, create_project, start_backend, wait_for
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
 from .processes import WorkerProcess
 
 

@@ -12,7 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from backend.core.rle import RLEError, decode, mask_to_rle, rle_to_mask
 
-from .payloads import CONFIG_XML, annotation_event, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

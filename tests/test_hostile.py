@@ -11,7 +11,7 @@ import pytest
 from backend.core.rle import mask_to_rle
 
 from .waits import wait_idle
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1795549122", "schema": CONFIG_XML, "hostname": "", "access_token": ""}
 PREDICT = {"project": "1.1", "label_config": CONFIG_XML, "tasks": [{"id": 1, "data": {"image": "x"}}]}

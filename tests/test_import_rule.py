@@ -10,7 +10,7 @@ SCRIPT = r'''
 import json, sys
 from backend.core.settings import Settings
 from backend.web.app import create_app
-from tests.payloads import CONFIG_XML, annotation_event, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
 
 app = create_app(Settings(model_dir=sys.argv[1], tiny_resolution=64, predict_wait_s=5))
 client = app.test_client()

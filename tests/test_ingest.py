@@ -6,7 +6,7 @@ from backend.core.ingest import ingest
 from backend.core.label_config import parse_label_config
 from backend.core.store import SupportStore
 
-from .payloads import CONFIG_XML, annotation_event, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
 
 
 def _pair(aid: int, seed: int, **kwargs):
@@ -42,7 +42,7 @@ def test_the_ingest_job_encodes_the_supports_so_the_next_click_encodes_nothing(r
     from backend.worker.ingest_jobs import ingest_examples
     from backend.worker.runtime import WorkerContext, set_context
 
-    from .payloads import png_data_uri
+    from bench.synthetic import png_data_uri
 
     store = SupportStore(redis, settings.model_dir)
     store.register_project(1, CONFIG_XML)

@@ -10,7 +10,7 @@ from backend.core.label_config import parse_label_config
 from backend.worker.regions import polygons
 from backend.core.rle import rle_to_mask
 
-from .payloads import annotation_event, png_data_uri, square_scene
+from bench.synthetic import annotation_event, png_data_uri, square_scene
 
 SMART_XML = """<View>
   <Image name="image" value="$image"/>

@@ -7,8 +7,8 @@ import pytest
 from backend.worker.regions import polygons
 from backend.core.rle import rle_to_mask
 
-from .payloads import square_scene
-from .ls_server import brush_result, create_project, wait_for
+from bench.synthetic import square_scene
+from bench.ls_harness import brush_result, create_project, wait_for
 from .test_interactive import POLYGON_XML, SMART_XML
 
 pytestmark = pytest.mark.label_studio

@@ -15,7 +15,7 @@ from model.errors import InvalidInputError
 from model.label_checks import check_labels, ranking_auroc
 from model.matcher import Matcher
 
-from .payloads import annotation_event, square_scene
+from bench.synthetic import annotation_event, square_scene
 
 SIZE = (96, 128)
 
@@ -189,8 +189,8 @@ def test_label_check_tab_in_label_studio_lists_the_suspicious_tasks(label_studio
     from backend.core.label_checks import save_report, stored_report, suspicious_tasks
     from backend.core.review_view import CHECK_VIEW_TITLE
 
-    from .ls_server import brush_result, create_project, wait_for
-    from .payloads import CONFIG_XML
+    from bench.ls_harness import brush_result, create_project, wait_for
+    from bench.synthetic import CONFIG_XML
 
     backend = live_backend(model=matcher, model_spec="", matcher_resolution=64, max_shots=3)
     scenes = [square_scene(seed, SIZE) for seed in range(6)]
@@ -228,7 +228,7 @@ def test_a_check_whose_tab_cannot_be_made_still_stores_its_report(settings, redi
     from backend.web.app import create_app
 
     from .conftest import serving
-    from .ls_server import free_port
+    from bench.ls_harness import free_port
 
     on = settings.replace(model_spec="", matcher_resolution=64, max_shots=3,
                           label_studio_url=f"http://127.0.0.1:{free_port()}", label_studio_api_key="a-legacy-token")

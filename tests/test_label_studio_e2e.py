@@ -14,8 +14,8 @@ import requests
 
 from backend.core.rle import rle_to_mask
 
-from .payloads import CONFIG_XML, square_scene
-from .ls_server import REPO, brush_result, create_project, import_images, start_backend, stop, wait_for
+from bench.synthetic import CONFIG_XML, square_scene
+from bench.ls_harness import REPO, brush_result, create_project, import_images, start_backend, stop, wait_for
 
 pytestmark = pytest.mark.label_studio
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import requests
 
-from .payloads import CONFIG_XML, square_scene
+from bench.synthetic import CONFIG_XML, square_scene
 from .ls_proxy import FAIL_401, FAIL_500, STORE_THEN_500, FaultyProxy
-from .ls_server import brush_result, create_project, wait_for
+from bench.ls_harness import brush_result, create_project, wait_for
 
 pytestmark = pytest.mark.label_studio
 

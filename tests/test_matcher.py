@@ -15,7 +15,7 @@ from model.matcher_config import MatcherConfig
 from model.scoring import copy_support, episode_iou
 from model.support import compose
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from backend.worker.runtime import load_model
 from model.matcher import Matcher
 
 from .conftest import serving
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 VERSION = "matcher-effnet-lite0-r64"

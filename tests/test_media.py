@@ -14,7 +14,7 @@ from backend.core.errors import MediaError
 from backend.worker.media import MediaFetcher
 from backend.core.settings import Settings
 
-from .payloads import png_data_uri
+from bench.synthetic import png_data_uri
 
 
 def _png(size=(20, 30)) -> bytes:

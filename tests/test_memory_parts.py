@@ -10,7 +10,7 @@ from model import InvalidInputError
 from model.similarity import latent_descriptor, most_similar
 from model.support import SupportMemory, compose, split_shots
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def test_composed_parts_equal_the_memory_encoded_at_once(tiny_model, scenes):

@@ -13,7 +13,7 @@ from model.images import to_rgb
 from model.prompts import (Box, Point, box_around, box_of_mask, crop, paste, point_inside, segment_box,
                            segment_points, select_components)
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def test_box_clipping_and_margin_at_borders():

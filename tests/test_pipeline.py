@@ -12,7 +12,7 @@ from PIL import Image
 from model import DiffewS, InvalidInputError, SupportNotSetError
 from model.pipeline import _postprocess
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def test_shapes_dtypes_and_original_size(tiny_model, scenes):

@@ -11,7 +11,7 @@ from backend.worker.runtime import load_model
 from model import DiffewS, InvalidInputError
 from model.pipeline import parse_dtype
 
-from .payloads import square_scene
+from bench.synthetic import square_scene
 
 
 def test_parse_dtype():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import requests
 
-from .ls_server import wait_for
+from bench.ls_harness import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,8 +11,8 @@ from backend.core.refresh import VERSION_CHANGED, pending_refresh, pin, request_
 from backend.core.settings import Settings
 from backend.core.store import SupportStore
 
-from .payloads import CONFIG_XML, square_scene
-from .ls_server import create_project
+from bench.synthetic import CONFIG_XML, square_scene
+from bench.ls_harness import create_project
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from redis.exceptions import RedisError
 
 from backend.core.queues import QUEUE_BULK, QUEUE_CLICK, live_workers, socket_client
 
-from .ls_server import brush_result, create_project, wait_for
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.ls_harness import brush_result, create_project, wait_for
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 from .processes import WorkerProcess, faketime_env
 
 

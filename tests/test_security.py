@@ -11,8 +11,8 @@ import pytest
 import requests
 from PIL import Image
 
-from .payloads import CONFIG_XML, annotation_event, square_scene
-from .ls_server import brush_result, create_project, wait_for
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
+from bench.ls_harness import brush_result, create_project, wait_for
 
 
 def _png() -> bytes:

@@ -10,7 +10,7 @@ import pytest
 
 from backend.core.settings import Settings
 
-from .ls_server import REPO
+from bench.ls_harness import REPO
 
 
 @pytest.mark.parametrize("variable, value, says", [

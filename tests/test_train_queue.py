@@ -13,7 +13,7 @@ from backend.core.registry import TRAIN_LOCK_KEY
 from backend.core.store import SupportStore
 from backend.core.train_queue import claim_training_lock, enqueue_training
 
-from .payloads import CONFIG_XML
+from bench.synthetic import CONFIG_XML
 
 
 def _context(settings, redis):

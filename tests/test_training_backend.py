@@ -13,7 +13,7 @@ from backend.worker.training import cv_plan, folds_of
 from backend.worker.rq_worker import InProcessWorker
 from backend.worker.runtime import WorkerContext, set_context
 
-from .payloads import CONFIG_XML, annotation_event, png_data_uri, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, png_data_uri, square_scene
 
 SETUP = {"project": "1.1", "schema": CONFIG_XML}
 

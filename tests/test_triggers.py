@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rq.registry import ScheduledJobRegistry
 
-from .payloads import CONFIG_XML, annotation_event, square_scene
+from bench.synthetic import CONFIG_XML, annotation_event, square_scene
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 from model import InvalidCheckpointError, VersionInfo
 from model.versions import save_version
 
-from .payloads import CONFIG_XML
+from bench.synthetic import CONFIG_XML
 
 BASE = "diffews-tiny-r64-untrained"
 SETUP = {"project": "1.1", "schema": CONFIG_XML}

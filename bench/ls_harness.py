@@ -1,4 +1,6 @@
-"""Start a real Label Studio 1.23.2 (from .ls-venv) and this backend on 127.0.0.1 for end-to-end tests.
+"""Start a real Label Studio 1.23.2 (from .ls-venv) and this backend on 127.0.0.1: the harness of the end-to-end
+tests, the backend benchmarks and the documentation's screenshot (it lives here, not in tests/, so that neither
+bench/ nor docs/ imports the test suite).
 
 Label Studio runs as a user gets it: legacy tokens off (its default since 1.23); the API is reached with
 a Personal Access Token made the way the UI makes one (log in, POST /api/token/).

@@ -1,4 +1,5 @@
-"""Torch-free test inputs: synthetic scenes, a labeling config, Label Studio webhook payloads."""
+"""Torch-free synthetic inputs for tests and benchmarks: scenes of a bright square, a labeling config, Label Studio
+webhook payloads."""
 
 from __future__ import annotations
 
