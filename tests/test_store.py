@@ -90,6 +90,17 @@ def test_unknown_project_stays_unknown(store):
     assert store.project(42) is None
 
 
+def test_a_field_written_after_redis_lost_the_project_does_not_bring_it_back(store, redis):
+    """A job finishing after Redis was emptied writes its field; the project stays unknown until /setup or a
+    webhook registers its config again (it was answered 200 with no config, and the backfill never ran)."""
+    redis.flushall()
+    store.set_project_field(1, "review_view", "v1:3")
+    store.incr_project_field(1, "new_since_train", 1)
+    assert store.project(1) is None and 1 not in store.projects()
+    store.register_project(1, "<View/>")
+    assert store.project(1)["review_view"] == "v1:3"
+
+
 def test_a_deletion_reads_only_its_own_records(store, redis, monkeypatch):
     """Removing examples reads no other example (the image sets say whether a cached image is still used): the
     image shared by two annotations of one task stays until the second goes."""

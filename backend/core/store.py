@@ -196,9 +196,10 @@ class SupportStore:
         self.redis.hsetnx(self._project_key(pid), field, name)
 
     def project(self, pid: int) -> dict[str, str] | None:
-        """A project's stored fields, or None if this backend has never seen it."""
-        data = self.redis.hgetall(self._project_key(pid))
-        return {k.decode(): v.decode() for k, v in data.items()} or None
+        """A project's stored fields, or None if this backend has never seen it (or Redis lost it: a job that
+        finishes after a flush may write a field, but only /setup or a webhook registers a labeling config)."""
+        data = {k.decode(): v.decode() for k, v in self.redis.hgetall(self._project_key(pid)).items()}
+        return data if "label_config" in data else None
 
     def require_project(self, pid: int) -> dict[str, str]:
         """A project's stored fields; NotFound naming the fix if it was never connected."""
