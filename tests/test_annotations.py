@@ -1,4 +1,4 @@
-"""Labeling configs and annotation results -> per-label masks."""
+"""backend/core/annotations.py: annotation results -> per-label masks (the configs: tests/test_label_config.py)."""
 
 from __future__ import annotations
 
@@ -25,34 +25,6 @@ def brush(label: str, mask: np.ndarray, from_name: str = "tag") -> dict:
     h, w = mask.shape
     return {"from_name": from_name, "to_name": "img", "type": "brushlabels", "original_width": w,
             "original_height": h, "value": {"format": "rle", "rle": mask_to_rle(mask), "brushlabels": [label]}}
-
-
-def test_parse_config():
-    """Every output control (brush, polygon, rectangle), their labels, the image key and the mask controls."""
-    config = parse_label_config(CONFIG)
-    assert [c.name for c in config.outputs if c.kind == "brush"] == ["tag"] and config.labels == ("car", "road", "sky")
-    assert [c.name for c in config.outputs] == ["tag", "poly", "box"] and config.prompts == ()
-    assert [c.name for c in config.outputs_for("car")] == ["tag", "poly"]
-    assert config.image_name == "img" and config.image_key == "image"
-    assert [c.kind for c in config.mask_controls] == ["brush", "polygon", "rectangle"]
-
-
-@pytest.mark.parametrize(
-    "xml,message",
-    [
-        ("", "empty"),
-        ("<View><Image", "not valid XML"),
-        ('<View><Image name="i" value="$image"/><Choices name="c" toName="i"/></View>', "no <BrushLabels>"),
-        ('<View><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>', "no <BrushLabels>"),
-        ('<View><Image name="i" value="$image"/><BrushLabels name="t" toName="i"/></View>', "no <Label"),
-        ('<View><Image name="i" value="image"/><BrushLabels name="t" toName="i"><Label value="a"/></BrushLabels></View>', "value=\"\\$key\""),
-    ],
-    ids=["empty", "bad-xml", "no-brush", "no-image", "no-labels", "bad-value"],
-)
-def test_bad_configs(xml, message):
-    """Configs this backend cannot serve raise BadRequest saying why."""
-    with pytest.raises(BadRequest, match=message):
-        parse_label_config(xml)
 
 
 def test_brush_polygon_rectangle_union_per_label():

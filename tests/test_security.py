@@ -104,19 +104,6 @@ def test_rejected_webhooks_are_counted_in_health(redis, tmp_path):
     assert rejected["count"] == 1 and "Authorization: Basic" in rejected["fix"]
 
 
-@pytest.mark.parametrize("url,warned", [
-    ("", None), ("unix:///tmp/r.sock", None), ("redis://127.0.0.1:6379/0", None), ("redis://localhost/0", None),
-    ("redis://redis:6379/0", "without a password"), ("redis://:pw@10.0.0.5:6379/0", "without TLS"),
-    ("rediss://:pw@redis.example.com:6380/0", None),
-], ids=["embedded", "unix", "loopback", "localhost", "no-password", "no-tls", "tls"])
-def test_redis_url_warnings(url, warned):
-    """A REDIS_URL reachable from other machines without a password (or TLS) is warned about, naming why."""
-    from backend.core.queues import redis_url_warning
-
-    warning = redis_url_warning(url)
-    assert (warning is None) if warned is None else (warned in warning and "pickles" in warning or "TLS" in warning)
-
-
 def test_health_warns_about_a_redis_without_persistence(client, redis):
     """CONFIG says no AOF and no snapshots: /health says what that means."""
     redis.config_set("save", "")

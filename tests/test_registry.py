@@ -1,4 +1,5 @@
-"""Version files are checked when read: names, paths, sizes, hashes, choices; what is refused is named in /health."""
+"""backend/core/registry.py: version files are checked when read (names, paths, sizes, hashes, choices), refused ones
+are named in /health; names, pins and pages of the registry."""
 
 from __future__ import annotations
 
@@ -168,3 +169,23 @@ def test_a_promoted_choice_lost_with_redis_and_its_file_is_reported(client, redi
     assert fresh.get("/projects/1/versions").json["current"] == BASE
     [warning] = [w for w in fresh.get("/health").json["warnings"] if "choice is lost" in w]
     assert promoted["name"] in warning and "pin" in warning
+
+
+def test_next_names_count_past_disk_and_redis_and_pins_take_only_own_versions(redis, settings, tiny_model):
+    """A project's next version is one past every number on disk or recorded ("-untrained" is not carried over, but
+    versions named with it count); a pin takes the base or one of the project's own versions, NotFound otherwise."""
+    from backend.core.errors import NotFound
+
+    registry = _registry(redis, settings)
+    registry.store.register_project(1, CONFIG_XML)
+    assert registry.next_name(1, BASE) == "diffews-tiny-r64-p1-v1"
+    registry.add(_version(tiny_model, settings, f"{BASE}-p1-v3"))
+    (settings.model_dir / "versions" / "1" / "diffews-tiny-r64-p1-v7").mkdir()  # a folder not (yet) recorded
+    assert registry.next_name(1, BASE) == "diffews-tiny-r64-p1-v8" and registry.next_name(2, BASE).endswith("-p2-v1")
+    registry.add(_version(tiny_model, settings, f"{BASE}-p2-v1", pid=2))
+    with pytest.raises(NotFound, match=f"project 1 has no version '{BASE}-p2-v1'"):
+        registry.pin(1, f"{BASE}-p2-v1", BASE)
+    registry.pin(1, BASE, BASE)
+    assert registry.store.project(1)["pinned_version"] == BASE
+    registry.pin(1, None, BASE)
+    assert "pinned_version" not in registry.store.project(1)
