@@ -115,15 +115,12 @@ class DiffewS:
 
         Models sharing one UNet share its lock: each pass activates its own adapter under that lock.
         """
-        model = cls.__new__(cls)
+        model = copy.copy(host)  # every attribute shared (a new one cannot be forgotten); what differs is set below
         model.config = config or host.config
-        model.device, model.source = host.device, source or host.source
-        model.vae, model.decode_vae = host.vae, host.decode_vae
+        model.source = source or host.source
         model.support_cache = SupportCache(host.support_cache.max_bytes)
         model.adapter = adapter
-        if unet is None:
-            model.dtype, model.unet, model.fusion, model._lock = host.dtype, host.unet, host.fusion, host._lock
-        else:
+        if unet is not None:
             model.dtype = dtype or host.dtype
             with quiet_diffusers():
                 model.unet = unet.to(model.device, model.dtype).eval().requires_grad_(False)
