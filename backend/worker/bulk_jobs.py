@@ -146,5 +146,6 @@ def prelabel_batch(context: dict, tasks: list[dict], drop_other_versions: bool =
     report_progress(done=posted, failed=len(failed))
     unreachable = [o for o in ended if o.retryable]
     if unreachable:  # RQ retries the batch later (RETRY_INTERVALS_S); what was posted stays recorded
-        raise LabelStudioUnavailable(f"{len(unreachable)} of {len(tasks)} predictions not posted: {unreachable[0].message}")
+        raise LabelStudioUnavailable(
+            f"{len(unreachable)} of {len(tasks)} predictions not posted: {unreachable[0].message}")
     return {"posted": posted, "skipped": skipped, "failed": failed}

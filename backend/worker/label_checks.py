@@ -1,6 +1,6 @@
 """The label-check job: every labeled image's masks predicted from the project's other labeled images and compared
-with its annotation (model.label_checks), stored for GET /projects/<id>/label-checks and the CLI, and shown in Label Studio as the tab "DiffewS: labels to
-re-check"."""
+with its annotation (model.label_checks), stored for GET /projects/<id>/label-checks and the CLI, and shown in Label
+Studio as the tab "DiffewS: labels to re-check"."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from .review_view import sync_check_view
 from .runtime import get_context, report_progress
 from .training import load_samples
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 
 def check_project_labels(context: dict | int) -> dict:
@@ -66,7 +66,7 @@ def check_project_labels(context: dict | int) -> dict:
         try:
             summary.update(sync_check_view(ctx.api(project), ctx.redis, pid, report))
         except BackendError as e:  # the report is stored; the tab follows at the next check or POST .../review-view
-            log.warning("label checks of project %s: the Label Studio tab was not updated: %s", pid, e)
+            logger.warning("label checks of project %s: the Label Studio tab was not updated: %s", pid, e)
             summary["check_view_error"] = str(e)
     report_progress(stage="done", checked=len(rows))
     return summary

@@ -59,7 +59,8 @@ def upsert_view(api: LabelStudioAPI, redis: Redis, pid: int, wanted: dict) -> tu
 
 
 def _upsert_view(api: LabelStudioAPI, pid: int, wanted: dict) -> tuple[int, str]:
-    views = api.call("listing the project's views", lambda: list(api.client.views.list(project=pid, request_options=ONCE)))
+    views = api.call("listing the project's views",
+                     lambda: list(api.client.views.list(project=pid, request_options=ONCE)))
     mine = [v for v in views if (v.data or {}).get("title") == wanted["title"]]
     if not mine:
         view = api.call(f"creating the view {wanted['title']!r}", lambda: api.client.views.create(
