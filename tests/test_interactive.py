@@ -176,8 +176,8 @@ def test_prompt_parsing_groups_by_label():
     ("VersionUnavailable", 503), ("LabelStudioUnavailable", 503), ("LabelStudioRefused", 502), ("MediaError", 422),
 ])
 def test_a_worker_error_reaches_label_studio_with_the_workers_status(client, worker, monkeypatch, raised, status):
-    """A smart-tool job that fails with a typed error: the web answers with that error's status and message, not a
-    400 (errors cross the queue as class, status and message)."""
+    """A smart-tool or click job that fails with a typed error: the web answers with that error's status and
+    message, not a 400 or a generic 503 (errors cross the queue as class, status and message)."""
     from backend.core import errors
     from backend.worker import ls_client
     from backend.worker.segmenter import FewShotSegmenter
@@ -191,9 +191,13 @@ def test_a_worker_error_reaches_label_studio_with_the_workers_status(client, wor
         raise made()
 
     monkeypatch.setattr(FewShotSegmenter, "predict_interactive", fail)
+    monkeypatch.setattr(FewShotSegmenter, "predict", fail)
     image, _ = square_scene(5, SIZE)
     r = _predict(client, SMART_XML, image, {"result": [_box(0, 0, 50, 50)]})
     assert r.status_code == status and r.json["error"] == made().message
+    click = client.post("/predict", json={"tasks": [{"id": 301, "data": {"image": png_data_uri(image)}}],
+                                          "project": "1.1", "label_config": SMART_XML})  # a click: the same answer
+    assert click.status_code == status and click.json["error"] == made().message
 
 
 def test_error_records_round_trip_to_the_same_class():

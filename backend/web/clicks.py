@@ -52,6 +52,8 @@ def answer(job: Job, value: dict, context: ProjectContext, wait_s: float) -> Res
     if value["delivered"] == "dropped":
         raise Overloaded(f"prediction job {job.id} started after its {wait_s:.0f} s deadline and was dropped; try again",
                          retry_after=1)
+    if value["delivered"] == "error":
+        raise error_from_record(value)
     if value["delivered"] == "posted":
         raise PredictionTimeout(f"prediction job {job.id} finished after {wait_s:.0f} s; its predictions were posted "
                                 f"through the Label Studio API ({value.get('posted', 0)} stored)")

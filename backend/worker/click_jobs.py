@@ -26,7 +26,8 @@ def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
     The worker alone decides how: finished before `deadline` (Redis time), the predictions go back to
     the waiting web process, which returns them to Label Studio; finished later, they are posted
     through the API. A job that starts after its deadline is dropped (its caller is gone).
-    Per task the answer is a prediction, or None (failed, or being delivered by another job).
+    Per task the answer is a prediction, or None (failed, or being delivered by another job). A typed error that
+    fails the whole click (a version that cannot be loaded) is returned as its class, status and message.
     """
     ctx, project, job_id = get_context(), ProjectContext.from_job(context), current_job_id()
     out = {"model_version": project.model_version, "predictions": [None] * len(tasks), "failures": {}, "skipped": {}}
@@ -34,7 +35,10 @@ def predict_tasks(context: dict, tasks: list[dict], deadline: float) -> dict:
     try:
         if server_time(ctx.redis) >= deadline:
             return {**out, "delivered": "dropped"}
-        delivered = _predict_and_deliver(ctx, project, tasks, deadline, job_id, out)
+        try:
+            delivered = _predict_and_deliver(ctx, project, tasks, deadline, job_id, out)
+        except BackendError as exc:  # claims released (Delivery.predict); the web answers with the same class and status
+            return {**out, "delivered": "error", **error_record(exc)}
         record_click_seconds(ctx.redis, time.monotonic() - started)
         return delivered
     finally:
