@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--train-seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--augment", action="store_true", help="episodes draw each image mirrored or not")
+    parser.add_argument("--max-shots", type=int, default=5, help="training episodes draw 1 to this many supports")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
     matcher_on_camvid(parser, "bench/results/matcher_finetune.csv", resolution=256)
@@ -57,13 +59,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
             frames = random.Random(seed).sample(range(len(train)), n)
             model = trainable_copy(base, "head")
             start = time.perf_counter()
-            finetune(model, [train[i] for i in frames], TrainConfig(steps=args.steps, lr=args.lr, seed=seed))
+            finetune(model, [train[i] for i in frames], TrainConfig(steps=args.steps, lr=args.lr, seed=seed,
+                                                                           augment=args.augment, max_shots=args.max_shots))
             seconds.append(time.perf_counter() - start)
             runs.append(score(model))
         figures = {f"{k}-shot": _spread([r[k] for r in runs]) for k in (1, 5)}
         figures |= {f"{k}-shot gain": _spread([r[k] - free[k].miou for r in runs]) for k in (1, 5)}
         figures["train_s"] = statistics.mean(seconds)
-        rows.append(Row("fine-tuned head", {"n": n, "steps": args.steps, "seeds": len(args.train_seeds)}, figures))
+        rows.append(Row("fine-tuned head", {"n": n, "steps": args.steps, "augment": args.augment, "max_shots": args.max_shots,
+                                                 "seeds": len(args.train_seeds)}, figures))
         print(f"n={n}: {figures}", flush=True)
     print_table(rows, ["1-shot", "5-shot", "1-shot gain", "5-shot gain", "train_s"])
     write_csv(rows, Path(args.csv))

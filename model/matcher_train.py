@@ -25,15 +25,26 @@ def _cell_cover(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
 
 
 class _EpisodeData:
-    """The frozen backbone's features of every training image, computed once, with their masks per cell."""
+    """The frozen backbone's features of every training image, computed once, with their masks per cell; with
+    `flip`, also those of each image mirrored left-right (an episode draws each of its images either way)."""
 
-    def __init__(self, model: Matcher, samples: Sequence[Sample], batch_size: int = 8):
+    def __init__(self, model: Matcher, samples: Sequence[Sample], batch_size: int = 8, flip: bool = False):
         with torch.inference_mode():
             pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255.0)
-            self.features = torch.cat([model.backbone_features(chunk.to(model.device)) for chunk in pixels.split(batch_size)])
-        size = tuple(self.features.shape[-2:])
-        self.cover = [{label: _cell_cover(mask, size) for label, mask in s.masks.items()} for s in samples]
-        self.valid = [_cell_cover(s.valid, size) >= 0.5 for s in samples]
+            views = [pixels, pixels.flip(-1)] if flip else [pixels]
+            self.features = [torch.cat([model.backbone_features(chunk.to(model.device)) for chunk in view.split(batch_size)])
+                             for view in views]
+        size = tuple(self.features[0].shape[-2:])
+        cover = [{label: _cell_cover(mask, size) for label, mask in s.masks.items()} for s in samples]
+        valid = [_cell_cover(s.valid, size) >= 0.5 for s in samples]
+        self.cover = [cover, [{label: c.flip(-1) for label, c in per.items()} for per in cover]][:len(views)]
+        self.valid = [valid, [v.flip(-1) for v in valid]][:len(views)]
+
+    def draw(self, images: Sequence[int], gen: torch.Generator) -> tuple[torch.Tensor, list[dict], list[torch.Tensor]]:
+        """Features [len(images), D, h, w], covers and valid cells of `images`, each mirrored or not at random."""
+        ways = torch.randint(len(self.features), (len(images),), generator=gen).tolist()
+        return (torch.stack([self.features[w][i] for w, i in zip(ways, images)]),
+                [self.cover[w][i] for w, i in zip(ways, images)], [self.valid[w][i] for w, i in zip(ways, images)])
 
 
 def _vectors(features: torch.Tensor, cover: torch.Tensor, limit: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +59,15 @@ def episode_loss(model: Matcher, head: ProjectionHead, data: _EpisodeData, label
                  supports: Sequence[int], gen: torch.Generator) -> torch.Tensor:
     """Binary cross-entropy of the matcher's logits on the query's cells (void and part-covered cells left out),
     with the supports matched through the trainable head."""
-    idx = [query, *supports]
-    projected = F.normalize(head(data.features[idx]), dim=1)  # [1+k, D', h, w]
-    fgs, bgs = zip(*(_vectors(projected[1 + j], data.cover[s][label], model.config.max_vectors, gen)
-                     for j, s in enumerate(supports)))
+    features, covers, valid = data.draw([query, *supports], gen)
+    projected = F.normalize(head(features), dim=1)  # [1+k, D', h, w]
+    fgs, bgs = zip(*(_vectors(projected[1 + j], covers[1 + j][label], model.config.max_vectors, gen)
+                     for j in range(len(supports))))
     fg, bg = torch.cat(fgs), torch.cat(bgs)
     q = projected[0].flatten(1).T  # [h*w, D']
     logit = (best_match(q, fg) - best_match(q, bg) - model.config.bias) / model.config.temperature
-    cover = data.cover[query][label].flatten()
-    keep = data.valid[query].flatten() & ((cover >= 0.5) | (cover == 0))
+    cover = covers[0][label].flatten()
+    keep = valid[0].flatten() & ((cover >= 0.5) | (cover == 0))
     target = (cover >= 0.5).float()
     return F.binary_cross_entropy_with_logits(logit[keep], target[keep])
 
@@ -70,8 +81,8 @@ def finetune_head(model: Matcher, samples: Sequence[Sample], config: TrainConfig
         raise InvalidInputError(f"training samples must be at the matcher's resolution {model.config.resolution}")
     sampler = EpisodeSampler(samples, config.max_shots, config.seed)
     gen = torch.Generator().manual_seed(config.seed)
-    data = _EpisodeData(model, samples)
-    dim = data.features.shape[1]
+    data = _EpisodeData(model, samples, flip=config.augment)
+    dim = data.features[0].shape[1]
     head = ProjectionHead(dim, dim) if model.head is None else model.head
     head = head.to(model.device).float().train().requires_grad_(True)
     lr = config.lr if config.lr is not None else DEFAULT_HEAD_LR

@@ -182,6 +182,27 @@ def test_finetuning_trains_a_copy_of_the_head(matcher):
     assert not torch.equal(second.head.proj.weight, before)
 
 
+def test_mirrored_episodes_use_the_mirrored_images_features(matcher):
+    """TRAIN_AUGMENT for the matcher's head: each episode image is drawn as it is or mirrored, with the features
+    of the mirrored image (not mirrored features) and its mirrored mask; training with it runs."""
+    from model.data import make_sample
+    from model.matcher_train import _EpisodeData
+    from model.train import TrainConfig, finetune
+    from model.versions import trainable_copy
+
+    image, mask = square_scene(3, (64, 64))
+    data = _EpisodeData(matcher, [make_sample(image, {"square": mask}, 64)], flip=True)
+    mirrored = _EpisodeData(matcher, [make_sample(image[:, ::-1].copy(), {"square": mask[:, ::-1].copy()}, 64)])
+    torch.testing.assert_close(data.features[1][0], mirrored.features[0][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(data.cover[1][0]["square"], mirrored.cover[0][0]["square"])
+    gen = torch.Generator().manual_seed(0)
+    drawn = {round(float(data.draw([0], gen)[1][0]["square"][:, :2].sum()), 4) for _ in range(20)}
+    assert len(drawn) == 2  # both ways are drawn (the square sits off-centre)
+    samples = [make_sample(*square_scene(i, (64, 64))[:1], {"square": square_scene(i, (64, 64))[1]}, 64) for i in range(3)]
+    result = finetune(trainable_copy(matcher, "lora"), samples, TrainConfig(steps=3, seed=0, augment=True))
+    assert result.steps == 3 and result.config["augment"] is True
+
+
 def test_a_support_without_background_and_split_halves(matcher):
     """A support mask covering the whole image has no background vector: queries still segment (nothing
     matches background); split_tokens gives both halves every entry even with a single vector."""

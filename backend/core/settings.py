@@ -153,7 +153,11 @@ class Settings(BaseSettings):
     """TRAIN_LR: learning rate; empty = 1e-5 for a full SD 2.x UNet, 1e-4 for SD LoRA adapters, 1e-3 for the tiny
     UNet and its versions, 1e-3 for the matcher's head."""
     train_augment: bool = Field(False, alias="TRAIN_AUGMENT")
-    """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during fine-tuning."""
+    """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during DiffewS fine-tuning; for the
+    matcher's head, each episode image drawn as it is or mirrored."""
+    train_max_shots: int | None = Field(None, alias="TRAIN_MAX_SHOTS", ge=1, le=64)
+    """TRAIN_MAX_SHOTS: supports per training episode, 1 to this many; empty = the model's own (the matcher 1,
+    measured in docs/matcher.md; DiffewS MAX_SHOTS)."""
     train_seed: int | None = Field(None, alias="TRAIN_SEED", ge=0, le=2**31 - 1)
     """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
     train_timeout_s: int = Field(4 * 3600, alias="TRAIN_TIMEOUT_S", ge=1, le=30 * 86_400)
