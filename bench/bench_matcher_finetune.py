@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
         figures = {f"{k}-shot": _spread([r[k] for r in runs]) for k in (1, 5)}
         figures |= {f"{k}-shot gain": _spread([r[k] - free[k].miou for r in runs]) for k in (1, 5)}
         figures["train_s"] = statistics.mean(seconds)
-        rows.append(Row("fine-tuned head", {"n": n, "steps": args.steps, "augment": args.augment, "max_shots": args.max_shots,
-                                                 "seeds": len(args.train_seeds)}, figures))
+        params = {"n": n, "steps": args.steps, "augment": args.augment, "max_shots": args.max_shots,
+                  "seeds": len(args.train_seeds)}
+        rows.append(Row("fine-tuned head", params, figures))
         print(f"n={n}: {figures}", flush=True)
     print_table(rows, ["1-shot", "5-shot", "1-shot gain", "5-shot gain", "train_s"])
     write_csv(rows, Path(args.csv))
