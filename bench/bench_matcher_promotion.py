@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for seed in args.seeds:
         samples = [train[i] for i in random.Random(seed).sample(range(len(train)), args.n)]
         labels = sorted({label for s in samples for label in s.masks})
-        config = TrainConfig(steps=settings.train_steps, max_shots=train_shots(settings, base), lr=settings.train_lr,
+        config = TrainConfig(steps=settings.train_steps, max_shots=train_shots(settings), lr=settings.train_lr,
                              mode=settings.train_mode, augment=settings.train_augment, seed=seed)
         model = trainable_copy(base, settings.train_mode)
         finetune(model, samples, config)

@@ -97,9 +97,6 @@ class Matcher:
     suggested_min_score = 0.5
     """Masks scoring below this are better left out of a pre-annotation (fewer pixels to correct; chosen on CamVid
     train episodes by bench.bench_thresholds, reported on val in docs/annotator-workflow.md)."""
-    suggested_train_shots = 1
-    """Fine-tuning the head on 1-shot episodes gained more on CamVid val than on 1-5-shot ones (+2.6 against +2.1 mIoU
-    at 1 shot from 25 frames, 5 shots unchanged; bench.bench_matcher_finetune --max-shots, docs/matcher.md)."""
 
     def __init__(self, backbone: FeatureBackbone, config: MatcherConfig | None = None, *,
                  head: ProjectionHead | None = None, device: torch.device | str | None = "cpu",

@@ -321,13 +321,9 @@ def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settin
     assert registry.next_name(3, "diffews-tiny-r64-untrained") == "diffews-tiny-r64-p3-v2"  # trained: no "untrained"
 
 
-def test_training_episodes_take_the_models_number_of_shots(settings, tiny_model):
-    """TRAIN_MAX_SHOTS when set; else the model's suggestion (the matcher trains on 1-shot episodes); else MAX_SHOTS."""
-    from types import SimpleNamespace
-
+def test_training_episodes_take_train_max_shots_else_max_shots(settings):
+    """TRAIN_MAX_SHOTS when set, else MAX_SHOTS."""
     from backend.worker.training import train_shots
 
-    matcher_like = SimpleNamespace(suggested_train_shots=1)
-    assert train_shots(settings.replace(max_shots=5), matcher_like) == 1
-    assert train_shots(settings.replace(max_shots=5, train_max_shots=3), matcher_like) == 3
-    assert train_shots(settings.replace(max_shots=4), tiny_model) == 4
+    assert train_shots(settings.replace(max_shots=5)) == 5
+    assert train_shots(settings.replace(max_shots=5, train_max_shots=1)) == 1

@@ -156,8 +156,8 @@ class Settings(BaseSettings):
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during DiffewS fine-tuning; for the
     matcher's head, each episode image drawn as it is or mirrored."""
     train_max_shots: int | None = Field(None, alias="TRAIN_MAX_SHOTS", ge=1, le=64)
-    """TRAIN_MAX_SHOTS: supports per training episode, 1 to this many; empty = the model's own (the matcher 1,
-    measured in docs/matcher.md; DiffewS MAX_SHOTS)."""
+    """TRAIN_MAX_SHOTS: supports per training episode, 1 to this many (empty = MAX_SHOTS; for the matcher, 1 did
+    better at 25 frames and worse at 10 and 50: docs/matcher.md)."""
     train_seed: int | None = Field(None, alias="TRAIN_SEED", ge=0, le=2**31 - 1)
     """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
     train_timeout_s: int = Field(4 * 3600, alias="TRAIN_TIMEOUT_S", ge=1, le=30 * 86_400)

@@ -88,9 +88,9 @@ def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list
     return ious, len(groups)
 
 
-def train_shots(settings: Settings, model) -> int:
-    """Supports per training episode, at most: TRAIN_MAX_SHOTS, else the model's suggestion, else MAX_SHOTS."""
-    return settings.train_max_shots or getattr(model, "suggested_train_shots", None) or settings.max_shots
+def train_shots(settings: Settings) -> int:
+    """Supports per training episode, at most: TRAIN_MAX_SHOTS, else MAX_SHOTS."""
+    return settings.train_max_shots or settings.max_shots
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
@@ -124,7 +124,7 @@ def train_project(context: dict, reason: str = "") -> dict:
             raise BadRequest(f"project {project_id} has {len(samples)} usable labeled images; label at least 2")
         seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
         config = TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum,
-                             max_shots=train_shots(settings, parent_model), lr=settings.train_lr,
+                             max_shots=train_shots(settings), lr=settings.train_lr,
                              mode=settings.train_mode, augment=settings.train_augment, seed=seed)
         every = max(1, settings.train_steps // 100)
         report_progress(stage="training", train_images=len(samples))
