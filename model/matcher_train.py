@@ -37,12 +37,17 @@ class _EpisodeData:
         size = tuple(self.features[0].shape[-2:])
         cover = [{label: _cell_cover(mask, size) for label, mask in s.masks.items()} for s in samples]
         valid = [_cell_cover(s.valid, size) >= 0.5 for s in samples]
-        self.cover = [cover, [{label: c.flip(-1) for label, c in per.items()} for per in cover]][:len(views)]
-        self.valid = [valid, [v.flip(-1) for v in valid]][:len(views)]
+        self.cover, self.valid = [cover], [valid]
+        if flip:
+            self.cover.append([{label: c.flip(-1) for label, c in per.items()} for per in cover])
+            self.valid.append([v.flip(-1) for v in valid])
 
     def draw(self, images: Sequence[int], gen: torch.Generator) -> tuple[torch.Tensor, list[dict], list[torch.Tensor]]:
         """Features [len(images), D, h, w], covers and valid cells of `images`, each mirrored or not at random."""
-        ways = torch.randint(len(self.features), (len(images),), generator=gen).tolist()
+        if len(self.features) == 1:  # not mirrored: no draw, so the generator's stream is the one without TRAIN_AUGMENT
+            ways = [0] * len(images)
+        else:
+            ways = torch.randint(len(self.features), (len(images),), generator=gen).tolist()
         return (torch.stack([self.features[w][i] for w, i in zip(ways, images)]),
                 [self.cover[w][i] for w, i in zip(ways, images)], [self.valid[w][i] for w, i in zip(ways, images)])
 
