@@ -17,11 +17,11 @@ from types import SimpleNamespace
 
 from backend.core.promotion import decide
 from backend.core.settings import Settings
-from backend.worker.training import cross_validate, train_shots
+from backend.worker.training import cross_validate, train_config
 from model.data import load_label_map
 from model.evaluate import evaluate
 from model.matcher import Matcher
-from model.train import TrainConfig, finetune
+from model.train import finetune
 from model.versions import trainable_copy
 
 from .scenarios import Row, matcher_on_camvid, print_table, write_csv
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for seed in args.seeds:
         samples = [train[i] for i in random.Random(seed).sample(range(len(train)), args.n)]
         labels = sorted({label for s in samples for label in s.masks})
-        config = TrainConfig(steps=settings.train_steps, max_shots=train_shots(settings), lr=settings.train_lr,
-                             mode=settings.train_mode, augment=settings.train_augment, seed=seed)
+        config = train_config(settings, seed)
         model = trainable_copy(base, settings.train_mode)
         finetune(model, samples, config)
         gain = evaluate(model, val, classes, shots=1, episode_count=args.episodes, seed=0).miou - free

@@ -322,8 +322,9 @@ def test_orphaned_version_folder_is_adopted_and_stale_temporaries_removed(settin
 
 
 def test_training_episodes_take_train_max_shots_else_max_shots(settings):
-    """TRAIN_MAX_SHOTS when set, else MAX_SHOTS."""
-    from backend.worker.training import train_shots
+    """TRAIN_MAX_SHOTS when set, else MAX_SHOTS; the other TRAIN_* settings pass through."""
+    from backend.worker.training import train_config
 
-    assert train_shots(settings.replace(max_shots=5)) == 5
-    assert train_shots(settings.replace(max_shots=5, train_max_shots=1)) == 1
+    assert train_config(settings.replace(max_shots=5), seed=3).max_shots == 5
+    config = train_config(settings.replace(max_shots=5, train_max_shots=1, train_grad_accum=4), seed=3)
+    assert (config.max_shots, config.grad_accum, config.seed) == (1, 4, 3)

@@ -88,9 +88,11 @@ def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list
     return ious, len(groups)
 
 
-def train_shots(settings: Settings) -> int:
-    """Supports per training episode, at most: TRAIN_MAX_SHOTS, else MAX_SHOTS."""
-    return settings.train_max_shots or settings.max_shots
+def train_config(settings: Settings, seed: int) -> TrainConfig:
+    """The fine-tuning run the settings ask for (TRAIN_*; episodes of 1 to TRAIN_MAX_SHOTS, else MAX_SHOTS, supports)."""
+    return TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum,
+                       max_shots=settings.train_max_shots or settings.max_shots, lr=settings.train_lr,
+                       mode=settings.train_mode, augment=settings.train_augment, seed=seed)
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
@@ -123,9 +125,7 @@ def train_project(context: dict, reason: str = "") -> dict:
         if len(samples) < 2:
             raise BadRequest(f"project {project_id} has {len(samples)} usable labeled images; label at least 2")
         seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
-        config = TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum,
-                             max_shots=train_shots(settings), lr=settings.train_lr,
-                             mode=settings.train_mode, augment=settings.train_augment, seed=seed)
+        config = train_config(settings, seed)
         every = max(1, settings.train_steps // 100)
         report_progress(stage="training", train_images=len(samples))
         result = finetune(model, samples, config, on_step=lambda step, loss: step % every == 0 and report_progress(
