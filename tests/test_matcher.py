@@ -182,6 +182,87 @@ def test_finetuning_trains_a_copy_of_the_head(matcher):
     assert not torch.equal(second.head.proj.weight, before)
 
 
+def _square_samples(count: int, size: int = 64) -> list:
+    from model.data import make_sample
+
+    return [make_sample(image, {"square": mask}, size) for image, mask in (square_scene(i, (size, size))[:2]
+                                                                            for i in range(count))]
+
+
+def test_calibration_picks_per_number_of_supports_the_bias_with_the_best_training_miou(matcher):
+    """calibrate_biases scores every bias of the grid on the same training episodes as segmenting with that bias
+    would (replayed here through Matcher.segment and a Tally), separately per number of supports, and returns the
+    best for each; a number of supports no label can have (4 and 5 of 3 other images) takes the one below."""
+    from model.matcher_train import BIAS_GRID, CALIBRATION_MAX_SHOTS, calibrate_biases, calibration_plan
+    from model.scoring import Tally
+
+    samples = _square_samples(4)
+    biases, curves = calibrate_biases(matcher, samples, episodes=10, seed=3)
+    assert len(biases) == CALIBRATION_MAX_SHOTS and set(curves) == {1, 2, 3}
+    assert biases[3] == biases[4] == biases[2]
+    plan = calibration_plan(samples, episodes=10, seed=3)
+    assert [len(supports) for _, _, supports in plan] == [1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
+    for k in (1, 3):
+        assert list(curves[k]) == list(BIAS_GRID) and curves[k][biases[k - 1]] == max(curves[k].values())
+        assert len({round(v, 6) for v in curves[k].values()}) > 3  # the bias matters on these scenes
+        for bias in (BIAS_GRID[0], 0.0, biases[k - 1], BIAS_GRID[-1]):
+            biased = matcher.with_head(None, replace(matcher.config, bias=bias))
+            tally = Tally()
+            for label, query, supports in (episode for episode in plan if len(episode[2]) == k):
+                memory = biased.encode_support([samples[i].image for i in supports],
+                                               [samples[i].masks[label] for i in supports])
+                tally.add(label, biased.segment([samples[query].image], memory)[0].mask, samples[query].masks[label],
+                          samples[query].valid)
+            replayed = float(np.mean(list(tally.per_class().values())))
+            assert abs(replayed - curves[k][bias]) < 0.2, (k, bias, replayed, curves[k][bias])
+
+
+def test_finetuning_calibrates_biases_that_versions_keep_and_masks_use(tmp_path, matcher):
+    """A trained head comes with calibrated biases per number of supports, which its saved version keeps and its
+    masks use (a bias for 1 support on a 1-support memory, the last one beyond); calibration_episodes=0 keeps the
+    parent's."""
+    from model.matcher_train import BIAS_GRID
+    from model.train import TrainConfig, finetune
+    from model.versions import trainable_copy
+
+    samples = _square_samples(4)
+    model = trainable_copy(matcher, "head")
+    result = finetune(model, samples, TrainConfig(steps=3, seed=0, calibration_episodes=10))
+    assert model.config.shot_biases == tuple(result.config["shot_biases"]) and len(model.config.shot_biases) == 5
+    assert set(model.config.shot_biases) <= set(BIAS_GRID) and set(result.config["calibration_miou"]) == {"1", "2", "3"}
+    model.save_pretrained(tmp_path / "v")
+    loaded = Matcher.from_pretrained(tmp_path / "v")
+    assert loaded.config.shot_biases == model.config.shot_biases
+    assert loaded.describe()["bias"] == list(model.config.shot_biases) and matcher.describe()["bias"] == 0.0
+    config = replace(matcher.config, bias=0.5, shot_biases=(-0.05, 0.0, 0.05))
+    assert [config.bias_for(k) for k in (1, 2, 3, 9)] == [-0.05, 0.0, 0.05, 0.05]
+    assert replace(config, shot_biases=None).bias_for(1) == 0.5
+    shifted = matcher.with_head(None, config)
+    image, mask = samples[0].image, samples[0].masks["square"]
+    one = shifted.encode_support([image], [mask])
+    queries = shifted.encode_queries([samples[1].image])
+    index = torch.zeros(1, dtype=torch.long)
+    torch.testing.assert_close(shifted.logits(queries, index, one),
+                               shifted.logits(queries, index, one, bias=0.0) + 0.05 / config.temperature)
+    nine = compose([one] * 9)
+    torch.testing.assert_close(shifted.logits(queries, index, nine),
+                               shifted.logits(queries, index, nine, bias=0.0) - 0.05 / config.temperature)
+    parent = matcher.with_head(None, replace(matcher.config, shot_biases=(0.0123,)))
+    kept = trainable_copy(parent, "head")
+    result = finetune(kept, samples, TrainConfig(steps=3, seed=0, calibration_episodes=0))
+    assert kept.config.shot_biases == (0.0123,) and "shot_biases" not in result.config
+
+
+@pytest.mark.parametrize("value", [[], ["a"], [float("nan")], 0.1])
+def test_bad_shot_biases_in_a_config_are_refused(tmp_path, value):
+    """matcher_config.json with shot_biases that are not a non-empty list of numbers: an error naming the field."""
+    import json
+
+    (tmp_path / "matcher_config.json").write_text(json.dumps({"shot_biases": value}))
+    with pytest.raises(InvalidCheckpointError, match="shot_biases must be a non-empty list of numbers"):
+        MatcherConfig.load(tmp_path)
+
+
 def test_mirrored_episodes_use_the_mirrored_images_features(matcher):
     """TRAIN_AUGMENT for the matcher's head: each episode image is drawn as it is or mirrored, with the features
     of the mirrored image (not mirrored features) and its mirrored mask; training with it runs."""
