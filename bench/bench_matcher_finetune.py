@@ -36,8 +36,6 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--augment", action="store_true", help="episodes draw each image mirrored or not")
     parser.add_argument("--max-shots", type=int, default=5, help="training episodes draw 1 to this many supports")
-    parser.add_argument("--calibration-episodes", type=int, default=TrainConfig.calibration_episodes,
-                        help="episodes of the training frames that choose the decision biases (0: keep the base's)")
     parser.add_argument("--episodes", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0, help="seed of the val episodes")
     matcher_on_camvid(parser, "bench/results/matcher_finetune.csv", resolution=256)
@@ -56,26 +54,23 @@ def main(argv: list[str] | None = None) -> list[Row]:
             Row("copy support", {"n": 0}, {f"{k}-shot": f"{v:.2f}" for k, v in copy.items()})]
     print_table(rows, ["1-shot", "5-shot"])
     for n in args.n:
-        runs, seconds, biases = [], [], []
+        runs, seconds = [], []
         for seed in args.train_seeds:
             frames = random.Random(seed).sample(range(len(train)), n)
             model = trainable_copy(base, "head")
             start = time.perf_counter()
-            config = TrainConfig(steps=args.steps, lr=args.lr, seed=seed, augment=args.augment, max_shots=args.max_shots,
-                                 calibration_episodes=args.calibration_episodes)
-            finetune(model, [train[i] for i in frames], config)
+            finetune(model, [train[i] for i in frames], TrainConfig(steps=args.steps, lr=args.lr, seed=seed,
+                                                                           augment=args.augment, max_shots=args.max_shots))
             seconds.append(time.perf_counter() - start)
-            biases.append(model.config.shot_biases)
             runs.append(score(model))
         figures = {f"{k}-shot": _spread([r[k] for r in runs]) for k in (1, 5)}
         figures |= {f"{k}-shot gain": _spread([r[k] - free[k].miou for r in runs]) for k in (1, 5)}
         figures["train_s"] = statistics.mean(seconds)
-        figures["bias"] = "; ".join(" ".join(f"{b:+.3f}" for b in run) if run else "-" for run in biases)
         params = {"n": n, "steps": args.steps, "augment": args.augment, "max_shots": args.max_shots,
-                  "calibration": args.calibration_episodes, "seeds": len(args.train_seeds)}
+                  "seeds": len(args.train_seeds)}
         rows.append(Row("fine-tuned head", params, figures))
         print(f"n={n}: {figures}", flush=True)
-    print_table(rows, ["1-shot", "5-shot", "1-shot gain", "5-shot gain", "bias", "train_s"])
+    print_table(rows, ["1-shot", "5-shot", "1-shot gain", "5-shot gain", "train_s"])
     write_csv(rows, Path(args.csv))
     return rows
 

@@ -157,12 +157,11 @@ class Matcher:
         self.config.save(folder)
 
     def describe(self) -> dict:
-        """A JSON-ready summary: name, backbone, resolution, device, head, decision biases."""
+        """A JSON-ready summary: name, backbone, resolution, device, head."""
         return {"name": self.config.name, "family": "matcher", "source": self.source, "trained": True,
                 "backbone": self.config.backbone, "resolution": self.config.resolution,
                 "threshold_ratio": self.config.threshold_ratio, "device": str(self.device), "dtype": "float32",
-                "head_dim": self.config.head_dim, "max_vectors": self.config.max_vectors,
-                "bias": list(self.config.shot_biases) if self.config.shot_biases else self.config.bias}
+                "head_dim": self.config.head_dim, "max_vectors": self.config.max_vectors}
 
     @property
     def descriptor_space(self) -> str:
@@ -273,22 +272,13 @@ class Matcher:
 
     def _probability(self, queries: QueryBatch, index: torch.Tensor, memory: SupportMemory) -> torch.Tensor:
         """[n, R, R] probabilities of the queries at `index` against one memory."""
-        return torch.sigmoid(self.logits(queries, index, memory))
-
-    def logits(self, queries: QueryBatch, index: torch.Tensor, memory: SupportMemory, *,
-               bias: float | None = None) -> torch.Tensor:
-        """[n, R, R] logits, (best foreground - best background cosine - bias) / temperature, of the queries at
-        `index` against one memory, upsampled along edges; `bias` None: the config's for the memory's number of
-        supports. (Both upsamplings are linear and keep constants, so the logits at bias 0 times the temperature
-        are the upsampled differences.)"""
         memory.check()
         fg, bg = memory.kv["fg"][0][0].to(self.device), memory.kv["bg"][0][0].to(self.device)
         q = self.project(queries.latents[index])  # [n, D', h, w]
         n, d, h, w = q.shape
         flat = q.flatten(2).transpose(1, 2)  # [n, h*w, D']
         difference = best_match(flat, fg) - best_match(flat, bg)
-        bias = self.config.bias_for(memory.num_shots) if bias is None else bias
-        logit = ((difference - bias) / self.config.temperature).view(n, 1, h, w)
+        logit = ((difference - self.config.bias) / self.config.temperature).view(n, 1, h, w)
         guides = queries.guides[index] if queries.guides is not None else None
         if guides is not None:
             scale = guides.shape[-1] / w
@@ -296,7 +286,7 @@ class Matcher:
         else:
             size = self.config.resolution
             logit = F.interpolate(logit, size=(size, size), mode="bilinear", align_corners=False)
-        return logit[:, 0]
+        return torch.sigmoid(logit)[:, 0]
 
     @torch.inference_mode()
     def segment_encoded(self, queries: QueryBatch, support: SupportMemory, *, threshold_ratio: float | None = None,

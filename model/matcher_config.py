@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,9 +32,6 @@ class MatcherConfig:
     """Radius in pixels of the guided filter that upsamples along edges, for a stride-8 backbone (scaled with the
     stride of others); 0: bilinear upsampling only."""
     guide_eps: float = 0.01
-    shot_biases: tuple[float, ...] | None = None
-    """Decision bias for 1, 2, ... supports (the last also for more), chosen on the training images when a head is
-    fine-tuned (model.matcher_train.calibrate_biases); None: `bias` whatever the number of supports."""
     head_dim: int | None = None
     """Output size of the trained projection head (None: no head, the training-free matcher)."""
     trained: bool = True
@@ -49,20 +45,9 @@ class MatcherConfig:
             raise InvalidCheckpointError(f"max_vectors must be >= 1, got {self.max_vectors}")
         if not self.temperature > 0:
             raise InvalidCheckpointError(f"temperature must be > 0, got {self.temperature}")
-        if self.shot_biases is not None:
-            if (not isinstance(self.shot_biases, (list, tuple)) or not self.shot_biases
-                    or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in self.shot_biases)):
-                raise InvalidCheckpointError(f"shot_biases must be a non-empty list of numbers, got {self.shot_biases!r}")
-            object.__setattr__(self, "shot_biases", tuple(float(b) for b in self.shot_biases))  # JSON gives a list
         if self.guide_radius < 0 or not self.guide_eps > 0:
             raise InvalidCheckpointError(f"guide_radius must be >= 0 and guide_eps > 0, got {self.guide_radius}, "
                                          f"{self.guide_eps}")
-
-    def bias_for(self, shots: int) -> float:
-        """The decision bias for a memory of `shots` supports."""
-        if not self.shot_biases:
-            return self.bias
-        return self.shot_biases[min(max(shots, 1), len(self.shot_biases)) - 1]
 
     @property
     def threshold_ratio(self) -> float:

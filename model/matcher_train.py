@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -13,16 +13,10 @@ import torch.nn.functional as F
 from .data import Sample
 from .errors import InvalidInputError
 from .matcher import Matcher, ProjectionHead, best_match, cell_indices
-from .outputs import QueryBatch
 from .train import EpisodeSampler, TrainConfig, TrainResult, validate_samples
 
 DEFAULT_HEAD_LR = 1e-3
 """AdamW learning rate of the head when TrainConfig.lr is None."""
-BIAS_GRID = tuple(round(-0.1 + 0.005 * i, 3) for i in range(41))
-"""Decision biases calibration chooses from (-0.1 to 0.1): the cosine differences of the matcher live in [-2, 2]
-and the training-free matcher's best on CamVid is near 0."""
-CALIBRATION_MAX_SHOTS = 5
-"""Calibration chooses a bias for 1 to this many supports (the backend's default MAX_SHOTS); more take the last."""
 
 
 def _cell_cover(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
@@ -117,60 +111,6 @@ def finetune_head(model: Matcher, samples: Sequence[Sample], config: TrainConfig
             on_step(step, result.losses[-1])
     head.eval().requires_grad_(False)
     trained = model.with_head(head)
-    if config.calibration_episodes:
-        biases, curves = calibrate_biases(trained, samples, config.calibration_episodes, config.seed + 1)
-        trained.config = replace(trained.config, shot_biases=biases)
-        result.config["shot_biases"] = list(biases)
-        result.config["calibration_miou"] = {str(k): round(curves[k][b], 2) for k, b in enumerate(biases, 1) if k in curves}
     model.head, model.config, model.support_cache = trained.head, trained.config, trained.support_cache
     result.weights = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
     return result
-
-
-def calibration_plan(samples: Sequence[Sample], episodes: int, seed: int) -> list[tuple[str, int, list[int]]]:
-    """The calibration's episodes of `samples`: episodes / CALIBRATION_MAX_SHOTS (rounded up) with each number of
-    supports from 1 to CALIBRATION_MAX_SHOTS (fewer where a label has fewer other images), seeded."""
-    sampler = EpisodeSampler(samples, CALIBRATION_MAX_SHOTS, seed)
-    each = math.ceil(episodes / CALIBRATION_MAX_SHOTS)
-    return [sampler.sample(shots) for shots in range(1, CALIBRATION_MAX_SHOTS + 1) for _ in range(each)]
-
-
-@torch.inference_mode()
-def calibrate_biases(model: Matcher, samples: Sequence[Sample], episodes: int,
-                     seed: int) -> tuple[tuple[float, ...], dict[int, dict[float, float]]]:
-    """For 1 to CALIBRATION_MAX_SHOTS supports, the decision bias of BIAS_GRID under which `model` scores the best
-    mIoU (per-class intersections over unions, at full working resolution, void left out) on the calibration_plan's
-    episodes with that many supports; and, per number of supports, each bias's mIoU.
-
-    Why: fine-tuning spreads the matcher's cosine differences apart, so the bias the training-free matcher was
-    calibrated with no longer sits where mIoU peaks, and the head's loss (binary cross-entropy, each of the many
-    background cells counting as much as each of the few foreground ones) does not put it there either. One bias
-    for every number of supports does not do: measured on CamVid, the best one for 1 support cost 1 to 4 points
-    at 5 supports (docs/matcher.md). A number of supports with no episode takes the bias of the one below it."""
-    grid = torch.tensor(BIAS_GRID, dtype=torch.float32, device=model.device)[:, None]
-    inter: dict[int, dict[str, torch.Tensor]] = {}
-    union: dict[int, dict[str, torch.Tensor]] = {}
-    encoded: tuple[int, QueryBatch] | None = None  # each query image encoded once per run of episodes, one at a time
-    for label, query, supports in sorted(calibration_plan(samples, episodes, seed), key=lambda episode: episode[1]):
-        if encoded is None or encoded[0] != query:
-            encoded = query, model.encode_queries([samples[query].image])
-        memory = model.encode_support([samples[i].image for i in supports], [samples[i].masks[label] for i in supports])
-        index = torch.zeros(1, dtype=torch.long, device=model.device)
-        difference = model.logits(encoded[1], index, memory, bias=0.0)[0] * model.config.temperature
-        valid = torch.from_numpy(samples[query].valid).to(model.device)
-        truth = torch.from_numpy(samples[query].masks[label]).to(model.device)[valid]
-        predicted = difference[valid][None] > grid  # [biases, pixels]
-        k = len(supports)
-        inter.setdefault(k, {})[label] = inter.get(k, {}).get(label, 0) + (predicted & truth).sum(1).cpu()
-        union.setdefault(k, {})[label] = union.get(k, {}).get(label, 0) + (predicted | truth).sum(1).cpu()
-    curves: dict[int, dict[float, float]] = {}
-    biases: list[float] = []
-    for k in range(1, CALIBRATION_MAX_SHOTS + 1):
-        if k not in inter:
-            biases.append(biases[-1] if biases else model.config.bias_for(k))
-            continue
-        per_class = torch.stack([inter[k][c] / union[k][c].clamp(min=1) for c in inter[k]])  # [labels, biases]
-        curves[k] = dict(zip(BIAS_GRID, (100.0 * per_class.mean(0)).tolist()))
-        previous = model.config.bias_for(k)  # ties go to the nearer to the bias it had
-        biases.append(max(BIAS_GRID, key=lambda b: (curves[k][b], -abs(b - previous))))
-    return tuple(biases), curves

@@ -49,9 +49,6 @@ class TrainConfig:
     """Horizontal flips and scale-crops applied identically to image and masks, and one colour change (brightness,
     contrast, channel gains) shared by all pictures of an episode; latents are then encoded per step."""
     seed: int = 42
-    calibration_episodes: int = 250
-    """The matcher only: after training, its decision bias for each number of supports (1 to 5) is the one with
-    the best mIoU on episodes of the training images, this many in all (0: keep the biases). DiffewS ignores it."""
     mixed_precision: str = "auto"
     """"auto" (bf16 autocast on CUDA, none on CPU), "bf16", "fp16" or "no"."""
     gradient_checkpointing: bool = False
@@ -62,8 +59,6 @@ class TrainConfig:
         for name in ("steps", "max_shots", "grad_accum"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.calibration_episodes < 0:
-            raise InvalidInputError(f"calibration_episodes must be >= 0, got {self.calibration_episodes}")
         if self.mode not in ("full", "lora"):
             raise InvalidInputError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):
@@ -106,14 +101,13 @@ class EpisodeSampler:
         self.max_shots = max_shots
         self.rng = random.Random(seed)
 
-    def sample(self, shots: int | None = None) -> tuple[str, int, list[int]]:
-        """One episode: a label, a query image and k distinct support images of that label (k ~ U{1..max_shots},
-        or `shots` where the label has that many other images, else all of them)."""
+    def sample(self) -> tuple[str, int, list[int]]:
+        """One episode: a label, a query image and k distinct support images of that label."""
         label = self.rng.choice(self.labels)
         pool = self.by_label[label]
         query = self.rng.choice(pool)
         others = [i for i in pool if i != query]
-        k = self.rng.randint(1, min(self.max_shots, len(others))) if shots is None else min(shots, len(others))
+        k = self.rng.randint(1, min(self.max_shots, len(others)))
         return label, query, self.rng.sample(others, k)
 
 
@@ -451,13 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", action="store_true",
                         help="flips, scale-crops and one colour change per episode (recommended with few images)")
     parser.add_argument("--state-dir", default=None, help="resumable training state (continues a killed run)")
-    parser.add_argument("--calibration-episodes", type=int, default=TrainConfig.calibration_episodes,
-                        help="the matcher: episodes of the training images that choose its decision biases (0: keep them)")
     args = parser.parse_args(argv)
     try:
         config = TrainConfig(steps=args.steps, grad_accum=args.grad_accum, max_shots=args.max_shots, mode=args.mode,
                              lr=args.lr, seed=args.seed, augment=args.augment,
-                             calibration_episodes=args.calibration_episodes,
                              checkpoint_every=100 if args.state_dir else 0)
         model = load_model_or_version(args.model, resolution=args.resolution)
         if args.mode == "full" and model.adapter is not None:  # a LoRA version: train its merged weights
@@ -477,10 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     base = {"version": args.model} if (Path(args.model) / "version.json").is_file() else {"spec": args.model}
     path = save_version(model, args.out, args.name, base=base, parent=args.model, mode=args.mode, weights=result.weights,
                         summary={"steps": result.steps, "final_loss": result.final_loss, "images": result.images,
-                                 "labels": result.labels, "config": result.config})
-    biases = result.config.get("shot_biases")
-    calibrated = f", decision bias by supports {', '.join(f'{b:+.3f}' for b in biases)}" if biases else ""
-    print(f"wrote {path} (final loss {result.final_loss:.4f}{calibrated})")
+                                 "labels": result.labels})
+    print(f"wrote {path} (final loss {result.final_loss:.4f})")
     return 0
 
 

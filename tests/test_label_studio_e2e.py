@@ -151,12 +151,11 @@ def test_label_studio_end_to_end(label_studio, backend):
 @pytest.fixture(scope="module")
 def refreshing_backend(label_studio, tmp_path_factory):
     """The one-command backend with AUTO_REFRESH on (the default), its debounce shortened to 2 s. Its fine-tuning
-    runs at learning rate 0 and keeps the bias: the head stays the identity, so a new version predicts exactly as the base and
+    runs at learning rate 0: the head stays the identity, so a new version predicts exactly as the base and
     cross-validation promotes it (not worse), one outcome to assert; what training learns is tests/test_train.py's."""
     backend_dir = tmp_path_factory.mktemp("refreshing-backend")
     proc, url = start_backend(backend_dir, label_studio.url, label_studio.pat,
-                              {"REFRESH_DELAY_S": "2", "TRAIN_STEPS": "8", "TRAIN_LR": "0",
-                               "TRAIN_CALIBRATION_EPISODES": "0", **DEFAULT_MODEL})
+                              {"REFRESH_DELAY_S": "2", "TRAIN_STEPS": "8", "TRAIN_LR": "0", **DEFAULT_MODEL})
     yield url, backend_dir
     stop(proc)
 

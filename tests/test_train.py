@@ -228,7 +228,6 @@ def test_train_cli_writes_a_loadable_version(tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [(["--grad-accum", "0"], "grad_accum must be >= 1, got 0"),
                                           (["--max-shots", "0"], "max_shots must be >= 1, got 0"),
-                                          (["--calibration-episodes", "-1"], "calibration_episodes must be >= 0, got -1"),
                                           (["--resolution", "60"], "resolution must be a positive multiple of 8")])
 def test_train_cli_bad_arguments_exit_2(tmp_path, capsys, args, message):
     """A bad argument ends the CLI with exit status 2 and one line naming it, before any training."""

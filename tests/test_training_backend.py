@@ -326,7 +326,5 @@ def test_training_episodes_take_train_max_shots_else_max_shots(settings):
     from backend.worker.training import train_config
 
     assert train_config(settings.replace(max_shots=5), seed=3).max_shots == 5
-    config = train_config(settings.replace(max_shots=5, train_max_shots=1, train_grad_accum=4,
-                                           train_calibration_episodes=0), seed=3)
-    assert (config.max_shots, config.grad_accum, config.seed, config.calibration_episodes) == (1, 4, 3, 0)
-    assert train_config(settings, seed=3).calibration_episodes == 250
+    config = train_config(settings.replace(max_shots=5, train_max_shots=1, train_grad_accum=4), seed=3)
+    assert (config.max_shots, config.grad_accum, config.seed) == (1, 4, 3)

@@ -158,10 +158,6 @@ class Settings(BaseSettings):
     train_max_shots: int | None = Field(None, alias="TRAIN_MAX_SHOTS", ge=1, le=64)
     """TRAIN_MAX_SHOTS: supports per training episode, 1 to this many (empty = MAX_SHOTS; for the matcher, 1 did
     better at 25 frames and worse at 10 and 50: docs/matcher.md)."""
-    train_calibration_episodes: int = Field(250, alias="TRAIN_CALIBRATION_EPISODES", ge=0, le=100_000)
-    """TRAIN_CALIBRATION_EPISODES: the matcher: after training its head, episodes of the labeled images on which
-    its decision bias for 1 to 5 supports is chosen, the one with the best mIoU (0: keep the parent's biases;
-    docs/matcher.md)."""
     train_seed: int | None = Field(None, alias="TRAIN_SEED", ge=0, le=2**31 - 1)
     """TRAIN_SEED: seed of fine-tuning runs (empty = a new seed each run)."""
     train_timeout_s: int = Field(4 * 3600, alias="TRAIN_TIMEOUT_S", ge=1, le=30 * 86_400)

@@ -92,8 +92,7 @@ def train_config(settings: Settings, seed: int) -> TrainConfig:
     """The fine-tuning run the settings ask for (TRAIN_*; episodes of 1 to TRAIN_MAX_SHOTS, else MAX_SHOTS, supports)."""
     return TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum,
                        max_shots=settings.train_max_shots or settings.max_shots, lr=settings.train_lr,
-                       mode=settings.train_mode, augment=settings.train_augment, seed=seed,
-                       calibration_episodes=settings.train_calibration_episodes)
+                       mode=settings.train_mode, augment=settings.train_augment, seed=seed)
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
