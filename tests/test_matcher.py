@@ -163,14 +163,20 @@ def test_damaged_version_files_are_refused(tmp_path, matcher):
         MatcherConfig(resolution=100)
 
 
+def _square_samples(count: int) -> list:
+    """Training samples of `count` 64 px square scenes, one label "square"."""
+    from model.data import make_sample
+
+    return [make_sample(image, {"square": mask}, 64) for image, mask in (square_scene(i, (64, 64)) for i in range(count))]
+
+
 def test_finetuning_trains_a_copy_of_the_head(matcher):
     """trainable_copy + finetune train a head on a copy: the served matcher (with or without a head) is untouched,
     and training continues from a version's head."""
-    from model.data import make_sample
     from model.train import TrainConfig, finetune
     from model.versions import trainable_copy
 
-    samples = [make_sample(*square_scene(i, (64, 64))[:1], {"square": square_scene(i, (64, 64))[1]}, 64) for i in range(4)]
+    samples = _square_samples(4)
     first = trainable_copy(matcher, "lora")
     result = finetune(first, samples, TrainConfig(steps=4, seed=0))
     assert matcher.head is None and first.head is not None and result.config["mode"] == "head"
@@ -198,7 +204,7 @@ def test_mirrored_episodes_use_the_mirrored_images_features(matcher):
     gen = torch.Generator().manual_seed(0)
     drawn = {round(float(data.draw([0], gen)[1][0]["square"][:, :2].sum()), 4) for _ in range(20)}
     assert len(drawn) == 2  # both ways are drawn (the square sits off-centre)
-    samples = [make_sample(*square_scene(i, (64, 64))[:1], {"square": square_scene(i, (64, 64))[1]}, 64) for i in range(3)]
+    samples = _square_samples(3)
     result = finetune(trainable_copy(matcher, "lora"), samples, TrainConfig(steps=3, seed=0, augment=True))
     assert result.steps == 3 and result.config["augment"] is True
 
