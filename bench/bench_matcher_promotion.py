@@ -48,14 +48,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     for seed in args.seeds:
         samples = [train[i] for i in random.Random(seed).sample(range(len(train)), args.n)]
         labels = sorted({label for s in samples for label in s.masks})
-        config = train_config(settings, seed)
+        config = train_config(settings, seed, base)
         model = trainable_copy(base, settings.train_mode)
         finetune(model, samples, config)
         gain = evaluate(model, val, classes, shots=1, episode_count=args.episodes, seed=0).miou - free
         ious, folds = cross_validate(ctx, base, samples, labels, config, ["base"], settings)
         decision = decide("candidate", ious, ["base"], images=len(samples), folds=folds)
         versus = decision.evidence["versus"]["base"]
-        rows.append(Row("matcher head", {"n": args.n, "seed": seed, "steps": settings.train_steps},
+        rows.append(Row("matcher", {"n": args.n, "seed": seed, "steps": config.steps, "tuned_blocks": model.config.tuned_blocks},
                         {"cv episodes": decision.evidence["episodes"], "cv difference": versus["difference"],
                          "cv standard error": versus["standard_error"], "promoted": decision.promoted,
                          "val 1-shot gain": round(gain, 2)}))

@@ -55,6 +55,38 @@ class FeatureBackbone(nn.Module):
         """[B, 3, H, W] in [0, 1] -> one [B, C_i, H/s_i, W/s_i] map per stride."""
         raise NotImplementedError
 
+    @property
+    def block_count(self) -> int:
+        """Blocks whose weights fine-tuning may train (the last ones first); 0: this backbone trains none."""
+        return 0
+
+    def check_tuned(self, count: int) -> None:
+        """InvalidInputError unless fine-tuning may train the last `count` blocks of this backbone."""
+        if not 0 <= count <= self.block_count:
+            can = f"at most its last {self.block_count}" if self.block_count else "none (its projection head only)"
+            raise InvalidInputError(f"backbone {self.name!r} cannot train its last {count} blocks: {can}")
+
+    def stem_features(self, pixels: torch.Tensor, tuned: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The frozen part: the input of the last `tuned` blocks and the maps tapped before them (here, where no
+        block trains: an empty input and every map)."""
+        self.check_tuned(tuned)
+        return pixels.new_zeros(len(pixels), 0), self.features(pixels)
+
+    def tuned_features(self, hidden: torch.Tensor, tuned: int) -> list[torch.Tensor]:
+        """The maps tapped in the last `tuned` blocks, from their input (stem_features)."""
+        self.check_tuned(tuned)
+        return []
+
+    def tuned_state(self, tuned: int) -> dict[str, torch.Tensor]:
+        """The weights of the last `tuned` blocks, under their state_dict names."""
+        self.check_tuned(tuned)
+        return {}
+
+    def tuned_parameters(self, tuned: int) -> list[nn.Parameter]:
+        """The parameters fine-tuning trains in the last `tuned` blocks."""
+        self.check_tuned(tuned)
+        return []
+
     def fingerprint(self) -> str:
         """A short hash of the weights (descriptors and cache keys from different weights never mix)."""
         digest = hashlib.sha256(self.name.encode())
@@ -93,15 +125,42 @@ class EfficientNetLite(FeatureBackbone):
         self.register_buffer("scale", torch.tensor(128.0 / 255.0), persistent=False)
 
     def features(self, pixels: torch.Tensor) -> list[torch.Tensor]:
-        net = self.net
-        x = (pixels - self.shift) / self.scale
-        x = net._swish(net._bn0(net._conv_stem(x)))
+        return self.stem_features(pixels, 0)[1]
+
+    @property
+    def block_count(self) -> int:
+        return len(self.net._blocks)
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
         out = []
-        for i, block in enumerate(net._blocks):
-            x = block(x)
+        for i in range(start, stop):
+            x = self.net._blocks[i](x)
             if i in self.wheel.taps:
                 out.append(x)
-        return out
+        return x, out
+
+    def stem_features(self, pixels: torch.Tensor, tuned: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        self.check_tuned(tuned)
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem((pixels - self.shift) / self.scale)))
+        return self._run(x, 0, self.block_count - tuned)
+
+    def tuned_features(self, hidden: torch.Tensor, tuned: int) -> list[torch.Tensor]:
+        self.check_tuned(tuned)
+        return self._run(hidden, self.block_count - tuned, self.block_count)[1]
+
+    def tuned_state(self, tuned: int) -> dict[str, torch.Tensor]:
+        self.check_tuned(tuned)
+        first = self.block_count - tuned
+        return {f"net._blocks.{i}.{k}": v for i in range(first, self.block_count)
+                for k, v in self.net._blocks[i].state_dict().items()}
+
+    def tuned_parameters(self, tuned: int) -> list[nn.Parameter]:
+        """The convolutions' weights and biases; batch norm stays as pretrained, statistics and scale alike (training
+        it too measured the same on CamVid: docs/matcher.md)."""
+        self.check_tuned(tuned)
+        return [w for block in self.net._blocks[self.block_count - tuned:] for module in block.modules()
+                if not isinstance(module, nn.BatchNorm2d) for w in module.parameters(recurse=False)]
 
 
 def effnet_weights_file(name: str) -> Path:

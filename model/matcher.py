@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import threading
+from copy import deepcopy
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -24,7 +25,7 @@ from torch import nn
 
 from .backbones import FeatureBackbone, load_backbone
 from .errors import InvalidCheckpointError, InvalidInputError
-from .matcher_config import DEFAULT_BACKBONE, HEAD_NAME, MatcherConfig, is_matcher_folder
+from .matcher_config import BLOCKS_NAME, DEFAULT_BACKBONE, HEAD_NAME, MatcherConfig, is_matcher_folder
 from .images import ImageInput, MaskInput, query_images, resize_mask, resize_rgb, support_examples
 from .outputs import QueryBatch, SegmentationOutput, mask_output
 from .similarity import latent_descriptor
@@ -54,6 +55,15 @@ def best_match(queries: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     if len(vectors) == 0:
         return queries.new_full(queries.shape[:-1], -1.0)
     return (queries @ vectors.T).amax(dim=-1)
+
+
+def hypercolumn(maps: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Feature maps of several strides -> [B, D, h, w] at the finest: each unit-normalised per pixel, resized,
+    concatenated and scaled to unit length."""
+    size = maps[0].shape[-2:]
+    parts = [F.normalize(F.interpolate(m, size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size
+                         else m, dim=1) for m in maps]
+    return torch.cat(parts, dim=1) / math.sqrt(len(parts))
 
 
 def box_filter(x: torch.Tensor, r: int) -> torch.Tensor:
@@ -109,8 +119,19 @@ class Matcher:
         self.support_cache = SupportCache(support_cache_bytes)
         self.source = source or self.config.backbone
         self.adapter: str | None = None
-        """Versions of the matcher are whole (a head of about a megabyte), never adapters."""
+        """Versions of the matcher are whole (a head and the backbone's tuned blocks), never adapters."""
         self._lock = threading.RLock()
+        self._weights_id = self._identify()
+
+    def _identify(self) -> str:
+        """Names the backbone weights that make this matcher's features: its fingerprint and its tuned blocks."""
+        ident = self.backbone.fingerprint()
+        if self.config.tuned_blocks:
+            digest = hashlib.sha256()
+            for tensor in self.backbone.tuned_state(self.config.tuned_blocks).values():
+                digest.update(tensor.detach().float().cpu().numpy().tobytes())
+            ident += f"+{self.config.tuned_blocks}:{digest.hexdigest()[:16]}"
+        return ident
 
     # ---- construction -------------------------------------------------------------------
 
@@ -126,7 +147,7 @@ class Matcher:
             head = _load_head(folder, config)
             if backbone is not None and backbone.name != config.backbone:
                 raise InvalidCheckpointError(f"{folder} was trained over backbone {config.backbone!r}, not {backbone.name!r}")
-            backbone = backbone or load_backbone(config.backbone)
+            backbone = _load_blocks(folder, config, backbone or load_backbone(config.backbone))
         elif folder.is_dir() and not str(spec).startswith("hf:"):
             raise InvalidCheckpointError(f"{folder} is not a matcher folder (no matcher_config.json); a DiffewS "
                                          "checkpoint or version is served with DIFFEWS_MODEL, not as the matcher")
@@ -137,14 +158,19 @@ class Matcher:
             config = replace(config, resolution=resolution)
         return cls(backbone, config, head=head, device=device, source=str(spec), **kwargs)
 
-    def with_head(self, head: ProjectionHead | None, config: MatcherConfig | None = None) -> Matcher:
-        """A matcher over the same backbone with another head (a version), and its own support cache."""
+    def with_head(self, head: ProjectionHead | None, config: MatcherConfig | None = None, *,
+                  backbone: FeatureBackbone | None = None) -> Matcher:
+        """A matcher with another head (a version) over the same backbone, or over `backbone` (one whose last
+        config.tuned_blocks blocks were fine-tuned), with its own support cache."""
         out = Matcher.__new__(Matcher)
         out.__dict__.update(self.__dict__)
         out.head = head.to(self.device).eval().requires_grad_(False) if head is not None else None
         head_dim = head.proj.out_channels if head is not None else None
         out.config = config or replace(self.config, head_dim=head_dim)
+        if backbone is not None:
+            out.backbone = backbone.to(self.device).eval().requires_grad_(False)
         out.support_cache = SupportCache(self.support_cache.max_bytes)
+        out._weights_id = out._identify()
         return out
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
@@ -154,6 +180,9 @@ class Matcher:
         if self.head is not None:
             save_file({k: v.detach().float().cpu().contiguous() for k, v in self.head.state_dict().items()},
                       folder / HEAD_NAME)
+        if self.config.tuned_blocks:
+            save_file({k: v.detach().float().cpu().contiguous()
+                       for k, v in self.backbone.tuned_state(self.config.tuned_blocks).items()}, folder / BLOCKS_NAME)
         self.config.save(folder)
 
     def describe(self) -> dict:
@@ -161,12 +190,13 @@ class Matcher:
         return {"name": self.config.name, "family": "matcher", "source": self.source, "trained": True,
                 "backbone": self.config.backbone, "resolution": self.config.resolution,
                 "threshold_ratio": self.config.threshold_ratio, "device": str(self.device), "dtype": "float32",
-                "head_dim": self.config.head_dim, "max_vectors": self.config.max_vectors}
+                "head_dim": self.config.head_dim, "tuned_blocks": self.config.tuned_blocks,
+                "max_vectors": self.config.max_vectors}
 
     @property
     def descriptor_space(self) -> str:
         """Names the descriptors this matcher gives (its backbone at its resolution): equal names compare."""
-        return f"matcher:{self.backbone.fingerprint()}:{self.config.resolution}:{DESCRIPTOR_GRID}"
+        return f"matcher:{self._weights_id}:{self.config.resolution}:{DESCRIPTOR_GRID}"
 
     # ---- features -----------------------------------------------------------------------
 
@@ -177,11 +207,7 @@ class Matcher:
     def backbone_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, R, R] in [0, 1] -> [B, D, R/s, R/s]: every tapped map unit-normalised, resized to the finest
         stride, concatenated and scaled to unit length (the head, if any, is not applied)."""
-        maps = self.backbone.features(pixels)
-        size = maps[0].shape[-2:]
-        parts = [F.normalize(F.interpolate(m, size=size, mode="bilinear", align_corners=False) if m.shape[-2:] != size
-                             else m, dim=1) for m in maps]
-        return torch.cat(parts, dim=1) / math.sqrt(len(parts))
+        return hypercolumn(self.backbone.features(pixels))
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """Backbone features through the head (if any), unit length per pixel: [B, D', h, w]."""
@@ -196,7 +222,7 @@ class Matcher:
         return [rgb for rgb, _ in pairs], [resize_mask(mask, self.config.resolution) for _, mask in pairs]
 
     def _model_digest(self) -> hashlib._Hash:
-        """The part of every example key that names this model (backbone, resolution, bound, head weights)."""
+        """The part of every example key that names this model (backbone weights, resolution, bound, head weights)."""
         digest = hashlib.sha256(f"{self.descriptor_space}:{self.config.max_vectors}:{self.config.head_dim}".encode())
         if self.head is not None:
             digest.update(self.head.proj.weight.detach().cpu().numpy().tobytes())
@@ -352,3 +378,30 @@ def _load_head(folder: Path, config: MatcherConfig) -> ProjectionHead | None:
     head = ProjectionHead(weight.shape[1], weight.shape[0])
     head.load_state_dict(weights)
     return head
+
+
+def _load_blocks(folder: Path, config: MatcherConfig, backbone: FeatureBackbone) -> FeatureBackbone:
+    """`backbone` as is, or a copy of it with the version's tuned blocks (the shared one is never changed)."""
+    if not config.tuned_blocks:
+        return backbone
+    path = folder / BLOCKS_NAME
+    if not path.is_file():
+        raise InvalidCheckpointError(f"{folder}: matcher_config.json names {config.tuned_blocks} tuned backbone blocks "
+                                     f"but {BLOCKS_NAME} is missing")
+    try:
+        backbone.check_tuned(config.tuned_blocks)
+    except InvalidInputError as exc:
+        raise InvalidCheckpointError(f"{folder}: {exc}") from None
+    try:
+        weights = load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
+    expected = {k: v.shape for k, v in backbone.tuned_state(config.tuned_blocks).items()}
+    shapes = {k: v.shape for k, v in weights.items()}
+    if shapes != expected:
+        wrong = sorted(set(shapes) ^ set(expected)) or sorted(k for k in shapes if shapes[k] != expected[k])
+        raise InvalidCheckpointError(f"{path}: does not fit the last {config.tuned_blocks} blocks of backbone "
+                                     f"{config.backbone!r} (first mismatch: {wrong[0]})")
+    tuned = deepcopy(backbone)
+    tuned.load_state_dict(weights, strict=False)  # exactly the tuned blocks' keys, checked above
+    return tuned

@@ -12,6 +12,7 @@ from .errors import InvalidCheckpointError
 
 MATCHER_CONFIG_NAME = "matcher_config.json"
 HEAD_NAME = "matcher_head.safetensors"
+BLOCKS_NAME = "matcher_blocks.safetensors"
 DEFAULT_BACKBONE = "effnet-lite0"
 
 
@@ -34,6 +35,9 @@ class MatcherConfig:
     guide_eps: float = 0.01
     head_dim: int | None = None
     """Output size of the trained projection head (None: no head, the training-free matcher)."""
+    tuned_blocks: int = 0
+    """The backbone's last blocks whose fine-tuned weights this version carries (matcher_blocks.safetensors);
+    0: the backbone as installed."""
     trained: bool = True
     """The features are pretrained (ImageNet): the matcher segments real pictures without fine-tuning."""
     name: str = "matcher"
@@ -41,6 +45,8 @@ class MatcherConfig:
     def __post_init__(self) -> None:
         if self.resolution < 32 or self.resolution % 32:
             raise InvalidCheckpointError(f"matcher resolution must be a positive multiple of 32, got {self.resolution}")
+        if self.tuned_blocks < 0:
+            raise InvalidCheckpointError(f"tuned_blocks must be >= 0, got {self.tuned_blocks}")
         if self.max_vectors < 1:
             raise InvalidCheckpointError(f"max_vectors must be >= 1, got {self.max_vectors}")
         if not self.temperature > 0:

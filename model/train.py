@@ -45,6 +45,9 @@ class TrainConfig:
     mode: str = "full"
     """"full" trains the whole UNet; "lora" trains adapters on the attention projections only."""
     lora_rank: int = 8
+    tuned_blocks: int | None = None
+    """The matcher: its backbone's last blocks trained with its head (None: matcher_train.DEFAULT_TUNED_BLOCKS where
+    the backbone can train them; 0: the head only)."""
     augment: bool = False
     """Horizontal flips and scale-crops applied identically to image and masks, and one colour change (brightness,
     contrast, channel gains) shared by all pictures of an episode; latents are then encoded per step."""
@@ -59,6 +62,8 @@ class TrainConfig:
         for name in ("steps", "max_shots", "grad_accum"):
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tuned_blocks is not None and self.tuned_blocks < 0:
+            raise InvalidInputError(f"tuned_blocks must be >= 0, got {self.tuned_blocks}")
         if self.mode not in ("full", "lora"):
             raise InvalidInputError(f"mode must be 'full' or 'lora', got {self.mode!r}")
         if self.mixed_precision not in ("auto", "bf16", "fp16", "no"):

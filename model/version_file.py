@@ -16,7 +16,8 @@ SCHEMA = 2
 """1: LoRA folders held `unet_lora.safetensors` and `lora_config.json` with the rank only; 2: a peft adapter
 folder (`adapter_config.json` with the whole LoraConfig, `adapter_model.safetensors`) and the project."""
 MODES = ("full", "lora", "head")
-"""full / lora: DiffewS UNet weights or adapter; head: the matcher's projection head (matcher_head.safetensors)."""
+"""full / lora: DiffewS UNet weights or adapter; head: the matcher's projection head (matcher_head.safetensors) and
+the weights of its backbone's tuned blocks (matcher_blocks.safetensors, when it has any)."""
 FULL_WEIGHTS = "unet.safetensors"
 """A full version's UNet weights (float32 master weights); it shares everything else with its base."""
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

@@ -70,7 +70,7 @@ def save_version(model: DiffewS, root: str | Path, name: str, *, base: dict, par
     tmp = root / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        if mode == "head":  # the matcher: its whole head and config (the frozen backbone comes from the base spec)
+        if mode == "head":  # the matcher: its head, tuned blocks and config (the rest of the backbone: the base spec)
             replace_head_config(model, name).save_pretrained(tmp)
         elif mode == "lora":
             save_file(weights if weights is not None else trainable_state(model, mode), tmp / ADAPTER_WEIGHTS)
@@ -138,7 +138,7 @@ def attach_version(host: DiffewS, folder: str | Path, info: VersionInfo | None =
                                      "serves): serve its own model family, or train a version of this one")
     if info.mode == "head":
         saved = Matcher.from_pretrained(folder, backbone=host.backbone)
-        return host.with_head(saved.head, saved.config)
+        return host.with_head(saved.head, saved.config, backbone=saved.backbone)  # host's, or a copy with tuned blocks
     config = replace(DiffewSConfig.load(folder), family=host.config.family)  # folders from before `family`
     if info.mode == "lora":
         name = adapter_key(f"{info.name}_{int(info.created_at * 1000)}")  # one name per folder ever written
@@ -180,7 +180,8 @@ def trainable_copy(model: DiffewS, mode: str) -> DiffewS:
     "lora": a UNet that shares model's frozen weights tensor for tensor, carrying a float32 copy of model's
     adapter (if it runs with one) as TRAIN_ADAPTER. "full": a float32 copy of the UNet with model's adapter
     merged in. Both share model's VAE, decoder and prompt embedding. A matcher: the same backbone with a float32
-    copy of its head (none: training starts from the identity head).
+    copy of its head (none: training starts from the identity head); training copies the backbone before it
+    changes its blocks.
     """
     if is_matcher(model):
         return model.with_head(deepcopy(model.head) if model.head is not None else None)

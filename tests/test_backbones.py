@@ -83,6 +83,32 @@ def test_transformers_backbone_from_a_folder(tmp_path):
     assert backbone.strides == (8, 8, 8) and [tuple(m.shape) for m in maps] == [(1, 32, 8, 8)] * 3
 
 
+def test_transformers_backbone_trains_the_head_only(tmp_path):
+    """Fine-tuning over a transformers backbone trains the matcher's head alone by default; asking for its blocks is
+    a typed error naming the backbone."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    from model.data import make_sample
+    from model.matcher import Matcher
+    from model.matcher_config import MatcherConfig
+    from model.matcher_train import tuned_count
+    from model.train import TrainConfig, finetune
+
+    from bench.synthetic import square_scene
+
+    config = Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          patch_size=8, image_size=64)
+    Dinov2Model(config).save_pretrained(tmp_path / "dino")
+    backbone = load_backbone(f"hf:{tmp_path / 'dino'}")
+    assert tuned_count(backbone, TrainConfig()) == 0
+    with pytest.raises(InvalidInputError, match="cannot train its last 1 blocks: none"):
+        tuned_count(backbone, TrainConfig(tuned_blocks=1))
+    matcher = Matcher(backbone, MatcherConfig(backbone=backbone.name, resolution=64))
+    samples = [make_sample(image, {"square": mask}, 64) for image, mask in (square_scene(i, (64, 64)) for i in range(3))]
+    result = finetune(matcher, samples, TrainConfig(steps=2, seed=0))
+    assert set(result.weights) == {"proj.weight"} and matcher.config.tuned_blocks == 0 and matcher.head is not None
+
+
 def test_transformers_backbone_missing_folder(tmp_path, monkeypatch):
     """hf: with a folder that holds no model is a CheckpointNotFoundError naming it (offline: no hub is asked)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

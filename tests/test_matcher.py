@@ -170,22 +170,130 @@ def _square_samples(count: int) -> list:
     return [make_sample(image, {"square": mask}, 64) for image, mask in (square_scene(i, (64, 64)) for i in range(count))]
 
 
-def test_finetuning_trains_a_copy_of_the_head(matcher):
-    """trainable_copy + finetune train a head on a copy: the served matcher (with or without a head) is untouched,
-    and training continues from a version's head."""
+def _tuned(model: Matcher) -> dict[str, torch.Tensor]:
+    """Clones of the weights of the model's backbone's last DEFAULT_TUNED_BLOCKS blocks."""
+    from model.matcher_train import DEFAULT_TUNED_BLOCKS
+
+    return {k: v.clone() for k, v in model.backbone.tuned_state(DEFAULT_TUNED_BLOCKS).items()}
+
+
+def test_finetuning_trains_a_copy_of_the_head_and_blocks(matcher):
+    """trainable_copy + finetune train a head and the backbone's last blocks on copies: the served matcher (with or
+    without a head) is untouched, and training continues from a version's head and blocks."""
+    from model.matcher_train import DEFAULT_TUNED_BLOCKS
     from model.train import TrainConfig, finetune
     from model.versions import trainable_copy
 
     samples = _square_samples(4)
+    served = _tuned(matcher)
     first = trainable_copy(matcher, "lora")
     result = finetune(first, samples, TrainConfig(steps=4, seed=0))
     assert matcher.head is None and first.head is not None and result.config["mode"] == "head"
-    assert set(result.weights) == {"proj.weight"} and result.steps == 4
-    before = first.head.proj.weight.clone()
+    assert first.config.tuned_blocks == DEFAULT_TUNED_BLOCKS == result.config["tuned_blocks"]
+    assert set(result.weights) == {"proj.weight", *served} and result.steps == 4
+    assert first.backbone is not matcher.backbone and first.descriptor_space != matcher.descriptor_space
+    for name, weight in _tuned(matcher).items():
+        torch.testing.assert_close(weight, served[name])
+    assert any(not torch.equal(w, served[k]) for k, w in _tuned(first).items() if k.endswith("conv.weight"))
+    assert all(torch.equal(w, served[k]) for k, w in _tuned(first).items() if "._bn" in k)  # batch norm as pretrained
+    before, blocks = first.head.proj.weight.clone(), _tuned(first)
     second = trainable_copy(first, "lora")
     finetune(second, samples, TrainConfig(steps=4, seed=1, lr=0.1))
     torch.testing.assert_close(first.head.proj.weight, before)
-    assert not torch.equal(second.head.proj.weight, before)
+    for name, weight in _tuned(first).items():
+        torch.testing.assert_close(weight, blocks[name])
+    assert not torch.equal(second.head.proj.weight, before) and second.config.tuned_blocks == DEFAULT_TUNED_BLOCKS
+    assert any(not torch.equal(w, blocks[k]) for k, w in _tuned(second).items() if k.endswith("conv.weight"))
+
+
+def test_head_only_training_shares_the_backbone(matcher):
+    """TrainConfig(tuned_blocks=0) trains the head alone over the served backbone itself; a version with tuned
+    blocks trained on that way keeps them (they are part of its features) without changing them."""
+    from model.train import TrainConfig, finetune
+    from model.versions import trainable_copy
+
+    samples = _square_samples(3)
+    head_only = trainable_copy(matcher, "lora")
+    result = finetune(head_only, samples, TrainConfig(steps=2, seed=0, tuned_blocks=0))
+    assert head_only.backbone is matcher.backbone and set(result.weights) == {"proj.weight"}
+    assert head_only.config.tuned_blocks == 0 and head_only.descriptor_space == matcher.descriptor_space
+    tuned = trainable_copy(matcher, "lora")
+    finetune(tuned, samples, TrainConfig(steps=2, seed=0, tuned_blocks=2))
+    blocks = {k: v.clone() for k, v in tuned.backbone.tuned_state(2).items()}
+    again = trainable_copy(tuned, "lora")
+    finetune(again, samples, TrainConfig(steps=2, seed=1, tuned_blocks=0, lr=0.1))
+    assert again.config.tuned_blocks == 2 and again.backbone is tuned.backbone
+    for name, weight in again.backbone.tuned_state(2).items():
+        torch.testing.assert_close(weight, blocks[name])
+
+
+def test_tuned_blocks_out_of_range_are_refused(matcher):
+    """More blocks than the backbone has, or a negative count, is a typed error naming the backbone or setting."""
+    from model.train import TrainConfig, finetune
+    from model.versions import trainable_copy
+
+    with pytest.raises(InvalidInputError, match="tuned_blocks must be >= 0"):
+        TrainConfig(tuned_blocks=-1)
+    with pytest.raises(InvalidInputError, match="'effnet-lite0' cannot train its last 99 blocks: at most its last 16"):
+        finetune(trainable_copy(matcher, "lora"), _square_samples(2), TrainConfig(steps=1, tuned_blocks=99))
+    with pytest.raises(InvalidCheckpointError, match="tuned_blocks must be >= 0"):
+        MatcherConfig(tuned_blocks=-2)
+
+
+def test_version_with_tuned_blocks_round_trip(tmp_path, matcher):
+    """A version with tuned blocks saves them (matcher_blocks.safetensors), loads back to the same masks, and
+    attached over a served base copies the base's backbone instead of changing it."""
+    from model.train import TrainConfig, finetune
+    from model.versions import attach_version, save_version, trainable_copy
+
+    model = trainable_copy(matcher, "lora")
+    result = finetune(model, _square_samples(3), TrainConfig(steps=3, seed=0, lr=0.05))
+    folder = save_version(model, tmp_path, "v1", base={"spec": "effnet-lite0"}, parent=None, mode="head",
+                          summary={}, weights=result.weights)
+    assert (folder / "matcher_blocks.safetensors").is_file()
+    served = _tuned(matcher)
+    loaded = Matcher.from_pretrained(folder)
+    attached = attach_version(matcher, folder)
+    assert loaded.config.tuned_blocks == attached.config.tuned_blocks == model.config.tuned_blocks
+    assert attached.backbone is not matcher.backbone
+    assert loaded.descriptor_space == attached.descriptor_space == model.descriptor_space != matcher.descriptor_space
+    for name, weight in _tuned(matcher).items():
+        torch.testing.assert_close(weight, served[name])
+    image, mask = square_scene(0)
+    query = square_scene(5)[0]
+    outs = [m.segment([query], m.encode_support([image], [mask]))[0] for m in (model, loaded, attached)]
+    np.testing.assert_allclose(outs[0].probability, outs[1].probability, atol=1e-6)
+    np.testing.assert_allclose(outs[0].probability, outs[2].probability, atol=1e-6)
+
+
+def test_damaged_tuned_blocks_are_refused(tmp_path, matcher):
+    """A blocks file that is missing, damaged, or of other blocks (another backbone's, or fewer blocks than the
+    config names), or a config naming more blocks than the backbone has, is named when loading."""
+    from safetensors.torch import save_file
+
+    tuned = matcher.with_head(None, replace(matcher.config, tuned_blocks=2))
+    tuned.save_pretrained(tmp_path / "v")
+    blocks = tmp_path / "v" / "matcher_blocks.safetensors"
+    good = blocks.read_bytes()
+    blocks.write_bytes(b"damaged")
+    with pytest.raises(InvalidCheckpointError, match="matcher_blocks.safetensors: cannot read"):
+        Matcher.from_pretrained(tmp_path / "v")
+    save_file({k: v.contiguous() for k, v in matcher.backbone.tuned_state(1).items()}, blocks)
+    with pytest.raises(InvalidCheckpointError, match="does not fit the last 2 blocks of backbone 'effnet-lite0'"):
+        Matcher.from_pretrained(tmp_path / "v")
+    lite1 = {k: torch.zeros(*v.shape[:-1], v.shape[-1] + 1) if v.ndim else v
+             for k, v in matcher.backbone.tuned_state(2).items()}
+    save_file(lite1, blocks)
+    with pytest.raises(InvalidCheckpointError, match="does not fit .*first mismatch: net._blocks"):
+        Matcher.from_pretrained(tmp_path / "v")
+    blocks.unlink()
+    with pytest.raises(InvalidCheckpointError, match="names 2 tuned backbone blocks but matcher_blocks.safetensors is missing"):
+        Matcher.from_pretrained(tmp_path / "v")
+    blocks.write_bytes(good)
+    assert Matcher.from_pretrained(tmp_path / "v").config.tuned_blocks == 2
+    (tmp_path / "v" / "matcher_config.json").write_text('{"backbone": "effnet-lite0", "tuned_blocks": 40}')
+    with pytest.raises(InvalidCheckpointError, match="cannot train its last 40 blocks"):
+        Matcher.from_pretrained(tmp_path / "v")
 
 
 def test_mirrored_episodes_use_the_mirrored_images_features(matcher):
@@ -197,16 +305,32 @@ def test_mirrored_episodes_use_the_mirrored_images_features(matcher):
     from model.versions import trainable_copy
 
     image, mask = square_scene(3, (64, 64))
-    data = _EpisodeData(matcher, [make_sample(image, {"square": mask}, 64)], flip=True)
-    mirrored = _EpisodeData(matcher, [make_sample(image[:, ::-1].copy(), {"square": mask[:, ::-1].copy()}, 64)])
-    torch.testing.assert_close(data.features[1][0], mirrored.features[0][0], atol=1e-4, rtol=1e-4)
+    data = _EpisodeData(matcher.backbone, [make_sample(image, {"square": mask}, 64)], 5, matcher.device, flip=True)
+    mirrored = _EpisodeData(matcher.backbone, [make_sample(image[:, ::-1].copy(), {"square": mask[:, ::-1].copy()}, 64)],
+                            5, matcher.device)
+    torch.testing.assert_close(data.features([0], [1]), mirrored.features([0]), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(data.cover[1][0]["square"], mirrored.cover[0][0]["square"])
     gen = torch.Generator().manual_seed(0)
-    drawn = {round(float(data.draw([0], gen)[1][0]["square"][:, :2].sum()), 4) for _ in range(20)}
+    with torch.no_grad():
+        drawn = {round(float(data.draw([0], gen)[1][0]["square"][:, :2].sum()), 4) for _ in range(20)}
     assert len(drawn) == 2  # both ways are drawn (the square sits off-centre)
     samples = _square_samples(3)
     result = finetune(trainable_copy(matcher, "lora"), samples, TrainConfig(steps=3, seed=0, augment=True))
     assert result.steps == 3 and result.config["augment"] is True
+
+
+def test_episode_features_split_at_the_tuned_blocks_are_the_matchers(matcher):
+    """Training runs the backbone in two parts (frozen, then the tuned blocks); at any split the features are the
+    matcher's own."""
+    from model.matcher_train import _EpisodeData
+
+    samples = _square_samples(2)
+    pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float().div(255.0)
+    whole = matcher.backbone_features(pixels)
+    for tuned in (0, 1, 5, 16):
+        with torch.no_grad():
+            split = _EpisodeData(matcher.backbone, samples, tuned, matcher.device).features([0, 1])
+        torch.testing.assert_close(split, whole, atol=1e-5, rtol=1e-5)
 
 
 def test_a_support_without_background_and_split_halves(matcher):

@@ -328,3 +328,17 @@ def test_training_episodes_take_train_max_shots_else_max_shots(settings):
     assert train_config(settings.replace(max_shots=5), seed=3).max_shots == 5
     config = train_config(settings.replace(max_shots=5, train_max_shots=1, train_grad_accum=4), seed=3)
     assert (config.max_shots, config.grad_accum, config.seed) == (1, 4, 3)
+
+
+def test_training_steps_default_per_model_family(settings):
+    """An empty TRAIN_STEPS is 500 episodes for the matcher and 300 for DiffewS; a set one applies to both, and
+    MATCHER_TUNED_BLOCKS passes through."""
+    from backend.worker.training import train_config
+    from model import DiffewS, Matcher
+
+    matcher, tiny = Matcher.from_pretrained("effnet-lite0", resolution=64), DiffewS.tiny(resolution=64)
+    empty = settings.replace(train_steps=None)
+    assert (train_config(empty, 1, matcher).steps, train_config(empty, 1, tiny).steps) == (500, 300)
+    assert train_config(empty.replace(train_steps=40), 1, matcher).steps == 40
+    assert train_config(empty, 1, matcher).tuned_blocks is None
+    assert train_config(empty.replace(matcher_tuned_blocks=0), 1, matcher).tuned_blocks == 0

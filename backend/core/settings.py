@@ -142,16 +142,21 @@ class Settings(BaseSettings):
     """EMBEDDED_WORKER: with no REDIS_URL, run a worker thread inside the web process."""
     train_every: int = Field(0, alias="TRAIN_EVERY", ge=0, le=1_000_000)
     """TRAIN_EVERY: start fine-tuning after this many new accepted annotations (0 = only on request)."""
-    train_steps: int = Field(300, alias="TRAIN_STEPS", ge=1, le=10_000_000)
-    """TRAIN_STEPS: episodes per fine-tuning run."""
+    train_steps: int | None = Field(None, alias="TRAIN_STEPS", ge=1, le=10_000_000)
+    """TRAIN_STEPS: episodes per fine-tuning run (empty = 300 for DiffewS, 500 for the matcher, whose tuned backbone
+    blocks learn at a tenth of the head's rate: docs/matcher.md)."""
     train_grad_accum: int = Field(1, alias="TRAIN_GRAD_ACCUM", ge=1, le=1024)
     """TRAIN_GRAD_ACCUM: episodes per optimizer update (the released DiffewS run used 4)."""
     train_mode: str = Field("lora", alias="TRAIN_MODE")
     """TRAIN_MODE: for DiffewS, "full" (whole UNet) or "lora" (adapters on attention projections: low memory, small
-    files); the matcher always trains its projection head (a version of about 0.9 MB)."""
+    files); the matcher trains its projection head and its backbone's last blocks (MATCHER_TUNED_BLOCKS)."""
+    matcher_tuned_blocks: int | None = Field(None, alias="MATCHER_TUNED_BLOCKS", ge=0, le=1000)
+    """MATCHER_TUNED_BLOCKS: the matcher's backbone blocks fine-tuned with its head, the last ones (empty = 5 for
+    EfficientNet-Lite: versions of 10 MB with effnet-lite0; 0 = the head only, 0.9 MB; transformers backbones train
+    the head only)."""
     train_lr: float | None = Field(None, alias="TRAIN_LR", ge=0, le=100)
     """TRAIN_LR: learning rate; empty = 1e-5 for a full SD 2.x UNet, 1e-4 for SD LoRA adapters, 1e-3 for the tiny
-    UNet and its versions, 1e-3 for the matcher's head."""
+    UNet and its versions, 1e-3 for the matcher's head (its tuned backbone blocks learn at a tenth of it)."""
     train_augment: bool = Field(False, alias="TRAIN_AUGMENT")
     """TRAIN_AUGMENT: flips, scale-crops and a per-episode colour change during DiffewS fine-tuning; for the
     matcher's head, each episode image drawn as it is or mirrored."""

@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from model import InvalidInputError, TrainConfig, episode_ious, finetune, make_sample, save_version, trainable_copy
+from model import InvalidInputError, Matcher, TrainConfig, episode_ious, finetune, make_sample, save_version, trainable_copy
 from rq import get_current_job
 
 from ..core.context import ProjectContext
@@ -88,11 +88,21 @@ def cross_validate(ctx: WorkerContext, parent_model, samples: list, labels: list
     return ious, len(groups)
 
 
-def train_config(settings: Settings, seed: int) -> TrainConfig:
-    """The fine-tuning run the settings ask for (TRAIN_*; episodes of 1 to TRAIN_MAX_SHOTS, else MAX_SHOTS, supports)."""
-    return TrainConfig(steps=settings.train_steps, grad_accum=settings.train_grad_accum,
+DEFAULT_TRAIN_STEPS = 300
+"""Episodes of a DiffewS fine-tuning run when TRAIN_STEPS is empty."""
+MATCHER_TRAIN_STEPS = 500
+"""Episodes of a matcher fine-tuning run when TRAIN_STEPS is empty (more than DiffewS's: the tuned backbone blocks
+learn slowly; at 25 CamVid frames 500 did better than 300, docs/matcher.md)."""
+
+
+def train_config(settings: Settings, seed: int, model: object | None = None) -> TrainConfig:
+    """The fine-tuning run the settings ask for of `model` (TRAIN_*; episodes of 1 to TRAIN_MAX_SHOTS, else MAX_SHOTS,
+    supports; TRAIN_STEPS, else the model family's default)."""
+    steps = settings.train_steps or (MATCHER_TRAIN_STEPS if isinstance(model, Matcher) else DEFAULT_TRAIN_STEPS)
+    return TrainConfig(steps=steps, grad_accum=settings.train_grad_accum,
                        max_shots=settings.train_max_shots or settings.max_shots, lr=settings.train_lr,
-                       mode=settings.train_mode, augment=settings.train_augment, seed=seed)
+                       mode=settings.train_mode, augment=settings.train_augment, seed=seed,
+                       tuned_blocks=settings.matcher_tuned_blocks)
 
 
 def incumbents(settings: Settings, project: dict[str, str]) -> list[str]:
@@ -125,8 +135,8 @@ def train_project(context: dict, reason: str = "") -> dict:
         if len(samples) < 2:
             raise BadRequest(f"project {project_id} has {len(samples)} usable labeled images; label at least 2")
         seed = settings.train_seed if settings.train_seed is not None else int(time.time()) % 100000
-        config = train_config(settings, seed)
-        every = max(1, settings.train_steps // 100)
+        config = train_config(settings, seed, model)
+        every = max(1, config.steps // 100)
         report_progress(stage="training", train_images=len(samples))
         result = finetune(model, samples, config, on_step=lambda step, loss: step % every == 0 and report_progress(
             stage="training", step=step, steps=config.steps, loss=round(loss, 5)))
