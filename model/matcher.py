@@ -361,17 +361,22 @@ class Matcher:
         return [{label: out[label] for label in memories} for out, memories in zip(outputs, per_query)]
 
 
+def _read_weights(path: Path, missing: str) -> dict[str, torch.Tensor]:
+    """A version's safetensors file; InvalidCheckpointError saying `missing` if it is absent, or naming it if damaged."""
+    if not path.is_file():
+        raise InvalidCheckpointError(missing)
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged files
+        raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
+
+
 def _load_head(folder: Path, config: MatcherConfig) -> ProjectionHead | None:
     if config.head_dim is None:
         return None
     path = folder / HEAD_NAME
-    if not path.is_file():
-        raise InvalidCheckpointError(f"{folder}: matcher_config.json names a head of {config.head_dim} but {HEAD_NAME} "
-                                     "is missing")
-    try:
-        weights = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
+    weights = _read_weights(path, f"{folder}: matcher_config.json names a head of {config.head_dim} but {HEAD_NAME} "
+                                  "is missing")
     weight = weights.get("proj.weight")
     if weight is None or weight.ndim != 4 or weight.shape[0] != config.head_dim:
         raise InvalidCheckpointError(f"{path}: expected proj.weight of {config.head_dim} output channels")
@@ -385,17 +390,12 @@ def _load_blocks(folder: Path, config: MatcherConfig, backbone: FeatureBackbone)
     if not config.tuned_blocks:
         return backbone
     path = folder / BLOCKS_NAME
-    if not path.is_file():
-        raise InvalidCheckpointError(f"{folder}: matcher_config.json names {config.tuned_blocks} tuned backbone blocks "
-                                     f"but {BLOCKS_NAME} is missing")
+    weights = _read_weights(path, f"{folder}: matcher_config.json names {config.tuned_blocks} tuned backbone blocks "
+                                  f"but {BLOCKS_NAME} is missing")
     try:
         backbone.check_tuned(config.tuned_blocks)
     except InvalidInputError as exc:
         raise InvalidCheckpointError(f"{folder}: {exc}") from None
-    try:
-        weights = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged files
-        raise InvalidCheckpointError(f"{path}: cannot read ({exc})") from None
     expected = {k: v.shape for k, v in backbone.tuned_state(config.tuned_blocks).items()}
     shapes = {k: v.shape for k, v in weights.items()}
     if shapes != expected:
